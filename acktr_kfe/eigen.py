@@ -1,0 +1,71 @@
+"""Robust symmetric eigendecompositions of Kronecker factors, and the EKFAC scale estimate.
+
+``torch.linalg.eigh`` can fail to converge, or return non-finite values, on float32 factors that are low-rank or
+badly scaled. :func:`robust_eigh` symmetrizes, tries the factor's own precision, retries in float64, clamps the
+tiny negative eigenvalues that rounding produces, and returns ``None`` instead of raising so that the caller can
+keep its last good basis (GUIDE section 3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def robust_eigh(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Eigenvalues (ascending, clamped at 0) and eigenvectors of a symmetric PSD matrix, or ``None``.
+
+    Args:
+        matrix: ``(d, d)`` symmetric positive semi-definite matrix (a Kronecker factor).
+
+    Returns:
+        ``(eigenvalues (d,), eigenvectors (d, d))`` in ``matrix.dtype``, such that
+        ``eigenvectors @ diag(eigenvalues) @ eigenvectors.T`` reconstructs the matrix; ``None`` when the input
+        is not finite or both the native and the float64 decompositions failed.
+    """
+    symmetric = 0.5 * (matrix + matrix.transpose(0, 1))
+    if not bool(torch.isfinite(symmetric).all()):
+        return None
+    dtypes = [symmetric.dtype] if symmetric.dtype == torch.float64 else [symmetric.dtype, torch.float64]
+    for dtype in dtypes:
+        try:
+            values, vectors = torch.linalg.eigh(symmetric.to(dtype))
+        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+            continue
+        if bool(torch.isfinite(values).all()) and bool(torch.isfinite(vectors).all()):
+            return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
+    return None
+
+
+def kfe_scale(activations: Tensor, grads: Tensor, basis_a: Tensor, basis_g: Tensor) -> Tensor:
+    """Sum over examples of the squared per-example gradient in the Kronecker-factored eigenbasis.
+
+    The per-example gradient of example n is ``grad_n = sum_t g_{n,t} a_{n,t}^T``; in the KFE it is
+    ``U_G^T grad_n U_A``. This returns ``sum_n (U_G^T grad_n U_A)**2`` (elementwise), shape ``(out, in)``;
+    dividing by the number of examples gives the EKFAC scale (George et al. 2018, eq. 11).
+
+    Args:
+        activations: ``(N, T, in)`` homogeneous layer inputs.
+        grads: ``(N, T, out)`` per-example output gradients (already scaled to per-example losses).
+        basis_a: ``(in, in)`` eigenvectors of A.
+        basis_g: ``(out, out)`` eigenvectors of G.
+    """
+    n, t, d_in = activations.shape
+    d_out = grads.shape[-1]
+    if t == 1:
+        # grad_n is rank one, g_n a_n^T: its KFE square is (g_n U_G)^2 outer (a_n U_A)^2, so the sum over
+        # examples is one matrix product and no per-example matrix is ever formed.
+        grads_kfe = grads.reshape(n, d_out) @ basis_g
+        acts_kfe = activations.reshape(n, d_in) @ basis_a
+        return grads_kfe.square().transpose(0, 1) @ acts_kfe.square()
+    grads_kfe = grads @ basis_g
+    acts_kfe = activations @ basis_a
+    # Per-example (out, in) matrices, in chunks of examples to bound memory at about 2**24 elements.
+    chunk = max(1, (1 << 24) // max(1, d_out * d_in))
+    total = activations.new_zeros(d_out, d_in)
+    for start in range(0, n, chunk):
+        per_example = torch.bmm(
+            grads_kfe[start : start + chunk].transpose(1, 2), acts_kfe[start : start + chunk]
+        )
+        total += per_example.square().sum(0)
+    return total

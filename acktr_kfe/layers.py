@@ -1,0 +1,173 @@
+"""Layer adapters: how a module's hooked input and output gradient become Kronecker-factor rows.
+
+Convention (GUIDE section 2): a layer with weight ``W`` (out x in) and bias ``b`` is one matrix
+``W_hat = [W | b]`` (out x in+1) acting on the homogeneous input ``a_hat = [a; 1]``. Its parameters are ordered
+as ``W_hat.flatten()`` (row-major), so the gradient of one example at one location is ``g a_hat^T`` and the
+Kronecker approximation of the curvature block is ``kron(G, A)``.
+
+Every adapter returns activations as ``(N, T, in[+1])`` and output gradients as ``(N, T, out)``: ``N`` examples,
+``T`` locations per example (1 for a Linear layer on a plain batch, the output positions for a convolution,
+the flattened extra dimensions for a Linear layer applied to sequences).
+
+A new module type is supported by subclassing :class:`LayerAdapter` and calling :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerAdapter(ABC):
+    """Maps one module's tensors to and from the ``[W | b]`` matrix view.
+
+    Args:
+        module: the layer whose weight gradient is preconditioned.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.validate(module)
+
+    # --- description -------------------------------------------------------------------------------------
+    @staticmethod
+    def validate(module: nn.Module) -> None:  # noqa: B027 - optional hook, default accepts every module
+        """Raise ``ValueError`` if this module's configuration cannot be preconditioned."""
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the layer has a bias that is folded into the last column of ``[W | b]``."""
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def out_dim(self) -> int:
+        """Rows of ``[W | b]``: the size of the G factor."""
+        return self.weight.shape[0]
+
+    @property
+    def in_dim(self) -> int:
+        """Columns of ``[W | b]``: the size of the A factor (the bias column included)."""
+        return self.weight[0].numel() + int(self.has_bias)
+
+    def parameters(self) -> list[Tensor]:
+        """The parameters this adapter owns, weight first."""
+        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+
+    # --- tensors -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def activations(self, layer_input: Tensor) -> Tensor:
+        """Homogeneous inputs ``a_hat`` of shape ``(N, T, in[+1])`` from the input the forward hook saw."""
+
+    @abstractmethod
+    def output_grads(self, grad_output: Tensor) -> Tensor:
+        """Gradients with respect to the layer's output, as ``(N, T, out)``."""
+
+    def _append_ones(self, rows: Tensor) -> Tensor:
+        if not self.has_bias:
+            return rows
+        ones = rows.new_ones((*rows.shape[:-1], 1))
+        return torch.cat([rows, ones], dim=-1)
+
+    def grad_matrix(self) -> Tensor | None:
+        """The current gradient as ``[dW | db]`` of shape ``(out, in[+1])``; ``None`` if no gradient exists."""
+        weight_grad = self.module.weight.grad
+        if weight_grad is None:
+            return None
+        matrix = weight_grad.reshape(self.out_dim, -1)
+        if self.has_bias:
+            bias_grad = self.module.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros_like(self.module.bias)
+            matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
+        return matrix
+
+    def param_matrix(self) -> Tensor:
+        """The parameters as ``[W | b]`` of shape ``(out, in[+1])``."""
+        matrix = self.module.weight.detach().reshape(self.out_dim, -1)
+        if self.has_bias:
+            matrix = torch.cat([matrix, self.module.bias.detach().reshape(-1, 1)], dim=1)
+        return matrix
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`grad_matrix`: one tensor per parameter, shaped like it."""
+        weight = self.module.weight
+        if not self.has_bias:
+            return [matrix.reshape(weight.shape)]
+        return [matrix[:, :-1].reshape(weight.shape), matrix[:, -1].reshape(self.module.bias.shape)]
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear``: inputs ``(N, *, in)``; the extra dimensions ``*`` are locations."""
+
+    def activations(self, layer_input: Tensor) -> Tensor:
+        if layer_input.dim() == 1:
+            layer_input = layer_input.unsqueeze(0)
+        rows = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
+        return self._append_ones(rows)
+
+    def output_grads(self, grad_output: Tensor) -> Tensor:
+        if grad_output.dim() == 1:
+            grad_output = grad_output.unsqueeze(0)
+        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` (KFC, Grosse & Martens 2016): im2col patches at each output location.
+
+    Stride, dilation, every padding mode and ``padding="same"`` are supported; the patch of channel-major
+    ``(C, kh, kw)`` entries matches ``W.reshape(out, -1)``. Grouped convolutions are refused.
+    """
+
+    @staticmethod
+    def validate(module: nn.Module) -> None:
+        if module.groups != 1:
+            raise ValueError(
+                f"Conv2d with groups={module.groups} is not supported: K-FAC/EKFAC precondition groups=1 "
+                "convolutions only. Leave this layer out with exclude=[<its name>] (it then takes an "
+                "unpreconditioned step)."
+            )
+
+    def activations(self, layer_input: Tensor) -> Tensor:
+        module = self.module
+        if layer_input.dim() == 3:
+            layer_input = layer_input.unsqueeze(0)
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        padded = F.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
+        patches = F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        return self._append_ones(patches.transpose(1, 2))
+
+    def output_grads(self, grad_output: Tensor) -> Tensor:
+        if grad_output.dim() == 3:
+            grad_output = grad_output.unsqueeze(0)
+        return grad_output.flatten(2).transpose(1, 2)
+
+
+_ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {}
+
+
+def register_adapter(module_type: type[nn.Module], adapter: type[LayerAdapter]) -> None:
+    """Make ``module_type`` (and its subclasses) preconditionable with ``adapter``."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not (isinstance(adapter, type) and issubclass(adapter, LayerAdapter)):
+        raise TypeError(f"adapter must be a LayerAdapter subclass, got {adapter!r}")
+    _ADAPTERS[module_type] = adapter
+
+
+def adapter_for(module: nn.Module) -> type[LayerAdapter] | None:
+    """The adapter class registered for this module's type (most specific first), or ``None``."""
+    for cls in type(module).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    return None
+
+
+register_adapter(nn.Linear, LinearAdapter)
+register_adapter(nn.Conv2d, Conv2dAdapter)

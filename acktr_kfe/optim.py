@@ -1,0 +1,764 @@
+"""``KFAC`` and ``EKFAC``: ``torch.optim.Optimizer`` subclasses built from a model.
+
+Papers: K-FAC, Martens & Grosse 2015 (arXiv:1503.05671); KFC for convolutions, Grosse & Martens 2016
+(arXiv:1602.01407); EKFAC, George et al. 2018 (arXiv:1806.03884); ACKTR's trust region, Wu et al. 2017
+(arXiv:1708.05144).
+
+Conventions (GUIDE section 2): a layer is ``W_hat = [W | b]`` of shape ``(out, in+1)``; its per-example
+gradient is ``grad_n = sum_t g_{n,t} a_hat_{n,t}^T``; curvature is per example, ``F = E_n[vec(grad_n)
+vec(grad_n)^T]`` with ``vec`` the row-major flatten, and its Kronecker approximation is ``kron(G, A)`` with
+``A = E_n[sum_t a_hat a_hat^T]`` and ``G = E_n[sum_t g g^T] / T``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .capture import Record, StatisticsCapture
+from .curvature import Curvature
+from .eigen import kfe_scale, robust_eigh
+from .layers import LayerAdapter, adapter_for
+from .trust_region import kl_clip_scale, predicted_kl
+
+
+def _parse_enum(enum_cls: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return enum_cls(value)
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"Invalid {what}: {value!r}. Valid values: {valid}") from None
+
+
+class LossReduction(str, Enum):
+    """How the recorded loss reduces over the batch. ``mean``: output gradients are multiplied by the batch
+    size to recover per-example gradients; ``sum``: they are taken as they are."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class DampingMode(str, Enum):
+    """K-FAC damping. ``factored``: Tikhonov damping split between the factors with Martens & Grosse's
+    ``pi``; ``eigen``: exact damping ``(Lambda_G (x) Lambda_A + lambda)^-1`` in the eigenbasis."""
+
+    FACTORED = "factored"
+    EIGEN = "eigen"
+
+
+class ScaleMode(str, Enum):
+    """EKFAC scale estimate (George et al. 2018). ``minibatch``: the estimate from the latest scale-update
+    batch; ``running``: an exponential running average over scale updates while the basis is held fixed."""
+
+    MINIBATCH = "minibatch"
+    RUNNING = "running"
+
+
+@dataclass
+class _Layer:
+    name: str
+    adapter: LayerAdapter
+
+    @property
+    def weight(self) -> Tensor:
+        return self.adapter.weight
+
+
+def _check_interval(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+    return value
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+    damping, max_kl = group["damping"], group["max_kl"]
+    if isinstance(lr, Tensor) or not lr >= 0:
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Invalid momentum: {momentum!r} (must be in [0, 1))")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+    if not (damping > 0.0 and math.isfinite(damping)):
+        raise ValueError(f"Invalid damping: {damping!r} (must be a finite float > 0)")
+    if max_kl is not None and not (max_kl > 0.0 and math.isfinite(max_kl)):
+        raise ValueError(f"Invalid max_kl: {max_kl!r} (must be a finite float > 0, or None to disable)")
+
+
+class _KroneckerOptimizer(Optimizer):
+    """Shared machinery of :class:`KFAC` and :class:`EKFAC`; see their docstrings."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        damping: float,
+        max_kl: float | None,
+        factor_decay: float,
+        factor_update_interval: int,
+        eigen_update_interval: int,
+        curvature: str | Curvature,
+        loss_reduction: str | LossReduction,
+        exclude: Iterable[str],
+        max_consecutive_failures: int,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} is built from the model (an nn.Module), got {type(model).__name__}; "
+                f"write {type(self).__name__}(model, lr=...)"
+            )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "damping": damping,
+            "max_kl": max_kl,
+        }
+        _validate_group(defaults)
+        if not 0.0 <= factor_decay < 1.0:
+            raise ValueError(f"Invalid factor_decay: {factor_decay!r} (must be in [0, 1))")
+        self.factor_decay = float(factor_decay)
+        self.factor_update_interval = _check_interval(factor_update_interval, "factor_update_interval")
+        self.eigen_update_interval = _check_interval(eigen_update_interval, "eigen_update_interval")
+        self.max_consecutive_failures = _check_interval(max_consecutive_failures, "max_consecutive_failures")
+        self.curvature = Curvature.parse(curvature)
+        self.loss_reduction = _parse_enum(LossReduction, loss_reduction, "loss_reduction")
+
+        excluded = set(exclude) if not isinstance(exclude, str) else {exclude}
+        module_names = {name for name, _ in model.named_modules()}
+        unknown = sorted(excluded - module_names)
+        if unknown:
+            raise ValueError(f"exclude names modules that the model does not have: {unknown}")
+        self._layers: list[_Layer] = []
+        for name, module in model.named_modules():
+            adapter_cls = adapter_for(module)
+            if adapter_cls is None or name in excluded or not module.weight.requires_grad:
+                continue
+            self._layers.append(_Layer(name or type(module).__name__, adapter_cls(module)))
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no parameter that requires a gradient")
+        super().__init__(params, defaults)
+
+        self._step = 0
+        self._all_layers_have_factors = False
+        self._consecutive_failures = 0
+        self._warned_missing: set[str] = set()
+        self.last_kl_clip_scale: Tensor | None = None
+        self.last_predicted_kl: Tensor | None = None
+        self.last_eigh_ms: float = 0.0
+        self.skipped_steps = 0
+
+        optimizer_ref = weakref.ref(self)
+
+        def wants_statistics() -> bool:
+            optimizer = optimizer_ref()
+            return optimizer is not None and optimizer._wants_statistics()
+
+        self._capture = StatisticsCapture(
+            [layer.adapter.module for layer in self._layers],
+            wants_statistics=wants_statistics,
+            always_armed=self.curvature is Curvature.EMPIRICAL,
+        )
+        weakref.finalize(self, self._capture.remove)
+
+    # --- public helpers ----------------------------------------------------------------------------------
+    @property
+    def preconditioned_layers(self) -> list[str]:
+        """Names (as in ``model.named_modules()``) of the layers whose gradients are preconditioned."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def steps(self) -> int:
+        """Number of steps taken (skipped steps not counted)."""
+        return self._step
+
+    def record_curvature(self, *, logit_grad_norms: Tensor | None = None):  # noqa: ANN201 - context manager
+        """Context manager: backward passes run inside it feed the curvature statistics.
+
+        Use it (or the shorthand :meth:`curvature_backward`) for ``curvature="fisher"`` or
+        ``"gauss_newton"``; with ``"empirical"`` every training backward is recorded anyway.
+        """
+        return self._capture.recording(logit_grad_norms)
+
+    def curvature_backward(
+        self,
+        loss: Tensor,
+        *,
+        logits: Tensor | None = None,
+        retain_graph: bool = False,
+        accumulate_grad: bool = False,
+    ) -> None:
+        """Run a backward pass of ``loss`` that feeds the curvature statistics.
+
+        Args:
+            loss: the curvature loss, e.g. ``acktr_kfe.softmax_fisher_loss(logits)`` for the Fisher.
+            logits: the model output at which the per-example gradient norms are taken (required for
+                ``curvature="ief"``, ignored otherwise).
+            retain_graph: keep the graph for a following ``loss.backward()`` of the training loss.
+            accumulate_grad: also accumulate this loss's gradient into ``.grad`` (for ``empirical`` and
+                ``ief``, where the curvature loss is the training loss); by default ``.grad`` is untouched.
+        """
+        norms = None
+        if self.curvature is Curvature.IEF:
+            if logits is None:
+                raise ValueError("curvature='ief' needs the logits: curvature_backward(loss, logits=logits)")
+            (logit_grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+            norms = logit_grad.reshape(logit_grad.shape[0], -1).norm(dim=1).detach()
+        with self.record_curvature(logit_grad_norms=norms):
+            if accumulate_grad:
+                loss.backward(retain_graph=retain_graph)
+            else:
+                inputs = [p for layer in self._layers for p in layer.adapter.parameters()]
+                torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer's hooks from the model (the optimizer can no longer record curvature)."""
+        self._capture.remove()
+
+    # --- schedule ------------------------------------------------------------------------------------------
+    def _is_factor_step(self, step: int) -> bool:
+        return step % self.factor_update_interval == 0
+
+    def _is_eigen_step(self, step: int) -> bool:
+        return step % self.eigen_update_interval == 0
+
+    def _wants_statistics(self) -> bool:
+        if self._is_factor_step(self._step):
+            return True
+        if not self._all_layers_have_factors:
+            # Runs once per hooked forward: cache the answer once every layer has its factors.
+            self._all_layers_have_factors = all("A" in self.state[layer.weight] for layer in self._layers)
+        return not self._all_layers_have_factors
+
+    # --- statistics ----------------------------------------------------------------------------------------
+    def _rows(self, layer: _Layer, record: Record) -> tuple[Tensor, Tensor]:
+        """Activations ``(N, T, in)`` and per-example-scaled output gradients ``(N, T, out)`` of a record."""
+        acts = layer.adapter.activations(record.layer_input)
+        grads = layer.adapter.output_grads(record.grad_output)
+        batch = grads.shape[0]
+        if acts.shape[0] != batch:
+            raise RuntimeError(
+                f"layer {layer.name}: input batch {acts.shape[0]} does not match output batch {batch}"
+            )
+        scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
+        if self.curvature is Curvature.IEF:
+            if record.logit_grad_norms is None:
+                raise RuntimeError(
+                    "curvature='ief' needs the per-example logit gradient norms: record with "
+                    "optimizer.curvature_backward(loss, logits=logits, accumulate_grad=True)"
+                )
+            # iEF (Wu et al. 2024): divide each example's gradient by ||d l_n / d z_n||. Both the output
+            # gradients and the recorded norms carry the same 1/N of a mean-reduced loss, which cancels.
+            norms = record.logit_grad_norms.to(grads.dtype).reshape(-1, 1, 1)
+            return acts, grads / norms.clamp_min(torch.finfo(grads.dtype).tiny)
+        return acts, grads * scale
+
+    def _update_curvature(self, records: dict[nn.Module, list[Record]], step: int) -> None:
+        rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        for index, layer in enumerate(self._layers):
+            layer_records = records.get(layer.adapter.module)
+            if layer_records:
+                rows[index] = [self._rows(layer, record) for record in layer_records]
+
+        if self._is_factor_step(step) or any("A" not in self.state[self._layers[i].weight] for i in rows):
+            self._update_factors(rows)
+
+        refresh = [
+            layer
+            for layer in self._layers
+            if "A" in self.state[layer.weight]
+            and (self._is_eigen_step(step) or "eigvecs_A" not in self.state[layer.weight])
+        ]
+        if refresh:
+            self._refresh_bases(refresh)
+        self._after_bases(rows, step, refreshed={id(layer) for layer in refresh})
+
+    def _update_factors(self, rows: dict[int, list[tuple[Tensor, Tensor]]]) -> None:
+        batch_factors: dict[int, tuple[Tensor, Tensor]] = {}
+        for index, layer_rows in rows.items():
+            examples = sum(acts.shape[0] for acts, _ in layer_rows)
+            locations = layer_rows[0][0].shape[1]
+            a_sum = sum(acts.flatten(0, 1).T @ acts.flatten(0, 1) for acts, _ in layer_rows)
+            g_sum = sum(grads.flatten(0, 1).T @ grads.flatten(0, 1) for _, grads in layer_rows)
+            # KFC normalization: A = E_n[sum_t a a^T], G = E_n[sum_t g g^T] / T.
+            batch_factors[index] = (a_sum / examples, g_sum / (examples * locations))
+        if not batch_factors:
+            return
+        checks = torch.stack([a.sum() + g.sum() for a, g in batch_factors.values()])
+        if not bool(torch.isfinite(checks).all()):
+            self._failure("non-finite curvature statistics; factors left unchanged")
+            return
+        decay = self.factor_decay
+        for index, (a_batch, g_batch) in batch_factors.items():
+            state = self.state[self._layers[index].weight]
+            if "A" not in state:
+                state["A"], state["G"], state["factor_updates"] = a_batch, g_batch, 0
+            else:
+                state["A"].mul_(decay).add_(a_batch, alpha=1 - decay)
+                state["G"].mul_(decay).add_(g_batch, alpha=1 - decay)
+            state["factor_updates"] += 1
+
+    def _refresh_bases(self, layers: list[_Layer]) -> None:
+        start = time.perf_counter()
+        for layer in layers:
+            state = self.state[layer.weight]
+            for key in ("A", "G"):
+                result = robust_eigh(state[key])
+                if result is None:
+                    self._eigh_failure(layer, key, state)
+                    continue
+                state[f"eigvals_{key}"], state[f"eigvecs_{key}"] = result
+            self._on_basis_refreshed(layer, state)
+        self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)
+
+    def _eigh_failure(self, layer: _Layer, key: str, state: dict[str, Any]) -> None:
+        if f"eigvecs_{key}" in state:
+            self._failure(f"eigendecomposition of factor {key} of layer {layer.name} failed; keeping the last basis")
+            return
+        # No basis yet: fall back to the diagonal of the factor (its own basis when it is diagonal).
+        matrix = state[key]
+        state[f"eigvals_{key}"] = torch.nan_to_num(matrix.diagonal().clone()).clamp_min(0)
+        state[f"eigvecs_{key}"] = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        self._failure(f"eigendecomposition of factor {key} of layer {layer.name} failed; using its diagonal")
+
+    def _failure(self, message: str) -> None:
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= self.max_consecutive_failures:
+            raise RuntimeError(
+                f"{type(self).__name__}: {self._consecutive_failures} consecutive numerical failures, the last: "
+                f"{message}. Check the loss and the learning rate; a larger damping may help."
+            )
+        warnings.warn(f"{type(self).__name__}: {message}", RuntimeWarning, stacklevel=4)
+
+    # --- subclass hooks ------------------------------------------------------------------------------------
+    def _on_basis_refreshed(self, layer: _Layer, state: dict[str, Any]) -> None:
+        """Called after the eigenbases of a layer were recomputed."""
+
+    def _after_bases(self, rows: dict[int, list[tuple[Tensor, Tensor]]], step: int, refreshed: set[int]) -> None:
+        """Called once per step after factors and bases are up to date."""
+
+    def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
+        raise NotImplementedError
+
+    def _modeled_block(self, layer: _Layer) -> Tensor:
+        raise NotImplementedError
+
+    # --- the step --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """Precondition the gradients and take one (trust-region scaled) momentum step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        _validate_group(group)
+        lr, momentum = group["lr"], group["momentum"]
+        weight_decay, damping = group["weight_decay"], group["damping"]
+
+        params = [p for p in group["params"] if p.grad is not None]
+        records = self._capture.pop_records()
+        if not params:
+            return loss
+        # A non-finite gradient must never reach the parameters (GUIDE section 3): one host sync decides.
+        if not bool(torch.isfinite(torch.stack([p.grad.sum() for p in params])).all()):
+            self.skipped_steps += 1
+            self._failure("non-finite gradient; the step was skipped")
+            return loss
+
+        if records:
+            self._update_curvature(records, self._step)
+        elif self._step == 0 and self._layers:
+            raise RuntimeError(self._no_statistics_message())
+
+        directions: dict[Tensor, Tensor] = {}
+        dot = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+        for layer in self._layers:
+            grad = layer.adapter.grad_matrix()
+            if grad is None:
+                continue
+            if weight_decay:
+                grad = grad + weight_decay * layer.adapter.param_matrix()
+            state = self.state[layer.weight]
+            if "eigvecs_A" in state:
+                direction = self._precondition(layer, state, grad, damping)
+            else:
+                if layer.name not in self._warned_missing:
+                    self._warned_missing.add(layer.name)
+                    warnings.warn(
+                        f"{type(self).__name__}: no curvature recorded yet for layer {layer.name}; "
+                        "its gradient is used unpreconditioned",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                direction = grad
+            dot = dot + (direction * grad).sum()
+            for param, part in zip(layer.adapter.parameters(), layer.adapter.split(direction)):
+                directions[param] = part
+        for param in params:
+            if param not in directions:
+                grad = param.grad
+                directions[param] = grad + weight_decay * param if weight_decay else grad
+
+        scale = kl_clip_scale(dot, lr, group["max_kl"])
+        for param, direction in directions.items():
+            update = direction * scale
+            if momentum:
+                state = self.state[param]
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    state["momentum_buffer"] = buffer = update.clone()
+                else:
+                    buffer.mul_(momentum).add_(update)
+                update = buffer
+            param.add_(update, alpha=-lr)
+
+        self.last_kl_clip_scale = scale
+        self.last_predicted_kl = predicted_kl(dot, lr, scale)
+        self._step += 1
+        self._consecutive_failures = 0
+        return loss
+
+    def _no_statistics_message(self) -> str:
+        how = {
+            Curvature.EMPIRICAL: "call loss.backward() with the model in training mode before step()",
+            Curvature.FISHER: (
+                "call optimizer.curvature_backward(acktr_kfe.softmax_fisher_loss(logits), retain_graph=True) "
+                "(or another *_fisher_loss) before the training loss's backward"
+            ),
+            Curvature.GAUSS_NEWTON: (
+                "call optimizer.curvature_backward(acktr_kfe.gauss_newton_loss(prediction), retain_graph=True) "
+                "before the training loss's backward"
+            ),
+            Curvature.IEF: "call optimizer.curvature_backward(loss, logits=logits, accumulate_grad=True)",
+        }[self.curvature]
+        return (
+            f"{type(self).__name__}: no curvature statistics were recorded before the first step "
+            f"(curvature={self.curvature.value!r}); {how}."
+        )
+
+    # --- serialization ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state: per-layer factors, eigenbases, scales, momentum, and the step counters."""
+        state = super().state_dict()
+        state["kronecker"] = {
+            "type": type(self).__name__,
+            "step": self._step,
+            "consecutive_failures": self._consecutive_failures,
+            "skipped_steps": self.skipped_steps,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`; a mismatched or corrupted state raises ``ValueError``."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("kronecker", None)
+        if not isinstance(extra, dict) or extra.get("type") != type(self).__name__:
+            found = extra.get("type") if isinstance(extra, dict) else "a state without K-FAC counters"
+            raise ValueError(f"cannot load {found} into {type(self).__name__}")
+        super().load_state_dict(state_dict)
+        for layer in self._layers:
+            state = self.state[layer.weight]
+            expected = {"A": (layer.adapter.in_dim,) * 2, "G": (layer.adapter.out_dim,) * 2}
+            expected.update({f"eigvecs_{k}": v for k, v in expected.items()})
+            for key, shape in expected.items():
+                if key in state and tuple(state[key].shape) != shape:
+                    raise ValueError(
+                        f"corrupted optimizer state: {key} of layer {layer.name} has shape "
+                        f"{tuple(state[key].shape)}, expected {shape}"
+                    )
+        self._step = int(extra["step"])
+        self._consecutive_failures = int(extra["consecutive_failures"])
+        self.skipped_steps = int(extra["skipped_steps"])
+        self._all_layers_have_factors = False
+        self._on_load()
+
+    def _on_load(self) -> None:
+        """Drop caches derived from the state."""
+
+    def __repr__(self) -> str:
+        group = self.param_groups[0]
+        hyper = ", ".join(f"{k}={group[k]}" for k in ("lr", "momentum", "weight_decay", "damping", "max_kl"))
+        return f"{type(self).__name__}({hyper}, curvature={self.curvature.value!r}, layers={self.preconditioned_layers})"
+
+
+class KFAC(_KroneckerOptimizer):
+    r"""K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016) with a momentum step.
+
+    For each preconditioned layer (``nn.Linear``, ``nn.Conv2d``, or a type added with
+    :func:`acktr_kfe.register_adapter`) with gradient ``grad = [dW | db]`` of shape ``(out, in+1)``:
+
+    .. code-block:: text
+
+        every factor_update_interval steps (from the recorded backward pass; see Curvature):
+            A <- decay A + (1 - decay) E_n[sum_t a_hat a_hat^T]        (first update: A = batch value)
+            G <- decay G + (1 - decay) E_n[sum_t g g^T] / T            (g per example: x N for a mean loss)
+        every eigen_update_interval steps:
+            A = Q_A diag(d_A) Q_A^T,  G = Q_G diag(d_G) Q_G^T          (robust eigh, float64 retry)
+        every step:
+            grad <- grad + weight_decay [W | b]
+            damping_mode "factored":  pi = sqrt((tr A / dim A) / (tr G / dim G))
+                D = (G + sqrt(lambda)/pi I)^-1 grad (A + pi sqrt(lambda) I)^-1
+            damping_mode "eigen":
+                D = Q_G [ (Q_G^T grad Q_A) / (d_G d_A^T + lambda) ] Q_A^T
+            other parameters: D = grad (+ weight_decay p)
+            nu = min(1, sqrt(2 max_kl / (lr^2 sum D^T grad)))        (1 without max_kl)
+            buf <- momentum buf + nu D;   p <- p - lr buf
+
+    Args:
+        model: the model; its Linear and Conv2d layers are preconditioned, other parameters take the same
+            momentum step with their raw gradient.
+        lr: learning rate, read from ``param_groups`` at every step (schedulers work).
+        momentum: heavy-ball momentum in ``[0, 1)``.
+        weight_decay: L2 coefficient added to the gradient before preconditioning.
+        damping: Tikhonov damping ``lambda > 0`` (in ``param_groups``).
+        max_kl: ACKTR trust region; ``None`` disables it.
+        factor_decay: running-average decay of A and G, in ``[0, 1)``.
+        factor_update_interval: steps between factor updates.
+        eigen_update_interval: steps between eigendecompositions (and damped inverses).
+        damping_mode: ``"factored"`` or ``"eigen"``.
+        curvature: ``"empirical"``, ``"fisher"``, ``"gauss_newton"`` or ``"ief"`` (see
+            :class:`acktr_kfe.Curvature`).
+        loss_reduction: ``"mean"`` (the recorded loss is a batch mean) or ``"sum"``.
+        exclude: names of modules (as in ``named_modules()``) not to precondition.
+        max_consecutive_failures: numerical failures in a row (non-finite gradients or statistics, failed
+            eigendecompositions) tolerated with a warning before a ``RuntimeError``.
+
+    After each step, ``last_kl_clip_scale`` holds ``nu`` and ``last_predicted_kl`` the predicted KL
+    ``0.5 (nu lr)^2 D^T grad`` (both tensors, no host sync); ``last_eigh_ms`` the time of the last
+    eigendecomposition round.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        *,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 1e-3,
+        max_kl: float | None = None,
+        factor_decay: float = 0.95,
+        factor_update_interval: int = 10,
+        eigen_update_interval: int = 100,
+        damping_mode: str | DampingMode = "factored",
+        curvature: str | Curvature = "empirical",
+        loss_reduction: str | LossReduction = "mean",
+        exclude: Iterable[str] = (),
+        max_consecutive_failures: int = 10,
+    ) -> None:
+        self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
+        super().__init__(
+            model,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            damping=damping,
+            max_kl=max_kl,
+            factor_decay=factor_decay,
+            factor_update_interval=factor_update_interval,
+            eigen_update_interval=eigen_update_interval,
+            curvature=curvature,
+            loss_reduction=loss_reduction,
+            exclude=exclude,
+            max_consecutive_failures=max_consecutive_failures,
+        )
+        # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
+        # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
+        self._inverses: dict[str, tuple[float, Tensor, Tensor]] = {}
+
+    def _on_basis_refreshed(self, layer: _Layer, state: dict[str, Any]) -> None:
+        self._inverses.pop(layer.name, None)
+
+    def _on_load(self) -> None:
+        self._inverses.clear()
+
+    def _factored_inverses(self, layer: _Layer, state: dict[str, Any], damping: float) -> tuple[Tensor, Tensor]:
+        cached = self._inverses.get(layer.name)
+        if cached is not None and cached[0] == damping:
+            return cached[1], cached[2]
+        vals_a, vecs_a = state["eigvals_A"], state["eigvecs_A"]
+        vals_g, vecs_g = state["eigvals_G"], state["eigvecs_G"]
+        tiny = torch.finfo(vals_a.dtype).tiny
+        # Martens & Grosse 2015, section 6.3: pi balances the damping between the factors by their mean
+        # eigenvalue, so that the damped Kronecker product is closest to kron(G, A) + lambda I.
+        pi = torch.sqrt((vals_a.mean().clamp_min(tiny)) / (vals_g.mean().clamp_min(tiny)))
+        root = math.sqrt(damping)
+        inv_a = (vecs_a / (vals_a + pi * root)) @ vecs_a.T
+        inv_g = (vecs_g / (vals_g + root / pi)) @ vecs_g.T
+        self._inverses[layer.name] = (damping, inv_g, inv_a)
+        return inv_g, inv_a
+
+    def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
+        if self.damping_mode is DampingMode.FACTORED:
+            inv_g, inv_a = self._factored_inverses(layer, state, damping)
+            return inv_g @ grad @ inv_a
+        vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
+        kfe = vecs_g.T @ grad @ vecs_a
+        kfe = kfe / (torch.outer(state["eigvals_G"], state["eigvals_A"]) + damping)
+        return vecs_g @ kfe @ vecs_a.T
+
+    def _modeled_block(self, layer: _Layer) -> Tensor:
+        state = self.state[layer.weight]
+        factor_a = (state["eigvecs_A"] * state["eigvals_A"]) @ state["eigvecs_A"].T
+        factor_g = (state["eigvecs_G"] * state["eigvals_G"]) @ state["eigvecs_G"].T
+        return torch.kron(factor_g, factor_a)
+
+
+class EKFAC(_KroneckerOptimizer):
+    r"""EKFAC (George et al. 2018): K-FAC's eigenbasis with a per-coordinate scale re-estimated in it.
+
+    Same factors and eigenbasis as :class:`KFAC`. In the Kronecker-factored eigenbasis (KFE) the per-example
+    gradient is ``U_G^T grad_n U_A``; its elementwise second moment ``s`` is the diagonal of the curvature in
+    the KFE, the Frobenius-optimal diagonal there (so ``||F - F_EKFAC|| <= ||F - F_KFAC||`` in that basis).
+
+    .. code-block:: text
+
+        every factor_update_interval steps:  A, G running averages (as K-FAC)
+        every eigen_update_interval steps:   U_A, U_G <- eigenvectors of A, G;  s <- d_G d_A^T  (K-FAC's diagonal)
+        every scale_update_interval steps (from the recorded backward pass, vectorized over examples):
+            s_batch = E_n[(U_G^T grad_n U_A)^2]
+            scale_mode "minibatch": s <- s_batch
+            scale_mode "running":   s <- scale_decay s + (1 - scale_decay) s_batch
+                                    (the first estimate after a basis refresh replaces s)
+        every step:
+            D = U_G [ (U_G^T grad U_A) / (s + lambda) ] U_A^T
+            nu, momentum and weight decay as K-FAC
+
+    Right after a basis refresh and before the first scale estimate in that basis, EKFAC models exactly the
+    K-FAC block ``kron(G, A)`` (with eigenbasis damping).
+
+    Args:
+        model, lr, momentum, weight_decay, damping, max_kl, factor_decay, factor_update_interval,
+        eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures: as :class:`KFAC`.
+        scale_update_interval: steps between scale estimates.
+        scale_mode: ``"minibatch"`` or ``"running"``.
+        scale_decay: running-average decay of the scale (``running`` mode); defaults to ``factor_decay``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        *,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 1e-3,
+        max_kl: float | None = None,
+        factor_decay: float = 0.95,
+        factor_update_interval: int = 10,
+        eigen_update_interval: int = 100,
+        scale_update_interval: int = 10,
+        scale_mode: str | ScaleMode = "minibatch",
+        scale_decay: float | None = None,
+        curvature: str | Curvature = "empirical",
+        loss_reduction: str | LossReduction = "mean",
+        exclude: Iterable[str] = (),
+        max_consecutive_failures: int = 10,
+    ) -> None:
+        self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
+        self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
+        scale_decay = factor_decay if scale_decay is None else scale_decay
+        if not 0.0 <= scale_decay < 1.0:
+            raise ValueError(f"Invalid scale_decay: {scale_decay!r} (must be in [0, 1))")
+        self.scale_decay = float(scale_decay)
+        super().__init__(
+            model,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            damping=damping,
+            max_kl=max_kl,
+            factor_decay=factor_decay,
+            factor_update_interval=factor_update_interval,
+            eigen_update_interval=eigen_update_interval,
+            curvature=curvature,
+            loss_reduction=loss_reduction,
+            exclude=exclude,
+            max_consecutive_failures=max_consecutive_failures,
+        )
+
+    def _is_scale_step(self, step: int) -> bool:
+        return step % self.scale_update_interval == 0
+
+    def _wants_statistics(self) -> bool:
+        return self._is_scale_step(self._step) or super()._wants_statistics()
+
+    def _on_basis_refreshed(self, layer: _Layer, state: dict[str, Any]) -> None:
+        state["scale"] = torch.outer(state["eigvals_G"], state["eigvals_A"])
+        state["scale_updates"] = 0
+
+    def _after_bases(self, rows: dict[int, list[tuple[Tensor, Tensor]]], step: int, refreshed: set[int]) -> None:
+        if not self._is_scale_step(step):
+            return
+        estimates: dict[int, Tensor] = {}
+        for index, layer_rows in rows.items():
+            state = self.state[self._layers[index].weight]
+            if "eigvecs_A" not in state:
+                continue
+            basis_a, basis_g = state["eigvecs_A"], state["eigvecs_G"]
+            total = sum(kfe_scale(acts, grads, basis_a, basis_g) for acts, grads in layer_rows)
+            estimates[index] = total / sum(acts.shape[0] for acts, _ in layer_rows)
+        if not estimates:
+            return
+        if not bool(torch.isfinite(torch.stack([s.sum() for s in estimates.values()])).all()):
+            self._failure("non-finite EKFAC scale estimate; scale left unchanged")
+            return
+        for index, estimate in estimates.items():
+            state = self.state[self._layers[index].weight]
+            if self.scale_mode is ScaleMode.MINIBATCH or state["scale_updates"] == 0:
+                state["scale"] = estimate
+            else:
+                state["scale"].mul_(self.scale_decay).add_(estimate, alpha=1 - self.scale_decay)
+            state["scale_updates"] += 1
+
+    def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
+        vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
+        kfe = (vecs_g.T @ grad @ vecs_a) / (state["scale"] + damping)
+        return vecs_g @ kfe @ vecs_a.T
+
+    def _modeled_block(self, layer: _Layer) -> Tensor:
+        state = self.state[layer.weight]
+        basis = torch.kron(state["eigvecs_G"], state["eigvecs_A"])
+        return (basis * state["scale"].reshape(-1)) @ basis.T
+
+
+def curvature_matrix(optimizer: KFAC | EKFAC, module: nn.Module) -> Tensor:
+    """The dense curvature block the optimizer currently models for ``module``, without damping.
+
+    Rows and columns follow GUIDE section 2's parameter order, ``[W | b].flatten()`` with ``W`` reshaped to
+    ``(out, -1)``, and the per-example scale ``E_n[vec(grad_n) vec(grad_n)^T]``. K-FAC: ``kron(G, A)`` as of the
+    last eigendecomposition; EKFAC: ``(U_G (x) U_A) diag(s) (U_G (x) U_A)^T``. Size ``(out (in+1))^2``: meant for
+    tests and for studying approximation quality on small layers.
+
+    Raises:
+        ValueError: if the optimizer does not precondition ``module``, or has no curvature for it yet.
+    """
+    for layer in optimizer._layers:
+        if layer.adapter.module is module:
+            if "eigvecs_A" not in optimizer.state[layer.weight]:
+                raise ValueError(f"no curvature has been computed yet for layer {layer.name}; take a step first")
+            return optimizer._modeled_block(layer)
+    raise ValueError(
+        f"{type(module).__name__} is not preconditioned by this optimizer; "
+        f"preconditioned layers: {optimizer.preconditioned_layers}"
+    )
