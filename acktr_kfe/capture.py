@@ -11,7 +11,8 @@ operation (PyTorch's documented hook semantics), which is the pre-activation gra
 
 The model is never modified: no module is wrapped or replaced; the only change is the hook handles, removed by
 :meth:`StatisticsCapture.remove`. Hooks do nothing when the module is in eval mode, when gradients are disabled,
-when the optimizer does not need statistics for its next step, or when the capture is not armed.
+inside ``torch.func`` transforms, when the optimizer does not need statistics for its next step, or when the
+capture is not armed.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class StatisticsCapture:
 
     def _on_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if not (module.training and torch.is_grad_enabled()):
+            return
+        # Forwards inside torch.func transforms (vmap, grad) carry wrapped tensors that must not escape.
+        if torch._C._are_functorch_transforms_active():
             return
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
             return

@@ -55,9 +55,7 @@ def _reduce(per_example: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"Invalid reduction: {reduction!r}. Valid values: 'mean', 'sum'")
 
 
-def softmax_fisher_loss(
-    logits: Tensor, *, reduction: str = "mean", generator: torch.Generator | None = None
-) -> Tensor:
+def softmax_fisher_loss(logits: Tensor, *, reduction: str = "mean", generator: torch.Generator | None = None) -> Tensor:
     """Cross-entropy against labels sampled from ``softmax(logits)``: its backward gives Fisher statistics.
 
     Args:

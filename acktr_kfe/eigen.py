@@ -64,8 +64,6 @@ def kfe_scale(activations: Tensor, grads: Tensor, basis_a: Tensor, basis_g: Tens
     chunk = max(1, (1 << 24) // max(1, d_out * d_in))
     total = activations.new_zeros(d_out, d_in)
     for start in range(0, n, chunk):
-        per_example = torch.bmm(
-            grads_kfe[start : start + chunk].transpose(1, 2), acts_kfe[start : start + chunk]
-        )
+        per_example = torch.bmm(grads_kfe[start : start + chunk].transpose(1, 2), acts_kfe[start : start + chunk])
         total += per_example.square().sum(0)
     return total

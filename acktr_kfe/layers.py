@@ -34,8 +34,9 @@ class LayerAdapter(ABC):
 
     # --- description -------------------------------------------------------------------------------------
     @staticmethod
-    def validate(module: nn.Module) -> None:  # noqa: B027 - optional hook, default accepts every module
-        """Raise ``ValueError`` if this module's configuration cannot be preconditioned."""
+    def validate(module: nn.Module) -> None:
+        """Raise ``ValueError`` if this module's configuration cannot be preconditioned (default: accept)."""
+        del module
 
     @property
     def has_bias(self) -> bool:

@@ -156,7 +156,7 @@ class _KroneckerOptimizer(Optimizer):
 
         self._step = 0
         self._all_layers_have_factors = False
-        self._consecutive_failures = 0
+        self._consecutive_failures: dict[str, int] = {}
         self._warned_missing: set[str] = set()
         self.last_kl_clip_scale: Tensor | None = None
         self.last_predicted_kl: Tensor | None = None
@@ -187,7 +187,7 @@ class _KroneckerOptimizer(Optimizer):
         """Number of steps taken (skipped steps not counted)."""
         return self._step
 
-    def record_curvature(self, *, logit_grad_norms: Tensor | None = None):  # noqa: ANN201 - context manager
+    def record_curvature(self, *, logit_grad_norms: Tensor | None = None):
         """Context manager: backward passes run inside it feed the curvature statistics.
 
         Use it (or the shorthand :meth:`curvature_backward`) for ``curvature="fisher"`` or
@@ -252,9 +252,7 @@ class _KroneckerOptimizer(Optimizer):
         grads = layer.adapter.output_grads(record.grad_output)
         batch = grads.shape[0]
         if acts.shape[0] != batch:
-            raise RuntimeError(
-                f"layer {layer.name}: input batch {acts.shape[0]} does not match output batch {batch}"
-            )
+            raise RuntimeError(f"layer {layer.name}: input batch {acts.shape[0]} does not match output batch {batch}")
         scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
         if self.curvature is Curvature.IEF:
             if record.logit_grad_norms is None:
@@ -301,8 +299,9 @@ class _KroneckerOptimizer(Optimizer):
             return
         checks = torch.stack([a.sum() + g.sum() for a, g in batch_factors.values()])
         if not bool(torch.isfinite(checks).all()):
-            self._failure("non-finite curvature statistics; factors left unchanged")
+            self._failure("statistics", "non-finite curvature statistics; factors left unchanged")
             return
+        self._consecutive_failures["statistics"] = 0
         decay = self.factor_decay
         for index, (a_batch, g_batch) in batch_factors.items():
             state = self.state[self._layers[index].weight]
@@ -315,32 +314,40 @@ class _KroneckerOptimizer(Optimizer):
 
     def _refresh_bases(self, layers: list[_Layer]) -> None:
         start = time.perf_counter()
+        failed: list[str] = []
         for layer in layers:
             state = self.state[layer.weight]
             for key in ("A", "G"):
                 result = robust_eigh(state[key])
                 if result is None:
-                    self._eigh_failure(layer, key, state)
-                    continue
+                    failed.append(f"{key} of layer {layer.name}")
+                    if f"eigvecs_{key}" in state:
+                        continue  # keep the last good basis
+                    # No basis yet: the factor's diagonal (its own eigenbasis when the factor is diagonal).
+                    matrix = state[key]
+                    result = (
+                        torch.nan_to_num(matrix.diagonal().clone()).clamp_min(0),
+                        torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device),
+                    )
                 state[f"eigvals_{key}"], state[f"eigvecs_{key}"] = result
             self._on_basis_refreshed(layer, state)
         self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)
+        if failed:
+            # One failure per refresh round, however many factors failed in it.
+            self._failure(
+                "eigh",
+                f"eigendecomposition of factor {', '.join(failed)} failed; keeping the last basis "
+                "(the factor's diagonal where there was none)",
+            )
+        else:
+            self._consecutive_failures["eigh"] = 0
 
-    def _eigh_failure(self, layer: _Layer, key: str, state: dict[str, Any]) -> None:
-        if f"eigvecs_{key}" in state:
-            self._failure(f"eigendecomposition of factor {key} of layer {layer.name} failed; keeping the last basis")
-            return
-        # No basis yet: fall back to the diagonal of the factor (its own basis when it is diagonal).
-        matrix = state[key]
-        state[f"eigvals_{key}"] = torch.nan_to_num(matrix.diagonal().clone()).clamp_min(0)
-        state[f"eigvecs_{key}"] = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        self._failure(f"eigendecomposition of factor {key} of layer {layer.name} failed; using its diagonal")
-
-    def _failure(self, message: str) -> None:
-        self._consecutive_failures += 1
-        if self._consecutive_failures >= self.max_consecutive_failures:
+    def _failure(self, kind: str, message: str) -> None:
+        """Count a numerical failure of one kind (gradient, statistics, eigh): warn, or raise when repeated."""
+        count = self._consecutive_failures[kind] = self._consecutive_failures.get(kind, 0) + 1
+        if count >= self.max_consecutive_failures:
             raise RuntimeError(
-                f"{type(self).__name__}: {self._consecutive_failures} consecutive numerical failures, the last: "
+                f"{type(self).__name__}: {count} consecutive numerical failures, the last: "
                 f"{message}. Check the loss and the learning rate; a larger damping may help."
             )
         warnings.warn(f"{type(self).__name__}: {message}", RuntimeWarning, stacklevel=4)
@@ -382,7 +389,7 @@ class _KroneckerOptimizer(Optimizer):
         # A non-finite gradient must never reach the parameters (GUIDE section 3): one host sync decides.
         if not bool(torch.isfinite(torch.stack([p.grad.sum() for p in params])).all()):
             self.skipped_steps += 1
-            self._failure("non-finite gradient; the step was skipped")
+            self._failure("gradient", "non-finite gradient; the step was skipped")
             return loss
 
         if records:
@@ -435,7 +442,7 @@ class _KroneckerOptimizer(Optimizer):
         self.last_kl_clip_scale = scale
         self.last_predicted_kl = predicted_kl(dot, lr, scale)
         self._step += 1
-        self._consecutive_failures = 0
+        self._consecutive_failures["gradient"] = 0
         return loss
 
     def _no_statistics_message(self) -> str:
@@ -463,7 +470,7 @@ class _KroneckerOptimizer(Optimizer):
         state["kronecker"] = {
             "type": type(self).__name__,
             "step": self._step,
-            "consecutive_failures": self._consecutive_failures,
+            "consecutive_failures": dict(self._consecutive_failures),
             "skipped_steps": self.skipped_steps,
         }
         return state
@@ -487,7 +494,7 @@ class _KroneckerOptimizer(Optimizer):
                         f"{tuple(state[key].shape)}, expected {shape}"
                     )
         self._step = int(extra["step"])
-        self._consecutive_failures = int(extra["consecutive_failures"])
+        self._consecutive_failures = {str(k): int(v) for k, v in extra["consecutive_failures"].items()}
         self.skipped_steps = int(extra["skipped_steps"])
         self._all_layers_have_factors = False
         self._on_load()
@@ -498,7 +505,9 @@ class _KroneckerOptimizer(Optimizer):
     def __repr__(self) -> str:
         group = self.param_groups[0]
         hyper = ", ".join(f"{k}={group[k]}" for k in ("lr", "momentum", "weight_decay", "damping", "max_kl"))
-        return f"{type(self).__name__}({hyper}, curvature={self.curvature.value!r}, layers={self.preconditioned_layers})"
+        return (
+            f"{type(self).__name__}({hyper}, curvature={self.curvature.value!r}, layers={self.preconditioned_layers})"
+        )
 
 
 class KFAC(_KroneckerOptimizer):
@@ -721,7 +730,7 @@ class EKFAC(_KroneckerOptimizer):
         if not estimates:
             return
         if not bool(torch.isfinite(torch.stack([s.sum() for s in estimates.values()])).all()):
-            self._failure("non-finite EKFAC scale estimate; scale left unchanged")
+            self._failure("statistics", "non-finite EKFAC scale estimate; scale left unchanged")
             return
         for index, estimate in estimates.items():
             state = self.state[self._layers[index].weight]
