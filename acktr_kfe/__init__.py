@@ -9,6 +9,7 @@ See :class:`KFAC`, :class:`EKFAC`, :class:`Curvature` and :func:`curvature_matri
 from .capture import Record, StatisticsCapture
 from .curvature import (
     Curvature,
+    bernoulli_fisher_loss,
     gauss_newton_loss,
     gaussian_fisher_loss,
     regression_fisher_loss,
@@ -34,6 +35,7 @@ __all__ = [
     "ScaleMode",
     "StatisticsCapture",
     "adapter_for",
+    "bernoulli_fisher_loss",
     "curvature_matrix",
     "gauss_newton_loss",
     "gaussian_fisher_loss",

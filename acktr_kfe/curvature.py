@@ -4,7 +4,8 @@ The optimizer's gradient always comes from the training loss. Its *curvature* co
 the user chooses (GUIDE section 2):
 
 - ``fisher``: targets sampled from the model's own predictive distribution. Backward one of
-  :func:`softmax_fisher_loss`, :func:`gaussian_fisher_loss` or :func:`regression_fisher_loss` through
+  :func:`softmax_fisher_loss`, :func:`bernoulli_fisher_loss`, :func:`gaussian_fisher_loss` or
+  :func:`regression_fisher_loss` through
   ``optimizer.curvature_backward``; in expectation over the samples the statistics are those of the true Fisher.
 - ``empirical``: the training loss itself, with the true labels (or the taken actions). Every backward pass in
   training mode is recorded, so ``loss.backward(); optimizer.step()`` is the whole loop.
@@ -68,6 +69,23 @@ def softmax_fisher_loss(logits: Tensor, *, reduction: str = "mean", generator: t
         labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="none")
     return _reduce(per_example, reduction)
+
+
+def bernoulli_fisher_loss(
+    logits: Tensor, *, reduction: str = "mean", generator: torch.Generator | None = None
+) -> Tensor:
+    """Binary cross-entropy against targets sampled from ``sigmoid(logits)``: Fisher statistics of independent
+    Bernoulli outputs (an autoencoder's pixels, multi-label heads), summed over outputs per example.
+
+    Args:
+        logits: ``(N, ...)`` logits of independent Bernoulli outputs.
+        reduction: ``"mean"`` or ``"sum"`` over the batch.
+        generator: optional random generator for the samples.
+    """
+    with torch.no_grad():
+        targets = torch.bernoulli(torch.sigmoid(logits.detach()), generator=generator)
+    per_output = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return _reduce(per_output.reshape(logits.shape[0], -1).sum(-1), reduction)
 
 
 def gaussian_fisher_loss(

@@ -213,6 +213,11 @@ class _KroneckerOptimizer(Optimizer):
             accumulate_grad: also accumulate this loss's gradient into ``.grad`` (for ``empirical`` and
                 ``ief``, where the curvature loss is the training loss); by default ``.grad`` is untouched.
         """
+        if not self._wants_statistics():
+            # Nothing is recorded on this step (the hooks registered nothing at the forward): skip the pass.
+            if accumulate_grad:
+                loss.backward(retain_graph=retain_graph)
+            return
         norms = None
         if self.curvature is Curvature.IEF:
             if logits is None:
@@ -223,7 +228,10 @@ class _KroneckerOptimizer(Optimizer):
             if accumulate_grad:
                 loss.backward(retain_graph=retain_graph)
             else:
-                inputs = [p for layer in self._layers for p in layer.adapter.parameters()]
+                # Only the output gradients matter (the hooks take them). Asking autograd for each layer's
+                # bias gradient (a sum over the batch) rather than its weight gradient reaches every layer's
+                # output while skipping the weight-gradient products.
+                inputs = [layer.adapter.parameters()[-1] for layer in self._layers]
                 torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
 
     def remove_hooks(self) -> None:

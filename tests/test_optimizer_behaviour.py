@@ -447,3 +447,19 @@ def test_default_intervals_record_statistics_only_on_update_steps() -> None:
 def test_second_moment_helper_matches_outer_products() -> None:
     rows = torch.randn(5, 3, dtype=torch.float64)
     torch.testing.assert_close(second_moment(rows), sum(torch.outer(r, r) for r in rows) / 5)
+
+
+def test_curvature_backward_skips_the_pass_on_steps_without_statistics() -> None:
+    model = mlp()
+    optimizer = EKFAC(model, curvature="fisher", factor_update_interval=2, scale_update_interval=2)
+    passes = []
+    for seed in range(4):
+        x, y = batch(seed)
+        optimizer.zero_grad()
+        logits = model(x)
+        logits.register_hook(lambda grad: passes.append(seed))
+        optimizer.curvature_backward(acktr_kfe.softmax_fisher_loss(logits), retain_graph=True)
+        F.cross_entropy(logits, y).backward()
+        optimizer.step()
+    # Every step has the training backward; steps 0 and 2 also the curvature pass.
+    assert passes == [0, 0, 1, 2, 2, 3]

@@ -1,0 +1,1 @@
+"""Agents and trainers built on :mod:`acktr_kfe`: the supervised benchmark mode lives in ``agents.supervised``."""

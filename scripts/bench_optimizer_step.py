@@ -1,0 +1,136 @@
+"""Time one training step of the MNIST deep autoencoder with SGD, Adam, K-FAC and EKFAC (issue: acktr_kfe).
+
+Each optimizer runs at its default intervals, so factor, scale and eigendecomposition work is amortized as in real
+training; steps are timed in interleaved rounds so that a slow spell of a shared machine hits every optimizer.
+The table prints each one's mean step time and its ratio to SGD's, beside the floor that any method which
+preconditions every step with two basis products per layer cannot beat:
+``1 + 2 sum(out in (out + in)) / (3 B sum(out in))``.
+
+    python scripts/bench_optimizer_step.py                     # CPU, and CUDA when available
+    python scripts/bench_optimizer_step.py --steps 400 --threads 2 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from acktr_kfe import EKFAC, KFAC  # noqa: E402
+from agents.supervised import MNISTAutoencoder, autoencoder_loss, load_mnist  # noqa: E402
+from agents.supervised.data import DatasetFilesMissing  # noqa: E402
+
+OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
+    "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
+    "Adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+    "K-FAC": lambda m: KFAC(m),
+    "EKFAC": lambda m: EKFAC(m),
+    "EKFAC-ra": lambda m: EKFAC(m, scale_mode="running"),
+}
+
+
+def preconditioning_floor(model: torch.nn.Module, batch: int) -> float:
+    """The ratio to SGD under which no every-step two-basis-product preconditioner can go."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    basis = sum(m.out_features * m.in_features * (m.out_features + m.in_features) for m in layers)
+    pass_cost = sum(m.out_features * m.in_features for m in layers)
+    return 1.0 + 2.0 * basis / (3.0 * batch * pass_cost)
+
+
+def load_images(data_dir: Path, batch: int) -> torch.Tensor:
+    try:
+        images, _ = load_mnist(data_dir, "train")
+        return images[:batch]
+    except DatasetFilesMissing:
+        print(f"(MNIST not found in {data_dir}: timing on uniform random pixels, which costs the same)")
+        return torch.rand(batch, 784, generator=torch.Generator().manual_seed(0))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_device(device: torch.device, images: torch.Tensor, steps: int, rounds: int, warmup: int) -> list[dict]:
+    images = images.to(device)
+    setups = {}
+    for name, build in OPTIMIZERS.items():
+        torch.manual_seed(0)
+        model = MNISTAutoencoder().to(device)
+        setups[name] = (model, build(model), [])
+
+    def run(name: str, count: int) -> float:
+        model, optimizer, _ = setups[name]
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            optimizer.zero_grad(set_to_none=True)
+            autoencoder_loss(model(images), images).backward()
+            optimizer.step()
+        sync(device)
+        return time.perf_counter() - start
+
+    for name in setups:
+        run(name, warmup)
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        for name, (_, _, times) in setups.items():
+            times.append(run(name, per_round) / per_round)
+    rows = []
+    sgd = sum(setups["SGD"][2]) / len(setups["SGD"][2])
+    for name, (_, _, times) in setups.items():
+        mean = sum(times) / len(times)
+        rows.append({"optimizer": name, "ms": 1000 * mean, "ratio": mean / sgd, "spread": max(times) / min(times)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per optimizer (after warm-up)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets" / "mnist")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.batch_size < 1:
+        parser.error("--steps, --rounds and --batch-size must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
+    if args.device == "auto" and torch.cuda.is_available():
+        devices.append("cuda")
+
+    images = load_images(args.data_dir, args.batch_size)
+    floor = preconditioning_floor(MNISTAutoencoder(), args.batch_size)
+    print(
+        f"MNIST autoencoder step, batch {args.batch_size}, {args.steps} timed steps per optimizer in {args.rounds} "
+        f"interleaved rounds; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}"
+    )
+    for device_name in devices:
+        device = torch.device(device_name)
+        label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} thr)"
+        rows = bench_device(device, images, args.steps, args.rounds, args.warmup)
+        print(f"\n{label}: floor for every-step two-basis-product preconditioning = {floor:.2f} x SGD\n")
+        print("| optimizer | ms / step | ratio to SGD | ratio / floor | slowest / fastest round |")
+        print("|---|---:|---:|---:|---:|")
+        for row in rows:
+            print(
+                f"| {row['optimizer']} | {row['ms']:.1f} | {row['ratio']:.2f} | {row['ratio'] / floor:.2f} "
+                f"| {row['spread']:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
