@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from acktr_kfe import EKFAC, KFAC  # noqa: E402
 from agents.supervised import MNISTAutoencoder, autoencoder_loss, load_mnist  # noqa: E402
-from agents.supervised.data import DatasetFilesMissing  # noqa: E402
+from agents.supervised.data import DatasetFilesMissingError  # noqa: E402
 
 OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
@@ -49,7 +49,7 @@ def load_images(data_dir: Path, batch: int) -> torch.Tensor:
     try:
         images, _ = load_mnist(data_dir, "train")
         return images[:batch]
-    except DatasetFilesMissing:
+    except DatasetFilesMissingError:
         print(f"(MNIST not found in {data_dir}: timing on uniform random pixels, which costs the same)")
         return torch.rand(batch, 784, generator=torch.Generator().manual_seed(0))
 

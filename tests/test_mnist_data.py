@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.supervised import DatasetFilesMissing, load_mnist, read_idx
+from agents.supervised import DatasetFilesMissingError, load_mnist, read_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 
@@ -46,12 +46,14 @@ def test_load_mnist_reads_canonical_idx_files(tmp_path: Path, compress: bool) ->
 
 def test_missing_files_error_names_them(tmp_path: Path) -> None:
     write_mnist(tmp_path, 3, compress=True, split="train")
-    with pytest.raises(DatasetFilesMissing, match=r"t10k-images-idx3-ubyte\[\.gz\], t10k-labels-idx1-ubyte\[\.gz\]"):
+    with pytest.raises(
+        DatasetFilesMissingError, match=r"t10k-images-idx3-ubyte\[\.gz\], t10k-labels-idx1-ubyte\[\.gz\]"
+    ):
         load_mnist(tmp_path, "test")
 
 
 def test_truncated_or_foreign_file_is_rejected_with_its_path(tmp_path: Path) -> None:
-    images, _ = write_mnist(tmp_path, 4, compress=False)
+    _images, _ = write_mnist(tmp_path, 4, compress=False)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ValueError, match="header declares shape"):
@@ -69,5 +71,5 @@ def test_shared_mnist_files_load_when_present() -> None:
     train_x, train_y = load_mnist(SHARED_MNIST, "train")
     test_x, test_y = load_mnist(SHARED_MNIST, "test")
     assert train_x.shape == (3678, 784) and test_x.shape == (10000, 784)
-    assert 0.0 <= float(train_x.min()) and float(train_x.max()) == 1.0
+    assert float(train_x.min()) >= 0.0 and float(train_x.max()) == 1.0
     assert set(train_y.tolist()) == set(range(10)) and test_y.shape == (10000,)

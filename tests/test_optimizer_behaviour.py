@@ -457,7 +457,7 @@ def test_curvature_backward_skips_the_pass_on_steps_without_statistics() -> None
         x, y = batch(seed)
         optimizer.zero_grad()
         logits = model(x)
-        logits.register_hook(lambda grad: passes.append(seed))
+        logits.register_hook(lambda grad, seed=seed: passes.append(seed))
         optimizer.curvature_backward(acktr_kfe.softmax_fisher_loss(logits), retain_graph=True)
         F.cross_entropy(logits, y).backward()
         optimizer.step()

@@ -16,7 +16,7 @@ MNIST_FILES = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetFilesMissing(FileNotFoundError):
+class DatasetFilesMissingError(FileNotFoundError):
     """A dataset file is missing; the message names the files and how to get them."""
 
 
@@ -62,7 +62,7 @@ def load_mnist(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tens
         split: ``"train"`` or ``"test"``.
 
     Raises:
-        DatasetFilesMissing: naming the missing files and where to get them.
+        DatasetFilesMissingError: naming the missing files and where to get them.
         ValueError: for an unknown split or corrupted files.
     """
     if split not in MNIST_FILES:
@@ -71,7 +71,7 @@ def load_mnist(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tens
     paths = [_find(directory, stem) for stem in MNIST_FILES[split]]
     missing = [f"{stem}[.gz]" for stem, path in zip(MNIST_FILES[split], paths) if path is None]
     if missing:
-        raise DatasetFilesMissing(
+        raise DatasetFilesMissingError(
             f"MNIST {split} files missing in {directory}: {', '.join(missing)}. Put the IDX files from the "
             "MNIST distribution there (gzip or raw), or pass the folder that holds them."
         )

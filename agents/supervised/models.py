@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,7 +24,7 @@ class MNISTAutoencoder(nn.Sequential):
         sizes = AUTOENCODER_SIZES + AUTOENCODER_SIZES[-2::-1]
         layers: list[nn.Module] = []
         code = len(AUTOENCODER_SIZES) - 2
-        for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(fan_in, fan_out))
             if index != code and index != len(sizes) - 2:
                 layers.append(activation())
