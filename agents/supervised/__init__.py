@@ -2,5 +2,16 @@
 
 from .data import DatasetFilesMissingError, load_mnist, read_idx
 from .models import MNISTAutoencoder, autoencoder_loss
+from .training import OPTIMIZER_NAMES, build_optimizer, load_autoencoder_images, training_step
 
-__all__ = ["DatasetFilesMissingError", "MNISTAutoencoder", "autoencoder_loss", "load_mnist", "read_idx"]
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "DatasetFilesMissingError",
+    "MNISTAutoencoder",
+    "autoencoder_loss",
+    "build_optimizer",
+    "load_autoencoder_images",
+    "load_mnist",
+    "read_idx",
+    "training_step",
+]
