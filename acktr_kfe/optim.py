@@ -281,8 +281,13 @@ class _KroneckerOptimizer(Optimizer):
             if layer_records:
                 rows[index] = [self._rows(layer, record) for record in layer_records]
 
-        if self._is_factor_step(step) or any("A" not in self.state[self._layers[i].weight] for i in rows):
+        if self._is_factor_step(step):
             self._update_factors(rows)
+        else:
+            # Off the factor schedule, only layers that have no factors yet (first reached late) get them.
+            missing = {i: r for i, r in rows.items() if "A" not in self.state[self._layers[i].weight]}
+            if missing:
+                self._update_factors(missing)
 
         refresh = [
             layer
@@ -426,7 +431,7 @@ class _KroneckerOptimizer(Optimizer):
                         stacklevel=2,
                     )
                 direction = grad
-            dot = dot + (direction * grad).sum()
+            dot = dot + torch.dot(direction.reshape(-1), grad.reshape(-1))
             for param, part in zip(layer.adapter.parameters(), layer.adapter.split(direction)):
                 directions[param] = part
         for param in params:
@@ -436,16 +441,17 @@ class _KroneckerOptimizer(Optimizer):
 
         scale = kl_clip_scale(dot, lr, group["max_kl"])
         for param, direction in directions.items():
-            update = direction * scale
             if momentum:
                 state = self.state[param]
                 buffer = state.get("momentum_buffer")
                 if buffer is None:
-                    state["momentum_buffer"] = buffer = update.clone()
+                    state["momentum_buffer"] = buffer = direction * scale
                 else:
-                    buffer.mul_(momentum).add_(update)
-                update = buffer
-            param.add_(update, alpha=-lr)
+                    # buffer <- momentum buffer + nu D, fused: nu stays a tensor (no host sync).
+                    buffer.mul_(momentum).addcmul_(direction, scale)
+                param.add_(buffer, alpha=-lr)
+            else:
+                param.addcmul_(direction, scale, value=-lr)
 
         self.last_kl_clip_scale = scale
         self.last_predicted_kl = predicted_kl(dot, lr, scale)
@@ -668,6 +674,10 @@ class EKFAC(_KroneckerOptimizer):
         model, lr, momentum, weight_decay, damping, max_kl, factor_decay, factor_update_interval,
         eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures: as :class:`KFAC`.
         scale_update_interval: steps between scale estimates.
+
+    The default intervals (factors and scale every 20 steps, basis every 100) are twice K-FAC's factor interval:
+    in EKFAC the factors only feed the eigenbasis, and the scale re-estimates the curvature in it. With them an
+    EKFAC step costs about 2.3 SGD steps on the MNIST autoencoder at batch 1000 (docs/BENCHMARKS.md).
         scale_mode: ``"minibatch"`` or ``"running"``.
         scale_decay: running-average decay of the scale (``running`` mode); defaults to ``factor_decay``.
     """
@@ -682,9 +692,9 @@ class EKFAC(_KroneckerOptimizer):
         damping: float = 1e-3,
         max_kl: float | None = None,
         factor_decay: float = 0.95,
-        factor_update_interval: int = 10,
+        factor_update_interval: int = 20,
         eigen_update_interval: int = 100,
-        scale_update_interval: int = 10,
+        scale_update_interval: int = 20,
         scale_mode: str | ScaleMode = "minibatch",
         scale_decay: float | None = None,
         curvature: str | Curvature = "empirical",
@@ -750,7 +760,7 @@ class EKFAC(_KroneckerOptimizer):
 
     def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
         vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
-        kfe = (vecs_g.T @ grad @ vecs_a) / (state["scale"] + damping)
+        kfe = (vecs_g.T @ grad @ vecs_a).div_(state["scale"] + damping)
         return vecs_g @ kfe @ vecs_a.T
 
     def _modeled_block(self, layer: _Layer) -> Tensor:

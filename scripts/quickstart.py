@@ -3,7 +3,7 @@
 Prints both training losses and times, writes TensorBoard logs and a PNG of loss against steps under --log-dir.
 Without the MNIST files it trains on a synthetic low-rank image set and says so.
 
-    python scripts/quickstart.py                      # about a minute and a half on a 2-core CPU
+    python scripts/quickstart.py                      # about two minutes on a 2-core CPU
     python scripts/quickstart.py --steps 600 --data-dir ~/data/mnist
 """
 

@@ -463,3 +463,18 @@ def test_curvature_backward_skips_the_pass_on_steps_without_statistics() -> None
         optimizer.step()
     # Every step has the training backward; steps 0 and 2 also the curvature pass.
     assert passes == [0, 0, 1, 2, 2, 3]
+
+
+def test_layer_reached_late_gets_factors_without_extra_updates_of_the_others() -> None:
+    torch.manual_seed(0)
+    trunk, head_a, head_b = nn.Linear(6, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+    model = nn.ModuleDict({"trunk": trunk, "a": head_a, "b": head_b})
+    optimizer = EKFAC(model, factor_update_interval=5, scale_update_interval=1, eigen_update_interval=5)
+    for seed, head in [(0, head_a), (1, head_b)]:  # head b is first used at step 1, off the factor schedule
+        x, y = batch(seed)
+        optimizer.zero_grad()
+        F.cross_entropy(head(trunk(x)), y).backward()
+        optimizer.step()
+    assert optimizer.state[trunk.weight]["factor_updates"] == 1
+    assert optimizer.state[head_b.weight]["factor_updates"] == 1
+    assert "eigvecs_A" in optimizer.state[head_b.weight]
