@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -114,6 +114,7 @@ class _KroneckerOptimizer(Optimizer):
         loss_reduction: str | LossReduction,
         exclude: Iterable[str],
         max_consecutive_failures: int,
+        fisher_diagonals: Mapping[Tensor, float] | None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -152,6 +153,17 @@ class _KroneckerOptimizer(Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no parameter that requires a gradient")
+        owned = {id(p) for layer in self._layers for p in layer.adapter.parameters()}
+        self._fisher_diagonals: dict[int, float] = {}
+        for param, value in (fisher_diagonals or {}).items():
+            if not any(param is p for p in params) or id(param) in owned:
+                raise ValueError(
+                    "fisher_diagonals must name trainable parameters of the model that no preconditioned layer "
+                    f"owns; got a tensor of shape {tuple(param.shape)}"
+                )
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"Invalid fisher_diagonals value: {value!r} (must be a finite float > 0)")
+            self._fisher_diagonals[id(param)] = float(value)
         super().__init__(params, defaults)
 
         self._step = 0
@@ -407,7 +419,7 @@ class _KroneckerOptimizer(Optimizer):
 
         if records:
             self._update_curvature(records, self._step)
-        elif self._step == 0 and self._layers:
+        elif self._step == 0 and any(layer.weight.grad is not None for layer in self._layers):
             raise RuntimeError(self._no_statistics_message())
 
         directions: dict[Tensor, Tensor] = {}
@@ -436,8 +448,17 @@ class _KroneckerOptimizer(Optimizer):
                 directions[param] = part
         for param in params:
             if param not in directions:
-                grad = param.grad
-                directions[param] = grad + weight_decay * param if weight_decay else grad
+                grad = param.grad + weight_decay * param if weight_decay else param.grad
+                diagonal = self._fisher_diagonals.get(id(param))
+                if diagonal is None:
+                    directions[param] = grad
+                else:
+                    # A parameter with a known per-example Fisher diagonal (e.g. a Gaussian policy's state-
+                    # independent log std: 2 per dimension) takes the damped natural-gradient step and counts in
+                    # the trust region like the layers.
+                    direction = grad / (diagonal + damping)
+                    dot = dot + torch.dot(direction.reshape(-1), grad.reshape(-1))
+                    directions[param] = direction
 
         scale = kl_clip_scale(dot, lr, group["max_kl"])
         for param, direction in directions.items():
@@ -563,6 +584,10 @@ class KFAC(_KroneckerOptimizer):
             :class:`acktr_kfe.Curvature`).
         loss_reduction: ``"mean"`` (the recorded loss is a batch mean) or ``"sum"``.
         exclude: names of modules (as in ``named_modules()``) not to precondition.
+        fisher_diagonals: ``{parameter: value}`` for parameters outside the preconditioned layers whose per-example
+            Fisher is a known constant diagonal (a diagonal Gaussian policy's state-independent ``log_std``: 2).
+            They step by ``grad / (value + damping)`` and count in the trust region; other parameters outside the
+            layers take the raw gradient.
         max_consecutive_failures: numerical failures in a row (non-finite gradients or statistics, failed
             eigendecompositions) tolerated with a warning before a ``RuntimeError``.
 
@@ -588,6 +613,7 @@ class KFAC(_KroneckerOptimizer):
         loss_reduction: str | LossReduction = "mean",
         exclude: Iterable[str] = (),
         max_consecutive_failures: int = 10,
+        fisher_diagonals: Mapping[Tensor, float] | None = None,
     ) -> None:
         self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
         super().__init__(
@@ -604,6 +630,7 @@ class KFAC(_KroneckerOptimizer):
             loss_reduction=loss_reduction,
             exclude=exclude,
             max_consecutive_failures=max_consecutive_failures,
+            fisher_diagonals=fisher_diagonals,
         )
         # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
         # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
@@ -672,7 +699,8 @@ class EKFAC(_KroneckerOptimizer):
 
     Args:
         model, lr, momentum, weight_decay, damping, max_kl, factor_decay, factor_update_interval,
-        eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures: as :class:`KFAC`.
+        eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures, fisher_diagonals:
+        as :class:`KFAC`.
         scale_update_interval: steps between scale estimates.
 
     The default intervals (factors and scale every 20 steps, basis every 100) are twice K-FAC's factor interval:
@@ -701,6 +729,7 @@ class EKFAC(_KroneckerOptimizer):
         loss_reduction: str | LossReduction = "mean",
         exclude: Iterable[str] = (),
         max_consecutive_failures: int = 10,
+        fisher_diagonals: Mapping[Tensor, float] | None = None,
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
@@ -722,6 +751,7 @@ class EKFAC(_KroneckerOptimizer):
             loss_reduction=loss_reduction,
             exclude=exclude,
             max_consecutive_failures=max_consecutive_failures,
+            fisher_diagonals=fisher_diagonals,
         )
 
     def _is_scale_step(self, step: int) -> bool:

@@ -478,3 +478,24 @@ def test_layer_reached_late_gets_factors_without_extra_updates_of_the_others() -
     assert optimizer.state[trunk.weight]["factor_updates"] == 1
     assert optimizer.state[head_b.weight]["factor_updates"] == 1
     assert "eigvecs_A" in optimizer.state[head_b.weight]
+
+
+def test_fisher_diagonal_parameter_takes_damped_natural_gradient_step_and_counts_in_trust_region() -> None:
+    model = mlp()
+    log_std = nn.Parameter(torch.zeros(4))
+    model.register_parameter("log_std", log_std)
+    damping, lr = 0.1, 0.5
+    optimizer = EKFAC(model, lr=lr, momentum=0.0, damping=damping, fisher_diagonals={log_std: 2.0}, **FAST)
+    x, y = batch(0)
+    with torch.no_grad():
+        features = model(x)
+    F.cross_entropy(features + log_std, y).backward()  # only log_std has a gradient
+    grad = log_std.grad.clone()
+    optimizer.step()
+    direction = grad / (2.0 + damping)
+    torch.testing.assert_close(log_std.detach(), -lr * direction)
+    torch.testing.assert_close(optimizer.last_predicted_kl, 0.5 * lr**2 * (direction * grad).sum())
+    with pytest.raises(ValueError, match="no preconditioned layer owns"):
+        EKFAC(model, fisher_diagonals={model[0].weight: 2.0})
+    with pytest.raises(ValueError, match="Invalid fisher_diagonals value: -1"):
+        EKFAC(model, fisher_diagonals={log_std: -1.0})
