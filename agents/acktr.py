@@ -1,0 +1,290 @@
+"""ACKTR as a Stable-Baselines3 algorithm.
+
+Paper: Wu, Mansimov, Liao, Grosse, Ba, "Scalable trust-region method for deep reinforcement learning using
+Kronecker-factored approximation" (NeurIPS 2017, arXiv:1708.05144). Preconditioner: EKFAC (George et al. 2018)
+or K-FAC from :mod:`acktr_kfe`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import explained_variance
+from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
+from torch.nn import functional as F
+
+import acktr_kfe
+
+SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
+
+PRECONDITIONERS = ("ekfac", "kfac")
+# Per-example Fisher of a Gaussian's log standard deviation, per action dimension: E[(z^2 - 1)^2] = 2.
+GAUSSIAN_LOG_STD_FISHER = 2.0
+
+
+def _detached(distribution: Any) -> Any:
+    """A copy of a torch distribution (or a list of them) cut from the graph, for the KL after the update."""
+    if isinstance(distribution, list):
+        return [_detached(d) for d in distribution]
+    if isinstance(distribution, Categorical):
+        return Categorical(logits=distribution.logits.detach())
+    if isinstance(distribution, Normal):
+        return Normal(distribution.loc.detach(), distribution.scale.detach())
+    if isinstance(distribution, Bernoulli):
+        return Bernoulli(logits=distribution.logits.detach())
+    raise TypeError(f"ACKTR cannot measure the KL of a {type(distribution).__name__} policy distribution")
+
+
+def _mean_kl(old: Any, new: Any) -> th.Tensor:
+    """Mean over the batch of KL(old || new), summed over independent action dimensions."""
+    if isinstance(old, list):
+        return sum(_mean_kl(o, n) for o, n in zip(old, new))
+    kl = kl_divergence(old, new)
+    return kl.reshape(kl.shape[0], -1).sum(-1).mean() if kl.dim() > 1 else kl.mean()
+
+
+class ACKTR(OnPolicyAlgorithm):
+    """Actor critic using Kronecker-factored trust region (ACKTR).
+
+    Each update, on the whole rollout (``n_steps * n_envs`` transitions):
+
+    1. n-step returns (``gae_lambda=1``) or GAE advantages, as SB3's A2C.
+    2. A curvature pass: the Fisher of the policy, from actions *sampled from the current policy*
+       (``-log pi(a_sampled | s)``), plus the Gauss-Newton matrix of the critic (an output gradient of 1 per state,
+       exact ``J^T J`` for the squared-error value loss) scaled by ``vf_fisher_coef``. Layers shared by actor and
+       critic (a CNN trunk) receive both: their G factor sums the policy's Fisher statistics and
+       ``vf_fisher_coef**2`` times the critic's (the cross terms vanish in expectation, since the score of a
+       sampled action has mean zero).
+    3. The gradient of the training loss ``policy_loss + ent_coef * entropy_loss + vf_coef * value_loss``,
+       preconditioned by EKFAC (default) or K-FAC, scaled by the KL trust region
+       ``nu = min(1, sqrt(2 max_kl / (lr^2 D^T g)))``, and a momentum step. No gradient-norm clipping unless
+       ``max_grad_norm`` is set.
+
+    A diagonal Gaussian policy's state-independent ``log_std`` (no layer owns it) takes its exact natural-gradient
+    step: its per-example Fisher is 2 per action dimension, so it moves by ``grad / (2 + damping)`` and counts in
+    the trust region.
+
+    Logged every update: ``train/policy_loss``, ``train/value_loss``, ``train/entropy_loss``,
+    ``train/explained_variance``, ``train/kl_clip_scale``, ``train/predicted_kl``, ``train/measured_kl`` (between the
+    policy before and after the update, on the batch), ``train/damping``, ``train/learning_rate``,
+    ``time/eigh_ms``, and ``train/std`` for Gaussian policies; SB3 adds ``time/fps``.
+
+    Args:
+        policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or an ``ActorCriticPolicy`` subclass.
+        env: the environment, or its registered id.
+        learning_rate: step size ``eta`` (or a schedule of the remaining progress).
+        n_steps: steps per environment per update.
+        gamma: discount factor.
+        gae_lambda: GAE parameter (1.0: plain n-step returns, as the paper).
+        ent_coef: entropy bonus coefficient.
+        vf_coef: value loss coefficient in the training loss.
+        vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass.
+        max_kl: trust-region radius (predicted KL per update); ``None`` disables it.
+        damping: Tikhonov damping of the preconditioner.
+        momentum: momentum of the preconditioned step.
+        preconditioner: ``"ekfac"`` or ``"kfac"``.
+        factor_decay, factor_update_interval, eigen_update_interval, scale_update_interval: statistics of the
+            preconditioner (see :class:`acktr_kfe.EKFAC`).
+        max_grad_norm: optional clipping of the raw gradient norm before preconditioning (off by default).
+        normalize_advantage: normalize advantages over the batch.
+        Other arguments: as SB3's ``A2C``.
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": ActorCriticPolicy,
+        "CnnPolicy": ActorCriticCnnPolicy,
+    }
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 0.25,
+        n_steps: int = 20,
+        gamma: float = 0.99,
+        gae_lambda: float = 1.0,
+        ent_coef: float = 0.01,
+        vf_coef: float = 0.5,
+        vf_fisher_coef: float = 1.0,
+        max_kl: float | None = 0.001,
+        damping: float = 0.01,
+        momentum: float = 0.9,
+        preconditioner: str = "ekfac",
+        factor_decay: float = 0.95,
+        factor_update_interval: int = 1,
+        eigen_update_interval: int = 10,
+        scale_update_interval: int = 1,
+        max_grad_norm: float | None = None,
+        normalize_advantage: bool = False,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"Invalid preconditioner: {preconditioner!r}. Valid values: {', '.join(PRECONDITIONERS)}")
+        if not vf_fisher_coef >= 0:
+            raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")
+        if not (isinstance(n_steps, int) and n_steps >= 1):
+            raise ValueError(f"Invalid n_steps: {n_steps!r} (must be an integer >= 1)")
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm if max_grad_norm is not None else float("inf"),
+            use_sde=False,
+            sde_sample_freq=-1,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=(spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
+        )
+        self.clip_grad_norm = max_grad_norm
+        self.vf_fisher_coef = vf_fisher_coef
+        self.max_kl = max_kl
+        self.damping = damping
+        self.momentum = momentum
+        self.preconditioner = preconditioner
+        self.factor_decay = factor_decay
+        self.factor_update_interval = factor_update_interval
+        self.eigen_update_interval = eigen_update_interval
+        self.scale_update_interval = scale_update_interval
+        self.normalize_advantage = normalize_advantage
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self.policy.optimizer = self._build_preconditioner()
+
+    def _build_preconditioner(self) -> acktr_kfe.KFAC | acktr_kfe.EKFAC:
+        options: dict[str, Any] = {
+            "lr": self.lr_schedule(1),
+            "momentum": self.momentum,
+            "damping": self.damping,
+            "max_kl": self.max_kl,
+            "factor_decay": self.factor_decay,
+            "factor_update_interval": self.factor_update_interval,
+            "eigen_update_interval": self.eigen_update_interval,
+            "curvature": "fisher",
+        }
+        diagonals = {}
+        if isinstance(self.policy.action_dist, DiagGaussianDistribution) and isinstance(
+            getattr(self.policy, "log_std", None), th.nn.Parameter
+        ):
+            diagonals[self.policy.log_std] = GAUSSIAN_LOG_STD_FISHER
+        if self.preconditioner == "ekfac":
+            return acktr_kfe.EKFAC(
+                self.policy, scale_update_interval=self.scale_update_interval, fisher_diagonals=diagonals, **options
+            )
+        return acktr_kfe.KFAC(self.policy, damping_mode="eigen", fisher_diagonals=diagonals, **options)
+
+    def _distribution_and_values(self, observations: th.Tensor) -> tuple[Distribution, th.Tensor]:
+        """One forward pass of the actor-critic: the action distribution and the state values ``(N,)``."""
+        policy = self.policy
+        features = policy.extract_features(observations)
+        if policy.share_features_extractor:
+            latent_pi, latent_vf = policy.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            latent_pi = policy.mlp_extractor.forward_actor(pi_features)
+            latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+        return policy._get_action_dist_from_latent(latent_pi), policy.value_net(latent_vf).flatten()
+
+    def train(self) -> None:
+        """One ACKTR update on the collected rollout."""
+        self.policy.set_training_mode(True)
+        optimizer = self.policy.optimizer
+        self._update_learning_rate(optimizer)
+
+        for rollout_data in self.rollout_buffer.get(batch_size=None):
+            actions = rollout_data.actions
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.long().flatten()
+            distribution, values = self._distribution_and_values(rollout_data.observations)
+            log_prob = distribution.log_prob(actions)
+            entropy = distribution.entropy()
+
+            advantages = rollout_data.advantages
+            if self.normalize_advantage and len(advantages) > 1:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            policy_loss = -(advantages * log_prob).mean()
+            value_loss = F.mse_loss(rollout_data.returns, values)
+            entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
+            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+
+            optimizer.zero_grad()
+            # Curvature: Fisher of the policy at actions sampled from it, Gauss-Newton of the critic.
+            sampled = distribution.sample().detach()
+            fisher_loss = -distribution.log_prob(sampled).mean()
+            if self.vf_fisher_coef:
+                fisher_loss = fisher_loss + self.vf_fisher_coef * acktr_kfe.gauss_newton_loss(values)
+            optimizer.curvature_backward(fisher_loss, retain_graph=True)
+            loss.backward()
+            if self.clip_grad_norm is not None:
+                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.clip_grad_norm)
+            old_distribution = _detached(distribution.distribution)
+            optimizer.step()
+            with th.no_grad():
+                new_distribution, _ = self._distribution_and_values(rollout_data.observations)
+                measured_kl = _mean_kl(old_distribution, new_distribution.distribution)
+
+        explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
+        self._n_updates += 1
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/entropy_loss", entropy_loss.item())
+        self.logger.record("train/policy_loss", policy_loss.item())
+        self.logger.record("train/value_loss", value_loss.item())
+        self.logger.record("train/kl_clip_scale", optimizer.last_kl_clip_scale.item())
+        self.logger.record("train/predicted_kl", optimizer.last_predicted_kl.item())
+        self.logger.record("train/measured_kl", measured_kl.item())
+        self.logger.record("train/damping", optimizer.param_groups[0]["damping"])
+        self.logger.record("time/eigh_ms", optimizer.last_eigh_ms)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.last_measured_kl = measured_kl.item()
+
+    def learn(
+        self: SelfACKTR,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 100,
+        tb_log_name: str = "ACKTR",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfACKTR:
+        """Train for ``total_timesteps`` environment steps (SB3's ``learn``)."""
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
