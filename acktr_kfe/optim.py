@@ -115,6 +115,7 @@ class _KroneckerOptimizer(Optimizer):
         exclude: Iterable[str],
         max_consecutive_failures: int,
         fisher_diagonals: Mapping[Tensor, float] | None,
+        trust_region_params: Iterable[Tensor] | None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -164,6 +165,15 @@ class _KroneckerOptimizer(Optimizer):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"Invalid fisher_diagonals value: {value!r} (must be a finite float > 0)")
             self._fisher_diagonals[id(param)] = float(value)
+        self._trust_region: set[int] | None = None
+        if trust_region_params is not None:
+            self._trust_region = {id(p) for p in trust_region_params}
+            if not self._trust_region <= {id(p) for p in params}:
+                raise ValueError("trust_region_params must be trainable parameters of the model")
+            for layer in self._layers:
+                inside = {id(p) in self._trust_region for p in layer.adapter.parameters()}
+                if len(inside) > 1:
+                    raise ValueError(f"trust_region_params must hold all or none of layer {layer.name}'s parameters")
         super().__init__(params, defaults)
 
         self._step = 0
@@ -443,7 +453,8 @@ class _KroneckerOptimizer(Optimizer):
                         stacklevel=2,
                     )
                 direction = grad
-            dot = dot + torch.dot(direction.reshape(-1), grad.reshape(-1))
+            if self._counts_in_trust_region(layer.weight):
+                dot = dot + torch.dot(direction.reshape(-1), grad.reshape(-1))
             for param, part in zip(layer.adapter.parameters(), layer.adapter.split(direction)):
                 directions[param] = part
         for param in params:
@@ -457,28 +468,34 @@ class _KroneckerOptimizer(Optimizer):
                     # independent log std: 2 per dimension) takes the damped natural-gradient step and counts in
                     # the trust region like the layers.
                     direction = grad / (diagonal + damping)
-                    dot = dot + torch.dot(direction.reshape(-1), grad.reshape(-1))
+                    if self._counts_in_trust_region(param):
+                        dot = dot + torch.dot(direction.reshape(-1), grad.reshape(-1))
                     directions[param] = direction
 
         scale = kl_clip_scale(dot, lr, group["max_kl"])
+        unscaled = torch.ones_like(scale)
         for param, direction in directions.items():
+            step_scale = scale if self._counts_in_trust_region(param) else unscaled
             if momentum:
                 state = self.state[param]
                 buffer = state.get("momentum_buffer")
                 if buffer is None:
-                    state["momentum_buffer"] = buffer = direction * scale
+                    state["momentum_buffer"] = buffer = direction * step_scale
                 else:
                     # buffer <- momentum buffer + nu D, fused: nu stays a tensor (no host sync).
-                    buffer.mul_(momentum).addcmul_(direction, scale)
+                    buffer.mul_(momentum).addcmul_(direction, step_scale)
                 param.add_(buffer, alpha=-lr)
             else:
-                param.addcmul_(direction, scale, value=-lr)
+                param.addcmul_(direction, step_scale, value=-lr)
 
         self.last_kl_clip_scale = scale
         self.last_predicted_kl = predicted_kl(dot, lr, scale)
         self._step += 1
         self._consecutive_failures["gradient"] = 0
         return loss
+
+    def _counts_in_trust_region(self, param: Tensor) -> bool:
+        return self._trust_region is None or id(param) in self._trust_region
 
     def _no_statistics_message(self) -> str:
         how = {
@@ -588,6 +605,8 @@ class KFAC(_KroneckerOptimizer):
             Fisher is a known constant diagonal (a diagonal Gaussian policy's state-independent ``log_std``: 2).
             They step by ``grad / (value + damping)`` and count in the trust region; other parameters outside the
             layers take the raw gradient.
+        trust_region_params: the parameters whose step the trust region measures and scales (an actor's, when a
+            critic with its own layers shares the optimizer); ``None``: all. Others take the unscaled step.
         max_consecutive_failures: numerical failures in a row (non-finite gradients or statistics, failed
             eigendecompositions) tolerated with a warning before a ``RuntimeError``.
 
@@ -614,6 +633,7 @@ class KFAC(_KroneckerOptimizer):
         exclude: Iterable[str] = (),
         max_consecutive_failures: int = 10,
         fisher_diagonals: Mapping[Tensor, float] | None = None,
+        trust_region_params: Iterable[Tensor] | None = None,
     ) -> None:
         self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
         super().__init__(
@@ -631,6 +651,7 @@ class KFAC(_KroneckerOptimizer):
             exclude=exclude,
             max_consecutive_failures=max_consecutive_failures,
             fisher_diagonals=fisher_diagonals,
+            trust_region_params=trust_region_params,
         )
         # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
         # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
@@ -699,8 +720,8 @@ class EKFAC(_KroneckerOptimizer):
 
     Args:
         model, lr, momentum, weight_decay, damping, max_kl, factor_decay, factor_update_interval,
-        eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures, fisher_diagonals:
-        as :class:`KFAC`.
+        eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures, fisher_diagonals,
+        trust_region_params: as :class:`KFAC`.
         scale_update_interval: steps between scale estimates.
 
     The default intervals (factors and scale every 20 steps, basis every 100) are twice K-FAC's factor interval:
@@ -730,6 +751,7 @@ class EKFAC(_KroneckerOptimizer):
         exclude: Iterable[str] = (),
         max_consecutive_failures: int = 10,
         fisher_diagonals: Mapping[Tensor, float] | None = None,
+        trust_region_params: Iterable[Tensor] | None = None,
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
@@ -752,6 +774,7 @@ class EKFAC(_KroneckerOptimizer):
             exclude=exclude,
             max_consecutive_failures=max_consecutive_failures,
             fisher_diagonals=fisher_diagonals,
+            trust_region_params=trust_region_params,
         )
 
     def _is_scale_step(self, step: int) -> bool:

@@ -499,3 +499,23 @@ def test_fisher_diagonal_parameter_takes_damped_natural_gradient_step_and_counts
         EKFAC(model, fisher_diagonals={model[0].weight: 2.0})
     with pytest.raises(ValueError, match="Invalid fisher_diagonals value: -1"):
         EKFAC(model, fisher_diagonals={log_std: -1.0})
+
+
+def test_trust_region_params_limit_which_steps_are_measured_and_scaled() -> None:
+    lr, max_kl = 0.5, 1e-5
+    model, twin = mlp(), mlp()
+    head_only = EKFAC(model, lr=lr, momentum=0.0, max_kl=max_kl, trust_region_params=model[2].parameters(), **FAST)
+    free = EKFAC(twin, lr=lr, momentum=0.0, **FAST)
+    first_before = model[0].weight.detach().clone()
+    train(head_only, model, range(1))
+    train(free, twin, range(1))
+    assert head_only.last_kl_clip_scale.item() < 1.0
+    # The first layer is outside the trust region: its step is the free optimizer's, unscaled.
+    torch.testing.assert_close(model[0].weight, twin[0].weight)
+    assert not torch.equal(model[0].weight, first_before)
+    torch.testing.assert_close(head_only.last_predicted_kl, torch.tensor(max_kl))
+    other = mlp()
+    with pytest.raises(ValueError, match="all or none of layer 0"):
+        EKFAC(other, trust_region_params=[other[0].weight])
+    with pytest.raises(ValueError, match="trainable parameters of the model"):
+        EKFAC(other, trust_region_params=[mlp()[0].weight])
