@@ -1,0 +1,103 @@
+"""Kronecker-factored preconditioning inside SB3's own algorithms (A2C, PPO): one policy class.
+
+    from stable_baselines3 import PPO
+    from agents.policies import KroneckerActorCriticPolicy
+
+    model = PPO(KroneckerActorCriticPolicy, "CartPole-v1", learning_rate=0.1)
+
+The policy replaces its optimizer with :class:`acktr_kfe.EKFAC` (or K-FAC) in Fisher mode. Whenever the algorithm
+evaluates actions with gradients enabled (once per A2C update, once per PPO minibatch), the policy runs the
+curvature pass right there: the Fisher of the policy at actions *sampled from the current policy*, plus the
+Gauss-Newton matrix of the critic, so the curvature never comes from the advantage-weighted loss. SB3's
+gradient-norm clipping acts on the raw gradient before ``optimizer.step()`` preconditions it, so it scales the
+natural-gradient step uniformly instead of undoing it; the KL trust region (``max_kl``) bounds the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch as th
+from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import NatureCNN
+from stable_baselines3.common.type_aliases import Schedule
+
+import acktr_kfe
+
+GAUSSIAN_LOG_STD_FISHER = 2.0
+_DEFAULTS: dict[str, Any] = {
+    "momentum": 0.9,
+    "damping": 0.01,
+    "max_kl": 0.001,
+    "factor_update_interval": 1,
+    "eigen_update_interval": 10,
+}
+
+
+class KroneckerActorCriticPolicy(ActorCriticPolicy):
+    """SB3's ``ActorCriticPolicy`` preconditioned by EKFAC or K-FAC (see the module docstring).
+
+    Args:
+        preconditioner: ``"ekfac"`` (default) or ``"kfac"``.
+        preconditioner_kwargs: keyword arguments of :class:`acktr_kfe.EKFAC` / :class:`acktr_kfe.KFAC` that
+            override the defaults (momentum 0.9, damping 0.01, ``max_kl`` 0.001, factors every step,
+            eigenbasis every 10 steps). The learning rate comes from the algorithm.
+        vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass.
+        Other arguments: as ``ActorCriticPolicy`` (``optimizer_class`` and ``optimizer_kwargs`` are ignored).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        preconditioner: str = "ekfac",
+        preconditioner_kwargs: dict[str, Any] | None = None,
+        vf_fisher_coef: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        if preconditioner not in ("ekfac", "kfac"):
+            raise ValueError(f"Invalid preconditioner: {preconditioner!r}. Valid values: ekfac, kfac")
+        if not vf_fisher_coef >= 0:
+            raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
+        self.preconditioner = preconditioner
+        self.preconditioner_kwargs = dict(preconditioner_kwargs or {})
+        self.vf_fisher_coef = vf_fisher_coef
+        super().__init__(*args, **kwargs)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        super()._build(lr_schedule)
+        options = {**_DEFAULTS, **self.preconditioner_kwargs, "lr": lr_schedule(1), "curvature": "fisher"}
+        if isinstance(self.action_dist, DiagGaussianDistribution) and isinstance(
+            getattr(self, "log_std", None), th.nn.Parameter
+        ):
+            options.setdefault("fisher_diagonals", {self.log_std: GAUSSIAN_LOG_STD_FISHER})
+        cls = acktr_kfe.EKFAC if self.preconditioner == "ekfac" else acktr_kfe.KFAC
+        self.optimizer = cls(self, **options)
+
+    def evaluate_actions(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Values, log-probabilities and entropy, as SB3's; in training, also the curvature pass."""
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            latent_pi, latent_vf = self.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            latent_pi = self.mlp_extractor.forward_actor(pi_features)
+            latent_vf = self.mlp_extractor.forward_critic(vf_features)
+        distribution = self._get_action_dist_from_latent(latent_pi)
+        log_prob = distribution.log_prob(actions)
+        values = self.value_net(latent_vf)
+        if self.training and th.is_grad_enabled():
+            sampled = distribution.sample().detach()
+            fisher_loss = -distribution.log_prob(sampled).mean()
+            if self.vf_fisher_coef:
+                fisher_loss = fisher_loss + self.vf_fisher_coef * acktr_kfe.gauss_newton_loss(values)
+            self.optimizer.curvature_backward(fisher_loss, retain_graph=True)
+        return values, log_prob, distribution.entropy()
+
+
+class KroneckerActorCriticCnnPolicy(KroneckerActorCriticPolicy):
+    """:class:`KroneckerActorCriticPolicy` with SB3's NatureCNN features extractor (Atari)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("features_extractor_class", NatureCNN)
+        super().__init__(*args, **kwargs)
