@@ -12,7 +12,7 @@ from typing import Any, ClassVar, TypeVar
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
@@ -22,11 +22,11 @@ from torch.nn import functional as F
 
 import acktr_kfe
 
+from .policies import actor_critic_forward, curvature_loss, log_std_fisher_diagonals
+
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
 PRECONDITIONERS = ("ekfac", "kfac")
-# Per-example Fisher of a Gaussian's log standard deviation, per action dimension: E[(z^2 - 1)^2] = 2.
-GAUSSIAN_LOG_STD_FISHER = 2.0
 
 
 def _detached(distribution: Any) -> Any:
@@ -193,11 +193,7 @@ class ACKTR(OnPolicyAlgorithm):
             "eigen_update_interval": self.eigen_update_interval,
             "curvature": "fisher",
         }
-        diagonals = {}
-        if isinstance(self.policy.action_dist, DiagGaussianDistribution) and isinstance(
-            getattr(self.policy, "log_std", None), th.nn.Parameter
-        ):
-            diagonals[self.policy.log_std] = GAUSSIAN_LOG_STD_FISHER
+        diagonals = log_std_fisher_diagonals(self.policy)
         if self.preconditioner == "ekfac":
             return acktr_kfe.EKFAC(
                 self.policy, scale_update_interval=self.scale_update_interval, fisher_diagonals=diagonals, **options
@@ -206,15 +202,8 @@ class ACKTR(OnPolicyAlgorithm):
 
     def _distribution_and_values(self, observations: th.Tensor) -> tuple[Distribution, th.Tensor]:
         """One forward pass of the actor-critic: the action distribution and the state values ``(N,)``."""
-        policy = self.policy
-        features = policy.extract_features(observations)
-        if policy.share_features_extractor:
-            latent_pi, latent_vf = policy.mlp_extractor(features)
-        else:
-            pi_features, vf_features = features
-            latent_pi = policy.mlp_extractor.forward_actor(pi_features)
-            latent_vf = policy.mlp_extractor.forward_critic(vf_features)
-        return policy._get_action_dist_from_latent(latent_pi), policy.value_net(latent_vf).flatten()
+        distribution, values = actor_critic_forward(self.policy, observations)
+        return distribution, values.flatten()
 
     def train(self) -> None:
         """One ACKTR update on the collected rollout."""
@@ -240,11 +229,7 @@ class ACKTR(OnPolicyAlgorithm):
 
             optimizer.zero_grad()
             # Curvature: Fisher of the policy at actions sampled from it, Gauss-Newton of the critic.
-            sampled = distribution.sample().detach()
-            fisher_loss = -distribution.log_prob(sampled).mean()
-            if self.vf_fisher_coef:
-                fisher_loss = fisher_loss + self.vf_fisher_coef * acktr_kfe.gauss_newton_loss(values)
-            optimizer.curvature_backward(fisher_loss, retain_graph=True)
+            optimizer.curvature_backward(curvature_loss(distribution, values, self.vf_fisher_coef), retain_graph=True)
             loss.backward()
             if self.clip_grad_norm is not None:
                 th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.clip_grad_norm)

@@ -18,14 +18,50 @@ from __future__ import annotations
 from typing import Any
 
 import torch as th
-from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 
 import acktr_kfe
 
+# Per-example Fisher of a Gaussian's log standard deviation, per action dimension: E[(z^2 - 1)^2] = 2.
 GAUSSIAN_LOG_STD_FISHER = 2.0
+
+
+def log_std_fisher_diagonals(policy: ActorCriticPolicy) -> dict[th.Tensor, float]:
+    """``{log_std: 2}`` for a diagonal Gaussian policy with a state-independent ``log_std``, else ``{}``.
+
+    No layer owns ``log_std``, so the Kronecker factors do not cover it; its exact per-example Fisher is known.
+    """
+    log_std = getattr(policy, "log_std", None)
+    if isinstance(policy.action_dist, DiagGaussianDistribution) and isinstance(log_std, th.nn.Parameter):
+        return {log_std: GAUSSIAN_LOG_STD_FISHER}
+    return {}
+
+
+def actor_critic_forward(policy: ActorCriticPolicy, obs: th.Tensor) -> tuple[Distribution, th.Tensor]:
+    """One forward pass of an SB3 actor-critic: the action distribution and the values ``(N, 1)``."""
+    features = policy.extract_features(obs)
+    if policy.share_features_extractor:
+        latent_pi, latent_vf = policy.mlp_extractor(features)
+    else:
+        pi_features, vf_features = features
+        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
+        latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+    return policy._get_action_dist_from_latent(latent_pi), policy.value_net(latent_vf)
+
+
+def curvature_loss(distribution: Distribution, values: th.Tensor, vf_fisher_coef: float) -> th.Tensor:
+    """The loss whose backward feeds ACKTR's curvature: the policy's Fisher at actions sampled from it, plus
+    ``vf_fisher_coef`` times the critic's Gauss-Newton loss (an output gradient of 1 per state)."""
+    sampled = distribution.sample().detach()
+    loss = -distribution.log_prob(sampled).mean()
+    if vf_fisher_coef:
+        loss = loss + vf_fisher_coef * acktr_kfe.gauss_newton_loss(values)
+    return loss
+
+
 _DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "damping": 0.01,
@@ -67,32 +103,18 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)
         options = {**_DEFAULTS, **self.preconditioner_kwargs, "lr": lr_schedule(1), "curvature": "fisher"}
-        if isinstance(self.action_dist, DiagGaussianDistribution) and isinstance(
-            getattr(self, "log_std", None), th.nn.Parameter
-        ):
-            options.setdefault("fisher_diagonals", {self.log_std: GAUSSIAN_LOG_STD_FISHER})
+        options.setdefault("fisher_diagonals", log_std_fisher_diagonals(self))
         cls = acktr_kfe.EKFAC if self.preconditioner == "ekfac" else acktr_kfe.KFAC
         self.optimizer = cls(self, **options)
 
     def evaluate_actions(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """Values, log-probabilities and entropy, as SB3's; in training, also the curvature pass."""
-        features = self.extract_features(obs)
-        if self.share_features_extractor:
-            latent_pi, latent_vf = self.mlp_extractor(features)
-        else:
-            pi_features, vf_features = features
-            latent_pi = self.mlp_extractor.forward_actor(pi_features)
-            latent_vf = self.mlp_extractor.forward_critic(vf_features)
-        distribution = self._get_action_dist_from_latent(latent_pi)
-        log_prob = distribution.log_prob(actions)
-        values = self.value_net(latent_vf)
+        distribution, values = actor_critic_forward(self, obs)
         if self.training and th.is_grad_enabled():
-            sampled = distribution.sample().detach()
-            fisher_loss = -distribution.log_prob(sampled).mean()
-            if self.vf_fisher_coef:
-                fisher_loss = fisher_loss + self.vf_fisher_coef * acktr_kfe.gauss_newton_loss(values)
-            self.optimizer.curvature_backward(fisher_loss, retain_graph=True)
-        return values, log_prob, distribution.entropy()
+            self.optimizer.curvature_backward(
+                curvature_loss(distribution, values, self.vf_fisher_coef), retain_graph=True
+            )
+        return values, distribution.log_prob(actions), distribution.entropy()
 
 
 class KroneckerActorCriticCnnPolicy(KroneckerActorCriticPolicy):

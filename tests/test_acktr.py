@@ -12,14 +12,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 
 from agents.acktr import ACKTR
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small policies: torch's intra-op threads only contend with env stepping on 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("preconditioner", ["ekfac", "kfac"])

@@ -11,13 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 import acktr_kfe
 from agents.policies import KroneckerActorCriticPolicy
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
