@@ -62,3 +62,22 @@ def test_acktr_solves_cartpole_within_budget() -> None:
     model.learn(30_000)
     mean_return, _ = evaluate_policy(model, make_vec_env("CartPole-v1", n_envs=4, seed=100), n_eval_episodes=20)
     assert mean_return >= 475.0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_acktr_cnn_policy_with_shared_trunk_updates_on_atari() -> None:
+    from envs import make_env
+
+    env = make_env("ALE/Pong-v5", n_envs=2, seed=0)
+    model = ACKTR("CnnPolicy", env, n_steps=5, seed=0)
+    optimizer = model.policy.optimizer
+    assert {"features_extractor.cnn.0", "features_extractor.linear.0", "action_net", "value_net"} <= set(
+        optimizer.preconditioned_layers
+    )
+    trunk = model.policy.features_extractor.cnn[0].weight
+    before = trunk.detach().clone()
+    model.learn(20)
+    assert model._n_updates == 2
+    assert not torch.equal(before, trunk) and torch.isfinite(trunk).all()
+    assert optimizer.state[trunk]["factor_updates"] == 2
+    env.close()

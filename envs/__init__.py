@@ -1,0 +1,105 @@
+"""Environment factories: Atari (ALE v5, DeepMind preprocessing), MuJoCo v5 (normalized), classic control.
+
+Everything here reuses SB3's and gymnasium's wrappers; this module only chooses and composes them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import gymnasium as gym
+from stable_baselines3.common.env_util import make_atari_env, make_vec_env
+from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
+
+__all__ = ["EnvKind", "env_kind", "make_env"]
+
+EnvKind = str  # "atari" | "mujoco" | "classic"
+
+
+def _registered_ids() -> list[str]:
+    try:
+        import ale_py
+
+        gym.register_envs(ale_py)
+    except ImportError:  # Atari is optional at run time; the ids are then simply unknown
+        pass
+    return list(gym.registry.keys())
+
+
+def env_kind(env_id: str) -> EnvKind:
+    """``"atari"``, ``"mujoco"`` or ``"classic"`` for a registered id.
+
+    Raises:
+        ValueError: for an id gymnasium does not know, naming the closest registered ids.
+    """
+    ids = _registered_ids()
+    if env_id not in ids:
+        close = difflib.get_close_matches(env_id, ids, n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown environment id: {env_id!r}.{hint}")
+    entry_point = str(gym.registry[env_id].entry_point)
+    if env_id.startswith("ALE/") or "ale_py" in entry_point:
+        return "atari"
+    if "mujoco" in entry_point:
+        return "mujoco"
+    return "classic"
+
+
+def make_env(
+    env_id: str,
+    n_envs: int = 1,
+    seed: int = 0,
+    *,
+    training: bool = True,
+    frame_stack: int = 4,
+    normalize: bool | None = None,
+    monitor_dir: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+) -> VecEnv:
+    """A vectorized, monitored environment ready for SB3.
+
+    - Atari (``ALE/*-v5``): DeepMind preprocessing by SB3's ``AtariWrapper``: no-op reset, frame skip 4 with
+      max-pooling over the last two frames (the ALE's own frame skip is set to 1 for this), 84x84 grayscale,
+      ``frame_stack`` frames stacked. ``training=True`` adds episodic life and reward clipping; the ``Monitor``
+      sits beneath them, so the logged episode returns are true game scores either way.
+    - MuJoCo (``*-v5``): ``VecNormalize`` of observations and rewards (``normalize=True`` by default); its
+      statistics are saved and restored with the agent (``VecNormalize.save``/``load``). With ``training=False``
+      the statistics are frozen and rewards are left raw.
+    - Classic control: SB3's ``make_vec_env``.
+
+    Args:
+        env_id: a registered gymnasium id.
+        n_envs: number of parallel environments.
+        seed: seed of the first environment (the others get ``seed + i``).
+        training: training (``True``) or evaluation wrappers.
+        frame_stack: frames stacked for Atari.
+        normalize: wrap in ``VecNormalize`` (default: for MuJoCo only).
+        monitor_dir: where ``Monitor`` writes its CSV files (none by default).
+        env_kwargs: extra keyword arguments of ``gym.make``.
+
+    Raises:
+        ValueError: for an unknown id (naming close matches) or invalid counts.
+    """
+    if not (isinstance(n_envs, int) and n_envs >= 1):
+        raise ValueError(f"Invalid n_envs: {n_envs!r} (must be an integer >= 1)")
+    kind = env_kind(env_id)
+    env_kwargs = dict(env_kwargs or {})
+    if kind == "atari":
+        if not (isinstance(frame_stack, int) and frame_stack >= 1):
+            raise ValueError(f"Invalid frame_stack: {frame_stack!r} (must be an integer >= 1)")
+        env_kwargs.setdefault("frameskip", 1)
+        wrapper_kwargs = {"terminal_on_life_loss": training, "clip_reward": training}
+        env = make_atari_env(
+            env_id,
+            n_envs=n_envs,
+            seed=seed,
+            monitor_dir=monitor_dir,
+            wrapper_kwargs=wrapper_kwargs,
+            env_kwargs=env_kwargs,
+        )
+        return VecFrameStack(env, n_stack=frame_stack)
+    env = make_vec_env(env_id, n_envs=n_envs, seed=seed, monitor_dir=monitor_dir, env_kwargs=env_kwargs)
+    if normalize if normalize is not None else kind == "mujoco":
+        env = VecNormalize(env, training=training, norm_obs=True, norm_reward=training)
+    return env

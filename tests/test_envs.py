@@ -1,0 +1,56 @@
+"""Environment factories: Atari preprocessing, MuJoCo normalization, classic control, unknown ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
+
+from envs import env_kind, make_env
+
+
+def test_unknown_env_id_names_close_matches() -> None:
+    with pytest.raises(ValueError, match=r"Unknown environment id: 'CartPol-v1'\. Did you mean: CartPole-v1"):
+        make_env("CartPol-v1")
+    with pytest.raises(ValueError, match=r"ALE/Pong-v5"):
+        make_env("ALE/Pongg-v5")
+    with pytest.raises(ValueError, match="Invalid n_envs: 0"):
+        make_env("CartPole-v1", n_envs=0)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kind"), [("CartPole-v1", "classic"), ("HalfCheetah-v5", "mujoco"), ("ALE/Pong-v5", "atari")]
+)
+def test_env_kind_recognizes_families(env_id: str, kind: str) -> None:
+    assert env_kind(env_id) == kind
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_atari_env_has_deepmind_preprocessing_and_true_scores_for_evaluation() -> None:
+    env = make_env("ALE/Pong-v5", n_envs=2, seed=0)
+    assert isinstance(env, VecFrameStack)
+    observations = env.reset()
+    assert observations.shape == (2, 84, 84, 4) and observations.dtype == np.uint8
+    observations, rewards, _, _ = env.step(np.zeros(2, dtype=np.int64))
+    assert set(np.unique(rewards)) <= {-1.0, 0.0, 1.0}
+    ale = env.venv.envs[0].unwrapped
+    assert ale._frameskip == 1, "the ALE must not skip frames: AtariWrapper skips 4 with max-pooling"
+    evaluation = make_env("ALE/Pong-v5", n_envs=1, seed=0, training=False)
+    wrappers = repr(evaluation.venv.envs[0])
+    assert "EpisodicLifeEnv" not in wrappers and "ClipRewardEnv" not in wrappers
+    env.close()
+    evaluation.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_mujoco_env_is_normalized_and_statistics_round_trip(tmp_path) -> None:
+    env = make_env("HalfCheetah-v5", n_envs=2, seed=0)
+    assert isinstance(env, VecNormalize) and env.training and env.norm_reward
+    env.reset()
+    for _ in range(5):
+        env.step(np.zeros((2, 6), dtype=np.float32))
+    env.save(str(tmp_path / "vecnormalize.pkl"))
+    evaluation = VecNormalize.load(str(tmp_path / "vecnormalize.pkl"), make_env("HalfCheetah-v5", normalize=False))
+    np.testing.assert_allclose(evaluation.obs_rms.mean, env.obs_rms.mean)
+    frozen = make_env("HalfCheetah-v5", training=False)
+    assert isinstance(frozen, VecNormalize) and not frozen.training and not frozen.norm_reward
