@@ -1,0 +1,64 @@
+"""scripts/train.py: run folder contents, --resume, config validation, SB3 algorithms with --preconditioner."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agents.acktr import ACKTR
+from agents.rl_config import resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_writes_run_folder_and_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    train = load_train_script()
+    run = tmp_path / "run"
+    first = train.main(["--total-timesteps", "320", "--log-dir", str(run), "--checkpoint-every", "160"])
+    for name in ("config.yml", "command.txt", "checkpoint.zip", "model.zip", "results.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir()), "TensorBoard logs"
+    assert first["timesteps"] == 320 and json.loads((run / "results.json").read_text())["algo"] == "acktr"
+    assert not list(run.glob(".*.tmp*")), "no temporary checkpoint files left behind"
+    resumed = train.main(["--total-timesteps", "640", "--log-dir", str(run), "--resume"])
+    assert resumed["timesteps"] == 640
+    assert ACKTR.load(run / "model.zip").policy.optimizer.steps == 4
+
+
+def test_resume_without_checkpoint_and_unknown_env_fail_clearly(tmp_path: Path) -> None:
+    train = load_train_script()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main(["--log-dir", str(tmp_path / "empty"), "--resume"])
+    with pytest.raises(ValueError, match="Did you mean: CartPole-v1"):
+        train.main(["--env", "CartPol-v1", "--log-dir", str(tmp_path / "typo")])
+
+
+def test_sb3_algorithm_runs_with_preconditioner_flag(tmp_path: Path) -> None:
+    train = load_train_script()
+    result = train.main(["--algo", "a2c", "--preconditioner", "ekfac", "--total-timesteps", "200",
+                         "--log-dir", str(tmp_path / "a2c")])  # fmt: skip
+    assert result["timesteps"] >= 200
+    config = yaml.safe_load((tmp_path / "a2c" / "config.yml").read_text())
+    assert config["policy"] == "KroneckerActorCriticPolicy"
+
+
+def test_config_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text("default:\n  learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rat'\].*Valid keys: .*learning_rate"):
+        resolve_config(path, "CartPole-v1", ACKTR)
+    resolved = resolve_config(ROOT / "configs" / "acktr.yml", "CartPole-v1", ACKTR)
+    assert resolved["total_timesteps"] == 30_000 and resolved["policy"] == "MlpPolicy"
+    assert resolve_config(ROOT / "configs" / "acktr.yml", "ALE/Pong-v5", ACKTR)["policy"] == "CnnPolicy"
