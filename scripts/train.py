@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             remaining,
             callback=AtomicCheckpoint(run_dir, args.checkpoint_every),
             progress_bar=True,
+            log_interval=1,  # every update reaches TensorBoard: the learning curves of scripts/plot.py
             reset_num_timesteps=not args.resume,
             tb_log_name=args.algo,
         )

@@ -62,3 +62,31 @@ def test_config_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
     resolved = resolve_config(ROOT / "configs" / "acktr.yml", "CartPole-v1", ACKTR)
     assert resolved["total_timesteps"] == 30_000 and resolved["policy"] == "MlpPolicy"
     assert resolve_config(ROOT / "configs" / "acktr.yml", "ALE/Pong-v5", ACKTR)["policy"] == "CnnPolicy"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_and_plot_read_train_run_folders(tmp_path: Path) -> None:
+    train, evaluate, plot = load_train_script(), load_script("evaluate"), load_script("plot")
+    for seed in (0, 1):
+        train.main(["--total-timesteps", "960", "--seed", str(seed), "--log-dir", str(tmp_path / f"s{seed}")])
+    result = evaluate.main(["--run", str(tmp_path / "s0"), "--episodes", "3"])
+    assert result["mean_return"] > 0
+    counts = plot.main([str(tmp_path), "--out", str(tmp_path / "curves.png")])
+    assert counts == {"ACKTR (EKFAC) on CartPole-v1": 2}
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_evaluate_reports_missing_and_corrupted_agents(tmp_path: Path) -> None:
+    evaluate = load_script("evaluate")
+    with pytest.raises(FileNotFoundError, match="no saved agent"):
+        evaluate.main(["--model", str(tmp_path / "none.zip"), "--env", "CartPole-v1"])
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match="not a readable ACKTR agent"):
+        evaluate.main(["--model", str(broken), "--env", "CartPole-v1"])

@@ -1,0 +1,100 @@
+"""Evaluate a trained agent: mean and standard deviation of the return over N episodes, optionally a video.
+
+    python scripts/evaluate.py --run runs/acktr_CartPole-v1_seed0            # a run folder of scripts/train.py
+    python scripts/evaluate.py --model agent.zip --env CartPole-v1 --algo acktr --episodes 20
+    python scripts/evaluate.py --run runs/acktr_CartPole-v1_seed0 --video videos/   # needs: pip install moviepy
+
+Evaluation uses the game's true scores: no reward clipping or episodic life for Atari, frozen observation
+statistics and raw rewards for normalized (MuJoCo) environments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stable_baselines3 import A2C, PPO  # noqa: E402
+from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
+from stable_baselines3.common.vec_env import VecNormalize, VecVideoRecorder  # noqa: E402
+
+from agents.acktr import ACKTR  # noqa: E402
+from envs import make_env  # noqa: E402
+
+ALGORITHMS = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
+
+
+def load_agent(path: Path, algo: str, device: str) -> Any:
+    """Load a saved agent; a missing or corrupted file raises an error that names it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved agent at {path}")
+    try:
+        return ALGORITHMS[algo].load(path, device=device)
+    except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a readable {algo.upper()} agent (corrupted or another format): {error}"
+        ) from error
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=None, help="run folder written by scripts/train.py")
+    parser.add_argument("--model", type=Path, default=None, help="saved agent (.zip), instead of --run")
+    parser.add_argument("--env", default=None, help="env id (default: the run's)")
+    parser.add_argument("--algo", choices=sorted(ALGORITHMS), default=None, help="(default: the run's, else acktr)")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=12_345)
+    parser.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode")
+    parser.add_argument("--video", type=Path, default=None, help="folder to record the first episode(s) into")
+    parser.add_argument("--video-length", type=int, default=1000, help="frames to record")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = parser.parse_args(argv)
+    if (args.run is None) == (args.model is None):
+        parser.error("give exactly one of --run and --model")
+    if args.episodes < 1:
+        parser.error(f"--episodes must be >= 1, got {args.episodes}")
+
+    config: dict[str, Any] = {}
+    if args.run is not None:
+        if not (args.run / "config.yml").is_file():
+            raise FileNotFoundError(f"{args.run} is not a run folder of scripts/train.py (no config.yml)")
+        config = yaml.safe_load((args.run / "config.yml").read_text())
+    env_id = args.env or config.get("env")
+    if env_id is None:
+        parser.error("--env is required with --model")
+    algo = args.algo or config.get("algo", "acktr")
+    model_path = args.model or args.run / "model.zip"
+    model = load_agent(model_path, algo, args.device)
+
+    env_options = {k: config[k] for k in ("normalize", "frame_stack") if k in config}
+    env_kwargs = {"render_mode": "rgb_array"} if args.video else None
+    env = make_env(env_id, n_envs=1, seed=args.seed, training=False, env_kwargs=env_kwargs, **env_options)
+    stats = (args.run / "vecnormalize.pkl") if args.run is not None else model_path.with_name("vecnormalize.pkl")
+    if stats.is_file():
+        env = VecNormalize.load(str(stats), env.venv if isinstance(env, VecNormalize) else env)
+        env.training, env.norm_reward = False, False
+    if args.video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            raise SystemExit("--video needs moviepy: pip install moviepy") from None
+        env = VecVideoRecorder(
+            env, str(args.video), record_video_trigger=lambda step: step == 0, video_length=args.video_length
+        )
+    torch.set_num_threads(1)
+    mean, std = evaluate_policy(model, env, n_eval_episodes=args.episodes, deterministic=not args.stochastic)
+    env.close()
+    print(f"{algo.upper()} on {env_id}: mean return {mean:.1f} +/- {std:.1f} over {args.episodes} episodes")
+    return {"mean_return": float(mean), "std_return": float(std)}
+
+
+if __name__ == "__main__":
+    main()
