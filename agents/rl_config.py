@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from stable_baselines3 import A2C, PPO
 
 from envs import env_kind
 
-RUN_KEYS = {"policy", "n_envs", "total_timesteps", "eval_episodes", "policy_kwargs", "normalize", "frame_stack"}
+from .acktr import ACKTR
+
+ALGORITHMS: dict[str, type] = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
+# Keys of the environment factory (``envs.make_env``) that a config may set.
+ENV_KEYS = ("normalize", "frame_stack")
+# Keys of a run that are not constructor arguments of the algorithm.
+RUN_KEYS = {"policy", "n_envs", "total_timesteps", "eval_episodes", *ENV_KEYS}
 # Arguments the training script sets itself, not a config file.
 _SCRIPT_OWNED = {"self", "policy", "env", "seed", "device", "tensorboard_log", "verbose", "_init_setup_model"}
 FAMILIES = ("atari", "mujoco", "classic")
@@ -19,6 +26,11 @@ FAMILIES = ("atari", "mujoco", "classic")
 def algorithm_keys(algorithm: type) -> set[str]:
     """Constructor arguments of an SB3 algorithm class that a config may set."""
     return set(inspect.signature(algorithm.__init__).parameters) - _SCRIPT_OWNED
+
+
+def env_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's keyword arguments for ``envs.make_env``."""
+    return {key: config[key] for key in ENV_KEYS if key in config}
 
 
 def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, Any]:

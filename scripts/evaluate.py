@@ -22,14 +22,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stable_baselines3 import A2C, PPO  # noqa: E402
 from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize, VecVideoRecorder  # noqa: E402
 
-from agents.acktr import ACKTR  # noqa: E402
+from agents.rl_config import ALGORITHMS, env_options  # noqa: E402
 from envs import make_env  # noqa: E402
-
-ALGORITHMS = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
 
 
 def load_agent(path: Path, algo: str, device: str) -> Any:
@@ -74,9 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_path = args.model or args.run / "model.zip"
     model = load_agent(model_path, algo, args.device)
 
-    env_options = {k: config[k] for k in ("normalize", "frame_stack") if k in config}
     env_kwargs = {"render_mode": "rgb_array"} if args.video else None
-    env = make_env(env_id, n_envs=1, seed=args.seed, training=False, env_kwargs=env_kwargs, **env_options)
+    env = make_env(env_id, n_envs=1, seed=args.seed, training=False, env_kwargs=env_kwargs, **env_options(config))
     stats = (args.run / "vecnormalize.pkl") if args.run is not None else model_path.with_name("vecnormalize.pkl")
     if stats.is_file():
         env = VecNormalize.load(str(stats), env.venv if isinstance(env, VecNormalize) else env)

@@ -26,6 +26,7 @@ from agents.supervised import (  # noqa: E402
     autoencoder_loss,
     build_optimizer,
     load_autoencoder_images,
+    minibatches,
     training_step,
 )
 
@@ -44,21 +45,15 @@ def train(name: str, images: torch.Tensor, steps: int, batch: int, seed: int, wr
     torch.manual_seed(seed)
     model = MNISTAutoencoder()
     optimizer = build_optimizer(name, model)
-    generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
     with tqdm(total=steps, desc=f"{name:>5}", unit="step") as progress:
-        while len(losses) < steps:
-            order = torch.randperm(len(images), generator=generator)
-            for first in range(0, len(images) - batch + 1, batch):
-                x = images[order[first : first + batch]]
-                loss = training_step(model, optimizer, x, x, autoencoder_loss, acktr_kfe.bernoulli_fisher_loss)
-                losses.append(loss)
-                writer.add_scalar(f"train/loss_{name}", loss, len(losses))
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.1f}")
-                if len(losses) == steps:
-                    break
+        for x in minibatches(images, batch, steps, seed):
+            loss = training_step(model, optimizer, x, x, autoencoder_loss, acktr_kfe.bernoulli_fisher_loss)
+            losses.append(loss)
+            writer.add_scalar(f"train/loss_{name}", loss, len(losses))
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.1f}")
     return losses, time.perf_counter() - start
 
 

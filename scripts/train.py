@@ -28,18 +28,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stable_baselines3 import A2C, PPO  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.utils import set_random_seed  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 
-from agents.acktr import ACKTR  # noqa: E402
 from agents.policies import KroneckerActorCriticPolicy  # noqa: E402
-from agents.rl_config import resolve_config  # noqa: E402
+from agents.rl_config import ALGORITHMS, RUN_KEYS, env_options, resolve_config  # noqa: E402
 from envs import env_kind, make_env  # noqa: E402
-
-ALGORITHMS = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
 
 
 class AtomicCheckpoint(BaseCallback):
@@ -132,14 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     (run_dir / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
 
-    run_keys = {"n_envs", "total_timesteps", "eval_episodes", "normalize", "frame_stack"}
-    kwargs = {k: v for k, v in config.items() if k not in run_keys | {"policy"}}
+    kwargs = {k: v for k, v in config.items() if k not in RUN_KEYS}
     policy = config["policy"]
     if policy == "KroneckerActorCriticPolicy":
         policy = KroneckerActorCriticPolicy
     set_random_seed(args.seed)
-    env_options = {k: config[k] for k in ("normalize", "frame_stack") if k in config}
-    env = make_env(args.env, n_envs=config["n_envs"], seed=args.seed, **env_options)
+    env = make_env(args.env, n_envs=config["n_envs"], seed=args.seed, **env_options(config))
     if args.resume:
         if isinstance(env, VecNormalize) and (run_dir / "vecnormalize.pkl").is_file():
             env = VecNormalize.load(str(run_dir / "vecnormalize.pkl"), env.venv)
@@ -162,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save_atomically(model, run_dir, "checkpoint")
     save_atomically(model, run_dir, "model")
 
-    eval_env = make_env(args.env, n_envs=1, seed=args.seed + 10_000, training=False, **env_options)
+    eval_env = make_env(args.env, n_envs=1, seed=args.seed + 10_000, training=False, **env_options(config))
     if isinstance(env, VecNormalize) and isinstance(eval_env, VecNormalize):
         eval_env.obs_rms = env.obs_rms
     mean, std = evaluate_policy(model, eval_env, n_eval_episodes=config["eval_episodes"])

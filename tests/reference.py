@@ -83,17 +83,3 @@ def layer_io(
 
 def homogeneous(rows: Tensor, has_bias: bool) -> Tensor:
     return torch.cat([rows, torch.ones_like(rows[..., :1])], dim=-1) if has_bias else rows
-
-
-def step_direction(optimizer: torch.optim.Optimizer, layer: nn.Module, take_step: Callable[[], None]) -> Tensor:
-    """``[W | b]`` before minus after one step (with lr 1 and no momentum this is the direction D)."""
-
-    def matrix() -> Tensor:
-        parts = [layer.weight.detach().reshape(layer.weight.shape[0], -1)]
-        if layer.bias is not None:
-            parts.append(layer.bias.detach().reshape(-1, 1))
-        return torch.cat(parts, dim=1).clone()
-
-    before = matrix()
-    take_step()
-    return before - matrix()

@@ -13,6 +13,7 @@ from agents.supervised import (
     autoencoder_loss,
     build_optimizer,
     load_autoencoder_images,
+    minibatches,
     training_step,
 )
 
@@ -31,15 +32,10 @@ def final_training_loss(name: str, images: torch.Tensor) -> float:
     torch.manual_seed(0)
     model = MNISTAutoencoder()
     optimizer = build_optimizer(name, model)
-    generator = torch.Generator().manual_seed(0)
-    losses: list[float] = []
-    while len(losses) < STEPS:
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images) - BATCH + 1, BATCH):
-            batch = images[order[start : start + BATCH]]
-            losses.append(training_step(model, optimizer, batch, batch, autoencoder_loss, fisher_loss))
-            if len(losses) == STEPS:
-                break
+    losses = [
+        training_step(model, optimizer, batch, batch, autoencoder_loss, fisher_loss)
+        for batch in minibatches(images, BATCH, STEPS, seed=0)
+    ]
     return sum(losses[-20:]) / 20
 
 

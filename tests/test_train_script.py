@@ -16,15 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+def load_script(name: str):
+    """Import scripts/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_train_writes_run_folder_and_resume_continues_from_checkpoint(tmp_path: Path) -> None:
-    train = load_train_script()
+    train = load_script("train")
     run = tmp_path / "run"
     first = train.main(["--total-timesteps", "320", "--log-dir", str(run), "--checkpoint-every", "160"])
     for name in ("config.yml", "command.txt", "checkpoint.zip", "model.zip", "results.json"):
@@ -38,7 +39,7 @@ def test_train_writes_run_folder_and_resume_continues_from_checkpoint(tmp_path: 
 
 
 def test_resume_without_checkpoint_and_unknown_env_fail_clearly(tmp_path: Path) -> None:
-    train = load_train_script()
+    train = load_script("train")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.main(["--log-dir", str(tmp_path / "empty"), "--resume"])
     with pytest.raises(ValueError, match="Did you mean: CartPole-v1"):
@@ -46,7 +47,7 @@ def test_resume_without_checkpoint_and_unknown_env_fail_clearly(tmp_path: Path) 
 
 
 def test_sb3_algorithm_runs_with_preconditioner_flag(tmp_path: Path) -> None:
-    train = load_train_script()
+    train = load_script("train")
     result = train.main(["--algo", "a2c", "--preconditioner", "ekfac", "--total-timesteps", "200",
                          "--log-dir", str(tmp_path / "a2c")])  # fmt: skip
     assert result["timesteps"] >= 200
@@ -64,15 +65,8 @@ def test_config_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
     assert resolve_config(ROOT / "configs" / "acktr.yml", "ALE/Pong-v5", ACKTR)["policy"] == "CnnPolicy"
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluate_and_plot_read_train_run_folders(tmp_path: Path) -> None:
-    train, evaluate, plot = load_train_script(), load_script("evaluate"), load_script("plot")
+    train, evaluate, plot = load_script("train"), load_script("evaluate"), load_script("plot")
     for seed in (0, 1):
         train.main(["--total-timesteps", "960", "--seed", str(seed), "--log-dir", str(tmp_path / f"s{seed}")])
     result = evaluate.main(["--run", str(tmp_path / "s0"), "--episodes", "3"])

@@ -2,7 +2,7 @@
 
 from .data import DatasetFilesMissingError, load_mnist, read_idx
 from .models import MNISTAutoencoder, autoencoder_loss
-from .training import OPTIMIZER_NAMES, build_optimizer, load_autoencoder_images, training_step
+from .training import OPTIMIZER_NAMES, build_optimizer, load_autoencoder_images, minibatches, training_step
 
 __all__ = [
     "OPTIMIZER_NAMES",
@@ -12,6 +12,7 @@ __all__ = [
     "build_optimizer",
     "load_autoencoder_images",
     "load_mnist",
+    "minibatches",
     "read_idx",
     "training_step",
 ]

@@ -6,7 +6,7 @@ targets sampled from the model (``curvature_backward``), while the training loss
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,20 @@ def load_autoencoder_images(data_dir: str | Path) -> Tensor:
     train, _ = load_mnist(data_dir, "train")
     test, _ = load_mnist(data_dir, "test")
     return torch.cat([train, test])
+
+
+def minibatches(data: Tensor, batch_size: int, steps: int, seed: int) -> Iterator[Tensor]:
+    """``steps`` minibatches of ``data``, reshuffled each epoch with a seeded generator; a last partial batch
+    of an epoch is dropped."""
+    generator = torch.Generator().manual_seed(seed)
+    produced = 0
+    while produced < steps:
+        order = torch.randperm(len(data), generator=generator)
+        for start in range(0, len(data) - batch_size + 1, batch_size):
+            yield data[order[start : start + batch_size]]
+            produced += 1
+            if produced == steps:
+                return
 
 
 def training_step(
