@@ -17,7 +17,7 @@ from .curvature import (
 )
 from .eigen import kfe_scale, robust_eigh
 from .layers import Conv2dAdapter, LayerAdapter, LinearAdapter, adapter_for, register_adapter
-from .optim import EKFAC, KFAC, DampingMode, LossReduction, ScaleMode, curvature_matrix
+from .optim import EKFAC, KFAC, DampingMode, LossReduction, ScaleMode, TrustRegionMode, curvature_matrix
 from .trust_region import kl_clip_scale, predicted_kl
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "Record",
     "ScaleMode",
     "StatisticsCapture",
+    "TrustRegionMode",
     "adapter_for",
     "bernoulli_fisher_loss",
     "curvature_matrix",

@@ -76,25 +76,26 @@ class LayerAdapter(ABC):
         ones = rows.new_ones((*rows.shape[:-1], 1))
         return torch.cat([rows, ones], dim=-1)
 
+    def join(self, tensors: list[Tensor]) -> Tensor:
+        """One tensor per parameter (weight, then bias) as one ``(out, in[+1])`` matrix: inverse of :meth:`split`."""
+        matrix = tensors[0].reshape(self.out_dim, -1)
+        if self.has_bias:
+            matrix = torch.cat([matrix, tensors[1].reshape(-1, 1)], dim=1)
+        return matrix
+
     def grad_matrix(self) -> Tensor | None:
         """The current gradient as ``[dW | db]`` of shape ``(out, in[+1])``; ``None`` if no gradient exists."""
         weight_grad = self.module.weight.grad
         if weight_grad is None:
             return None
-        matrix = weight_grad.reshape(self.out_dim, -1)
-        if self.has_bias:
-            bias_grad = self.module.bias.grad
-            if bias_grad is None:
-                bias_grad = torch.zeros_like(self.module.bias)
-            matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
-        return matrix
+        if not self.has_bias:
+            return self.join([weight_grad])
+        bias_grad = self.module.bias.grad
+        return self.join([weight_grad, torch.zeros_like(self.module.bias) if bias_grad is None else bias_grad])
 
     def param_matrix(self) -> Tensor:
         """The parameters as ``[W | b]`` of shape ``(out, in[+1])``."""
-        matrix = self.module.weight.detach().reshape(self.out_dim, -1)
-        if self.has_bias:
-            matrix = torch.cat([matrix, self.module.bias.detach().reshape(-1, 1)], dim=1)
-        return matrix
+        return self.join([p.detach() for p in self.parameters()])
 
     def split(self, matrix: Tensor) -> list[Tensor]:
         """Inverse of :meth:`grad_matrix`: one tensor per parameter, shaped like it."""

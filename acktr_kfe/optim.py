@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -56,6 +56,14 @@ class DampingMode(str, Enum):
     EIGEN = "eigen"
 
 
+class TrustRegionMode(str, Enum):
+    """What the KL trust region bounds. ``direction``: the new preconditioned direction ``D`` before the momentum
+    step (ACKTR paper, OpenAI baselines); ``step``: the step actually taken, ``momentum buf + D``."""
+
+    DIRECTION = "direction"
+    STEP = "step"
+
+
 class ScaleMode(str, Enum):
     """EKFAC scale estimate (George et al. 2018). ``minibatch``: the estimate from the latest scale-update
     batch; ``running``: an exponential running average over scale updates while the basis is held fixed."""
@@ -91,8 +99,13 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
     if not (damping > 0.0 and math.isfinite(damping)):
         raise ValueError(f"Invalid damping: {damping!r} (must be a finite float > 0)")
+    check_radius(max_kl)
+
+
+def check_radius(max_kl: Any, name: str = "max_kl") -> None:
+    """Raise ``ValueError`` unless ``max_kl`` is a finite float > 0 or ``None``."""
     if max_kl is not None and not (max_kl > 0.0 and math.isfinite(max_kl)):
-        raise ValueError(f"Invalid max_kl: {max_kl!r} (must be a finite float > 0, or None to disable)")
+        raise ValueError(f"Invalid {name}: {max_kl!r} (must be a finite float > 0, or None to disable)")
 
 
 class _KroneckerOptimizer(Optimizer):
@@ -115,7 +128,8 @@ class _KroneckerOptimizer(Optimizer):
         exclude: Iterable[str],
         max_consecutive_failures: int,
         fisher_diagonals: Mapping[Tensor, float] | None,
-        trust_region_params: Iterable[Tensor] | None,
+        trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None,
+        trust_region_mode: str | TrustRegionMode,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -165,15 +179,9 @@ class _KroneckerOptimizer(Optimizer):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"Invalid fisher_diagonals value: {value!r} (must be a finite float > 0)")
             self._fisher_diagonals[id(param)] = float(value)
-        self._trust_region: set[int] | None = None
-        if trust_region_params is not None:
-            self._trust_region = {id(p) for p in trust_region_params}
-            if not self._trust_region <= {id(p) for p in params}:
-                raise ValueError("trust_region_params must be trainable parameters of the model")
-            for layer in self._layers:
-                inside = {id(p) in self._trust_region for p in layer.adapter.parameters()}
-                if len(inside) > 1:
-                    raise ValueError(f"trust_region_params must hold all or none of layer {layer.name}'s parameters")
+        self._regions = self._parse_trust_regions(trust_regions, params, max_kl)
+        self.trust_region_mode = _parse_enum(TrustRegionMode, trust_region_mode, "trust_region_mode")
+        self._explicit_regions = trust_regions is not None
         super().__init__(params, defaults)
 
         self._step = 0
@@ -182,6 +190,8 @@ class _KroneckerOptimizer(Optimizer):
         self._warned_missing: set[str] = set()
         self.last_kl_clip_scale: Tensor | None = None
         self.last_predicted_kl: Tensor | None = None
+        self.last_kl_clip_scales: Tensor | None = None
+        self.last_predicted_kls: Tensor | None = None
         self.last_eigh_ms: float = 0.0
         self.skipped_steps = 0
 
@@ -199,6 +209,56 @@ class _KroneckerOptimizer(Optimizer):
         weakref.finalize(self, self._capture.remove)
 
     # --- public helpers ----------------------------------------------------------------------------------
+    def _parse_trust_regions(
+        self,
+        trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None,
+        params: list[Tensor],
+        max_kl: float | None,
+    ) -> tuple[dict[int, int], list[float | None]]:
+        """``({id(param): region index}, [radius per region])``; without ``trust_regions`` one region holds every
+        parameter and its radius is the group's ``max_kl`` (read at each step)."""
+        if trust_regions is None:
+            return {id(p): 0 for p in params}, [None]
+        if len(trust_regions) == 0:
+            raise ValueError("trust_regions must hold at least one (parameters, max_kl) pair, or be None")
+        if max_kl is not None:
+            raise ValueError("give the radius of each trust region in trust_regions, and max_kl=None")
+        trainable = {id(p) for p in params}
+        region_of: dict[int, int] = {}
+        radii: list[float | None] = []
+        for index, entry in enumerate(trust_regions):
+            if not (isinstance(entry, tuple | list) and len(entry) == 2):
+                raise ValueError(f"trust_regions[{index}] must be a (parameters, max_kl) pair, got {entry!r}")
+            members, radius = entry
+            check_radius(radius)
+            for param in members:
+                if id(param) not in trainable:
+                    raise ValueError(f"trust_regions[{index}] holds a tensor that is not a trainable model parameter")
+                if id(param) in region_of:
+                    raise ValueError(f"a parameter belongs to trust regions {region_of[id(param)]} and {index}")
+                region_of[id(param)] = index
+            radii.append(radius)
+        for layer in self._layers:
+            regions = {region_of.get(id(p)) for p in layer.adapter.parameters()}
+            if len(regions) > 1:
+                raise ValueError(f"trust_regions must hold all or none of layer {layer.name}'s parameters")
+        return region_of, radii
+
+    @property
+    def trust_region_radii(self) -> list[float | None]:
+        """The radius of each trust region (``[max_kl]`` without ``trust_regions``)."""
+        return list(self._regions[1]) if self._explicit_regions else [self.param_groups[0]["max_kl"]]
+
+    def set_trust_region_radius(self, index: int, radius: float | None) -> None:
+        """Change the radius of trust region ``index`` (an adaptive radius, a schedule)."""
+        if not 0 <= index < len(self._regions[1]):
+            raise IndexError(f"trust region {index} does not exist; there are {len(self._regions[1])}")
+        check_radius(radius)
+        if self._explicit_regions:
+            self._regions[1][index] = radius
+        else:
+            self.param_groups[0]["max_kl"] = radius
+
     @property
     def preconditioned_layers(self) -> list[str]:
         """Names (as in ``model.named_modules()``) of the layers whose gradients are preconditioned."""
@@ -397,6 +457,16 @@ class _KroneckerOptimizer(Optimizer):
     def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
         raise NotImplementedError
 
+    def _damped_kfe_curvature(self, layer: _Layer, state: dict[str, Any], damping: float) -> Tensor:
+        """The damped curvature the preconditioner inverts, as its diagonal ``(out, in+1)`` in the layer's
+        Kronecker-factored eigenbasis (every mode's damped block is diagonal there)."""
+        raise NotImplementedError
+
+    def _quadratic(self, layer: _Layer, state: dict[str, Any], matrix: Tensor, damping: float) -> Tensor:
+        """``vec(M)^T F_damped vec(M)`` for a layer-shaped ``M``: the curvature the preconditioner inverts."""
+        kfe = state["eigvecs_G"].T @ matrix @ state["eigvecs_A"]
+        return (self._damped_kfe_curvature(layer, state, damping) * kfe.square()).sum()
+
     def _modeled_block(self, layer: _Layer) -> Tensor:
         raise NotImplementedError
 
@@ -432,8 +502,19 @@ class _KroneckerOptimizer(Optimizer):
         elif self._step == 0 and any(layer.weight.grad is not None for layer in self._layers):
             raise RuntimeError(self._no_statistics_message())
 
+        region_of, radii = self._regions[0], list(self._regions[1])
+        if not self._explicit_regions:
+            radii = [group["max_kl"]]
+        # Per trust region, the quadratic form of the step it bounds. "direction" (ACKTR paper, OpenAI baselines):
+        # D^T grad of the new direction, then the momentum step. "step": u^T F_damped u of the step actually
+        # taken, u = momentum buf + D (momentum would otherwise multiply the KL of a steady step by up to
+        # 1 / (1 - momentum)^2); with F_damped D = grad, u^T F_damped u = D^T grad + momentum (2 buf^T grad +
+        # momentum buf^T F_damped buf), whose last term costs a projection per layer.
+        on_step = self.trust_region_mode is TrustRegionMode.STEP and bool(momentum)
+        measured = [on_step and (self._explicit_regions or radius is not None) for radius in radii]
         directions: dict[Tensor, Tensor] = {}
-        dot = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+        quadratics = [torch.zeros((), dtype=params[0].dtype, device=params[0].device) for _ in radii]
+
         for layer in self._layers:
             grad = layer.adapter.grad_matrix()
             if grad is None:
@@ -453,49 +534,78 @@ class _KroneckerOptimizer(Optimizer):
                         stacklevel=2,
                     )
                 direction = grad
-            if self._counts_in_trust_region(layer.weight):
-                dot = dot + torch.dot(direction.reshape(-1), grad.reshape(-1))
+            region = region_of.get(id(layer.weight))
+            if region is not None:
+                quadratic = torch.dot(direction.reshape(-1), grad.reshape(-1))
+                buffer = self._buffer_matrix(layer) if measured[region] else None
+                if buffer is not None:
+                    buffer_quadratic = (
+                        self._quadratic(layer, state, buffer, damping)
+                        if "eigvecs_A" in state
+                        else buffer.square().sum()
+                    )
+                    quadratic = quadratic + momentum * (
+                        momentum * buffer_quadratic + 2.0 * torch.dot(buffer.reshape(-1), grad.reshape(-1))
+                    )
+                quadratics[region] = quadratics[region] + quadratic
             for param, part in zip(layer.adapter.parameters(), layer.adapter.split(direction)):
                 directions[param] = part
         for param in params:
-            if param not in directions:
-                grad = param.grad + weight_decay * param if weight_decay else param.grad
-                diagonal = self._fisher_diagonals.get(id(param))
-                if diagonal is None:
-                    directions[param] = grad
-                else:
-                    # A parameter with a known per-example Fisher diagonal (e.g. a Gaussian policy's state-
-                    # independent log std: 2 per dimension) takes the damped natural-gradient step and counts in
-                    # the trust region like the layers.
-                    direction = grad / (diagonal + damping)
-                    if self._counts_in_trust_region(param):
-                        dot = dot + torch.dot(direction.reshape(-1), grad.reshape(-1))
-                    directions[param] = direction
+            if param in directions:
+                continue
+            grad = param.grad + weight_decay * param if weight_decay else param.grad
+            diagonal = self._fisher_diagonals.get(id(param))
+            if diagonal is None:
+                directions[param] = grad
+                continue
+            # A parameter with a known per-example Fisher diagonal (e.g. a Gaussian policy's state-independent
+            # log std: 2 per dimension) takes the damped natural-gradient step and counts in its trust region
+            # like the layers.
+            directions[param] = direction = grad / (diagonal + damping)
+            region = region_of.get(id(param))
+            if region is not None:
+                quadratic = torch.dot(direction.reshape(-1), grad.reshape(-1))
+                buffer = self.state[param].get("momentum_buffer") if measured[region] else None
+                if buffer is not None:
+                    quadratic = quadratic + momentum * (
+                        momentum * (diagonal + damping) * buffer.square().sum()
+                        + 2.0 * torch.dot(buffer.reshape(-1), grad.reshape(-1))
+                    )
+                quadratics[region] = quadratics[region] + quadratic
 
-        scale = kl_clip_scale(dot, lr, group["max_kl"])
-        unscaled = torch.ones_like(scale)
+        scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
+        unscaled = torch.ones_like(scales[0])
         for param, direction in directions.items():
-            step_scale = scale if self._counts_in_trust_region(param) else unscaled
+            region = region_of.get(id(param))
+            step_scale = unscaled if region is None else scales[region]
             if momentum:
                 state = self.state[param]
                 buffer = state.get("momentum_buffer")
                 if buffer is None:
                     state["momentum_buffer"] = buffer = direction * step_scale
+                elif on_step:
+                    # buffer <- nu (momentum buffer + D): nu stays a tensor (no host sync).
+                    buffer.mul_(momentum).add_(direction).mul_(step_scale)
                 else:
-                    # buffer <- momentum buffer + nu D, fused: nu stays a tensor (no host sync).
                     buffer.mul_(momentum).addcmul_(direction, step_scale)
                 param.add_(buffer, alpha=-lr)
             else:
                 param.addcmul_(direction, step_scale, value=-lr)
 
-        self.last_kl_clip_scale = scale
-        self.last_predicted_kl = predicted_kl(dot, lr, scale)
+        self.last_kl_clip_scales = scales
+        self.last_predicted_kls = torch.stack([predicted_kl(q, lr, nu) for q, nu in zip(quadratics, scales)])
+        self.last_kl_clip_scale = scales[0]
+        self.last_predicted_kl = self.last_predicted_kls[0]
         self._step += 1
         self._consecutive_failures["gradient"] = 0
         return loss
 
-    def _counts_in_trust_region(self, param: Tensor) -> bool:
-        return self._trust_region is None or id(param) in self._trust_region
+    def _buffer_matrix(self, layer: _Layer) -> Tensor | None:
+        """The layer's momentum buffer as one ``(out, in+1)`` matrix, or ``None`` before the first step."""
+        buffers = [self.state[p].get("momentum_buffer") for p in layer.adapter.parameters()]
+        if any(b is None for b in buffers):
+            return None
+        return layer.adapter.join(buffers)
 
     def _no_statistics_message(self) -> str:
         how = {
@@ -582,8 +692,14 @@ class KFAC(_KroneckerOptimizer):
             damping_mode "eigen":
                 D = Q_G [ (Q_G^T grad Q_A) / (d_G d_A^T + lambda) ] Q_A^T
             other parameters: D = grad (+ weight_decay p)
-            nu = min(1, sqrt(2 max_kl / (lr^2 sum D^T grad)))        (1 without max_kl)
-            buf <- momentum buf + nu D;   p <- p - lr buf
+            trust_region_mode "direction" (ACKTR paper):
+                nu = min(1, sqrt(2 max_kl / (lr^2 D^T grad)))          (1 without max_kl)
+                buf <- momentum buf + nu D;   p <- p - lr buf
+            trust_region_mode "step" (bounds the step taken, momentum included):
+                u = momentum buf + D
+                nu = min(1, sqrt(2 max_kl / (lr^2 u^T F_damped u)))
+                     u^T F_damped u = D^T grad + momentum (2 buf^T grad + momentum buf^T F_damped buf)
+                buf <- nu u;   p <- p - lr buf
 
     Args:
         model: the model; its Linear and Conv2d layers are preconditioned, other parameters take the same
@@ -605,14 +721,19 @@ class KFAC(_KroneckerOptimizer):
             Fisher is a known constant diagonal (a diagonal Gaussian policy's state-independent ``log_std``: 2).
             They step by ``grad / (value + damping)`` and count in the trust region; other parameters outside the
             layers take the raw gradient.
-        trust_region_params: the parameters whose step the trust region measures and scales (an actor's, when a
-            critic with its own layers shares the optimizer); ``None``: all. Others take the unscaled step.
+        trust_region_mode: ``"direction"`` or ``"step"`` (see above).
+        trust_regions: separate trust regions, as ``[(parameters, max_kl or None), ...]`` (with ``max_kl=None``):
+            each region's step is measured (``u^T F_damped u`` over its parameters) and scaled on its own, as
+            ACKTR does for an actor and a critic without shared layers; a radius of ``None`` measures without
+            scaling; parameters in no region take the unscaled step. ``None``: one region, every parameter,
+            radius ``max_kl``.
         max_consecutive_failures: numerical failures in a row (non-finite gradients or statistics, failed
             eigendecompositions) tolerated with a warning before a ``RuntimeError``.
 
     After each step, ``last_kl_clip_scale`` holds ``nu`` and ``last_predicted_kl`` the predicted KL
-    ``0.5 (nu lr)^2 D^T grad`` (both tensors, no host sync); ``last_eigh_ms`` the time of the last
-    eigendecomposition round.
+    ``0.5 (nu lr)^2 u^T F_damped u`` of the step taken (both tensors, no host sync; of the first region when there
+    are several, and ``last_kl_clip_scales`` / ``last_predicted_kls`` hold one value per region);
+    ``last_eigh_ms`` the time of the last eigendecomposition round.
     """
 
     def __init__(
@@ -633,7 +754,8 @@ class KFAC(_KroneckerOptimizer):
         exclude: Iterable[str] = (),
         max_consecutive_failures: int = 10,
         fisher_diagonals: Mapping[Tensor, float] | None = None,
-        trust_region_params: Iterable[Tensor] | None = None,
+        trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
+        trust_region_mode: str | TrustRegionMode = "direction",
     ) -> None:
         self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
         super().__init__(
@@ -651,7 +773,8 @@ class KFAC(_KroneckerOptimizer):
             exclude=exclude,
             max_consecutive_failures=max_consecutive_failures,
             fisher_diagonals=fisher_diagonals,
-            trust_region_params=trust_region_params,
+            trust_regions=trust_regions,
+            trust_region_mode=trust_region_mode,
         )
         # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
         # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
@@ -663,16 +786,20 @@ class KFAC(_KroneckerOptimizer):
     def _on_load(self) -> None:
         self._inverses.clear()
 
+    @staticmethod
+    def _pi(vals_a: Tensor, vals_g: Tensor) -> Tensor:
+        """Martens & Grosse 2015, section 6.3: ``pi`` balances the damping between the factors by their mean
+        eigenvalue, so that the damped Kronecker product is closest to ``kron(G, A) + lambda I``."""
+        tiny = torch.finfo(vals_a.dtype).tiny
+        return torch.sqrt((vals_a.mean().clamp_min(tiny)) / (vals_g.mean().clamp_min(tiny)))
+
     def _factored_inverses(self, layer: _Layer, state: dict[str, Any], damping: float) -> tuple[Tensor, Tensor]:
         cached = self._inverses.get(layer.name)
         if cached is not None and cached[0] == damping:
             return cached[1], cached[2]
         vals_a, vecs_a = state["eigvals_A"], state["eigvecs_A"]
         vals_g, vecs_g = state["eigvals_G"], state["eigvecs_G"]
-        tiny = torch.finfo(vals_a.dtype).tiny
-        # Martens & Grosse 2015, section 6.3: pi balances the damping between the factors by their mean
-        # eigenvalue, so that the damped Kronecker product is closest to kron(G, A) + lambda I.
-        pi = torch.sqrt((vals_a.mean().clamp_min(tiny)) / (vals_g.mean().clamp_min(tiny)))
+        pi = self._pi(vals_a, vals_g)
         root = math.sqrt(damping)
         inv_a = (vecs_a / (vals_a + pi * root)) @ vecs_a.T
         inv_g = (vecs_g / (vals_g + root / pi)) @ vecs_g.T
@@ -685,8 +812,16 @@ class KFAC(_KroneckerOptimizer):
             return inv_g @ grad @ inv_a
         vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
         kfe = vecs_g.T @ grad @ vecs_a
-        kfe = kfe / (torch.outer(state["eigvals_G"], state["eigvals_A"]) + damping)
+        kfe = kfe / self._damped_kfe_curvature(layer, state, damping)
         return vecs_g @ kfe @ vecs_a.T
+
+    def _damped_kfe_curvature(self, layer: _Layer, state: dict[str, Any], damping: float) -> Tensor:
+        vals_a, vals_g = state["eigvals_A"], state["eigvals_G"]
+        if self.damping_mode is DampingMode.EIGEN:
+            return torch.outer(vals_g, vals_a) + damping
+        pi = self._pi(vals_a, vals_g)
+        root = math.sqrt(damping)
+        return torch.outer(vals_g + root / pi, vals_a + pi * root)
 
     def _modeled_block(self, layer: _Layer) -> Tensor:
         state = self.state[layer.weight]
@@ -721,7 +856,7 @@ class EKFAC(_KroneckerOptimizer):
     Args:
         model, lr, momentum, weight_decay, damping, max_kl, factor_decay, factor_update_interval,
         eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures, fisher_diagonals,
-        trust_region_params: as :class:`KFAC`.
+        trust_regions, trust_region_mode: as :class:`KFAC`.
         scale_update_interval: steps between scale estimates.
 
     The default intervals (factors and scale every 20 steps, basis every 100) are twice K-FAC's factor interval:
@@ -751,7 +886,8 @@ class EKFAC(_KroneckerOptimizer):
         exclude: Iterable[str] = (),
         max_consecutive_failures: int = 10,
         fisher_diagonals: Mapping[Tensor, float] | None = None,
-        trust_region_params: Iterable[Tensor] | None = None,
+        trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
+        trust_region_mode: str | TrustRegionMode = "direction",
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
@@ -774,7 +910,8 @@ class EKFAC(_KroneckerOptimizer):
             exclude=exclude,
             max_consecutive_failures=max_consecutive_failures,
             fisher_diagonals=fisher_diagonals,
-            trust_region_params=trust_region_params,
+            trust_regions=trust_regions,
+            trust_region_mode=trust_region_mode,
         )
 
     def _is_scale_step(self, step: int) -> bool:
@@ -815,6 +952,9 @@ class EKFAC(_KroneckerOptimizer):
         vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
         kfe = (vecs_g.T @ grad @ vecs_a).div_(state["scale"] + damping)
         return vecs_g @ kfe @ vecs_a.T
+
+    def _damped_kfe_curvature(self, layer: _Layer, state: dict[str, Any], damping: float) -> Tensor:
+        return state["scale"] + damping
 
     def _modeled_block(self, layer: _Layer) -> Tensor:
         state = self.state[layer.weight]

@@ -3,7 +3,8 @@
 With the preconditioned direction ``D = F_hat^-1 grad`` and learning rate ``eta``, a step ``-eta D`` changes
 the model's distribution by a predicted KL of ``0.5 eta^2 D^T F_hat D = 0.5 eta^2 D^T grad``. The step is
 scaled by ``nu = min(1, sqrt(2 max_kl / (eta^2 D^T grad)))``, so the predicted KL never exceeds ``max_kl``.
-(OpenAI baselines' ``kfac_clip`` is ``2 max_kl``.)
+(OpenAI baselines' ``kfac_clip`` is ``2 max_kl``.) With momentum the optimizers apply the rule to the step
+actually taken, ``u = momentum buf + D``, with ``u^T F_hat u`` in place of ``D^T grad``.
 
 Everything stays a tensor on the parameters' device: no host synchronization.
 """
@@ -18,7 +19,7 @@ def kl_clip_scale(direction_dot_grad: Tensor, lr: float, max_kl: float | None) -
     """The factor ``nu`` in ``[0, 1]`` that keeps the predicted KL of the step at most ``max_kl``.
 
     Args:
-        direction_dot_grad: scalar tensor ``D^T grad``.
+        direction_dot_grad: scalar tensor ``D^T grad`` (or ``u^T F_hat u`` for a momentum step ``u``).
         lr: the learning rate ``eta``.
         max_kl: the trust-region radius; ``None`` disables the rule (``nu = 1``).
     """

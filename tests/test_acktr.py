@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -59,7 +60,7 @@ def test_acktr_rejects_invalid_hyperparameters_before_building() -> None:
 def test_acktr_solves_cartpole_within_budget() -> None:
     env = make_vec_env("CartPole-v1", n_envs=8, seed=0)
     model = ACKTR("MlpPolicy", env, seed=0)
-    model.learn(30_000)
+    model.learn(50_000)
     mean_return, _ = evaluate_policy(model, make_vec_env("CartPole-v1", n_envs=4, seed=100), n_eval_episodes=20)
     assert mean_return >= 475.0
 
@@ -81,3 +82,45 @@ def test_acktr_cnn_policy_with_shared_trunk_updates_on_atari() -> None:
     assert not torch.equal(before, trunk) and torch.isfinite(trunk).all()
     assert optimizer.state[trunk]["factor_updates"] == 2
     env.close()
+
+
+class _KLRecorder(BaseCallback):
+    """Per update: the measured policy KL and the policy region's clip factor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[float, float]] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        values = self.model.logger.name_to_value
+        if "train/measured_kl" in values:
+            self.rows.append(
+                (values["train/measured_kl"], values["train/kl_clip_scale"], values["train/measured_vf_kl"])
+            )
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_measured_kl_of_clipped_updates_stays_near_max_kl(env_id: str) -> None:
+    max_kl = 1e-3
+    model = ACKTR("MlpPolicy", make_vec_env(env_id, n_envs=4, seed=0), seed=0, max_kl=max_kl)
+    recorder = _KLRecorder()
+    model.learn(4000 if env_id == "CartPole-v1" else 8000, callback=recorder)
+    rows = np.array(recorder.rows[len(recorder.rows) // 4 :])  # after the calibration warm-up
+    clipped = rows[rows[:, 1] < 1.0]
+    assert len(clipped) >= 0.8 * len(rows)
+    ratios = clipped[:, 0] / max_kl
+    assert 0.5 <= np.median(ratios) <= 1.5, ratios
+    assert np.percentile(ratios, 90) <= 3.0, ratios
+
+
+def test_uncalibrated_trust_region_overshoots_and_calibration_fixes_it() -> None:
+    medians = {}
+    for calibrate in (False, True):
+        model = ACKTR("MlpPolicy", make_vec_env("CartPole-v1", n_envs=4, seed=0), seed=0, calibrate_kl=calibrate)
+        recorder = _KLRecorder()
+        model.learn(4000, callback=recorder)
+        medians[calibrate] = np.median(np.array(recorder.rows)[len(recorder.rows) // 4 :, 0]) / model.max_kl
+    assert medians[False] > 1.5 > medians[True]

@@ -153,6 +153,40 @@ def test_trust_region_scales_step_to_max_kl(cls: type, extra: dict) -> None:
     assert free.last_kl_clip_scale.item() == 1.0
 
 
+def damped_block(optimizer: KFAC | EKFAC, layer: nn.Linear) -> torch.Tensor:
+    """The damped curvature block the optimizer inverts for ``layer``, built densely from its state."""
+    damping = optimizer.param_groups[0]["damping"]
+    if isinstance(optimizer, KFAC) and optimizer.damping_mode.value == "factored":
+        state = optimizer.state[layer.weight]
+        vals_a, vecs_a, vals_g, vecs_g = (state[k] for k in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G"))
+        pi = torch.sqrt(vals_a.mean() / vals_g.mean())
+        factor_a = (vecs_a * (vals_a + pi * damping**0.5)) @ vecs_a.T
+        factor_g = (vecs_g * (vals_g + damping**0.5 / pi)) @ vecs_g.T
+        return torch.kron(factor_g, factor_a)
+    block = curvature_matrix(optimizer, layer)
+    return block + damping * torch.eye(block.shape[0])
+
+
+@pytest.mark.parametrize(("cls", "extra"), OPTIMIZERS)
+def test_trust_region_bounds_the_momentum_step_actually_taken(cls: type, extra: dict) -> None:
+    lr, max_kl = 0.5, 1e-4
+    model = mlp()
+    optimizer = cls(model, lr=lr, momentum=0.9, max_kl=max_kl, trust_region_mode="step", **fast(cls, extra))
+    train(optimizer, model, range(3))
+    before = [p.detach().clone() for p in model.parameters()]
+    train(optimizer, model, range(3, 4))
+    assert optimizer.last_kl_clip_scale.item() < 1.0
+    # 0.5 step^T F_damped step over the layers, with step = p_before - p_after (momentum included): max_kl.
+    kl = torch.zeros(())
+    for index, layer in ((0, model[0]), (2, model[2])):
+        dw = before[index] - layer.weight.detach()
+        db = before[index + 1] - layer.bias.detach()
+        step = torch.cat([dw, db[:, None]], dim=1).reshape(-1)
+        kl = kl + 0.5 * step @ damped_block(optimizer, layer) @ step
+    torch.testing.assert_close(kl, torch.tensor(max_kl), rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(optimizer.last_predicted_kl, torch.tensor(max_kl))
+
+
 def test_trust_region_leaves_small_steps_alone() -> None:
     model = mlp()
     optimizer = EKFAC(model, lr=1e-3, max_kl=10.0, **fast(EKFAC, {}))
@@ -302,6 +336,7 @@ def test_learning_rate_is_read_from_param_groups_every_step() -> None:
         (KFAC, {"damping": 0.0}, "Invalid damping: 0.0"),
         (KFAC, {"damping": float("nan")}, "Invalid damping: nan"),
         (KFAC, {"max_kl": -1.0}, "Invalid max_kl: -1.0"),
+        (EKFAC, {"trust_region_mode": "both"}, "Invalid trust_region_mode: 'both'"),
         (KFAC, {"factor_decay": 1.0}, "Invalid factor_decay: 1.0"),
         (KFAC, {"factor_update_interval": 0}, "Invalid factor_update_interval: 0"),
         (KFAC, {"eigen_update_interval": 2.5}, "Invalid eigen_update_interval: 2.5"),
@@ -501,21 +536,52 @@ def test_fisher_diagonal_parameter_takes_damped_natural_gradient_step_and_counts
         EKFAC(model, fisher_diagonals={log_std: -1.0})
 
 
-def test_trust_region_params_limit_which_steps_are_measured_and_scaled() -> None:
+def test_trust_regions_scale_each_region_on_its_own() -> None:
+    lr, first_kl, head_kl = 0.5, 1e-3, 1e-5
+    model, twin = mlp(), mlp()
+    regions = [(model[2].parameters(), head_kl), (model[0].parameters(), first_kl)]
+    split = EKFAC(model, lr=lr, momentum=0.0, trust_regions=regions, **FAST)
+    free = EKFAC(twin, lr=lr, momentum=0.0, **FAST)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(split, model, range(1))
+    train(free, twin, range(1))
+    scales = split.last_kl_clip_scales
+    assert scales.shape == (2,) and bool((scales < 1).all())
+    torch.testing.assert_close(split.last_predicted_kls, torch.tensor([head_kl, first_kl]))
+    torch.testing.assert_close(split.last_predicted_kl, torch.tensor(head_kl))
+    # Each region's step is the free step scaled by its own factor.
+    for index, region in ((0, 1), (1, 1), (2, 0), (3, 0)):
+        p0, p_split, p_free = before[index], list(model.parameters())[index], list(twin.parameters())[index]
+        torch.testing.assert_close(p0 - p_split, scales[region] * (p0 - p_free.detach()))
+
+
+def test_trust_region_outside_parameters_take_the_free_step_and_none_radius_only_measures() -> None:
     lr, max_kl = 0.5, 1e-5
     model, twin = mlp(), mlp()
-    head_only = EKFAC(model, lr=lr, momentum=0.0, max_kl=max_kl, trust_region_params=model[2].parameters(), **FAST)
+    regions = [(model[2].parameters(), max_kl), (model[0].parameters(), None)]
+    split = EKFAC(model, lr=lr, momentum=0.0, trust_regions=regions, **FAST)
     free = EKFAC(twin, lr=lr, momentum=0.0, **FAST)
-    first_before = model[0].weight.detach().clone()
-    train(head_only, model, range(1))
+    train(split, model, range(1))
     train(free, twin, range(1))
-    assert head_only.last_kl_clip_scale.item() < 1.0
-    # The first layer is outside the trust region: its step is the free optimizer's, unscaled.
+    assert split.last_kl_clip_scales[0].item() < 1.0 and split.last_kl_clip_scales[1].item() == 1.0
+    assert split.last_predicted_kls[1].item() > 0
     torch.testing.assert_close(model[0].weight, twin[0].weight)
-    assert not torch.equal(model[0].weight, first_before)
-    torch.testing.assert_close(head_only.last_predicted_kl, torch.tensor(max_kl))
+    fresh = mlp()
+    head_only = EKFAC(fresh, lr=lr, momentum=0.0, trust_regions=[(fresh[2].parameters(), max_kl)], **FAST)
+    assert head_only.last_kl_clip_scales is None
+
+
+def test_invalid_trust_regions_are_refused() -> None:
     other = mlp()
     with pytest.raises(ValueError, match="all or none of layer 0"):
-        EKFAC(other, trust_region_params=[other[0].weight])
-    with pytest.raises(ValueError, match="trainable parameters of the model"):
-        EKFAC(other, trust_region_params=[mlp()[0].weight])
+        EKFAC(other, trust_regions=[([other[0].weight], 1e-3)])
+    with pytest.raises(ValueError, match="not a trainable model parameter"):
+        EKFAC(other, trust_regions=[([mlp()[0].weight], 1e-3)])
+    with pytest.raises(ValueError, match="belongs to trust regions 0 and 1"):
+        EKFAC(other, trust_regions=[(other.parameters(), 1e-3), (other[2].parameters(), 1e-3)])
+    with pytest.raises(ValueError, match="max_kl=None"):
+        EKFAC(other, max_kl=1e-3, trust_regions=[(other.parameters(), 1e-3)])
+    with pytest.raises(ValueError, match="Invalid max_kl: -1"):
+        EKFAC(other, trust_regions=[(other.parameters(), -1.0)])
+    with pytest.raises(ValueError, match="pair"):
+        EKFAC(other, trust_regions=[other.parameters()])

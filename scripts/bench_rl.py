@@ -1,0 +1,232 @@
+"""RL benchmark: ACKTR (EKFAC and K-FAC) against SB3's A2C and PPO with rl-zoo hyperparameters.
+
+    python scripts/bench_rl.py                                   # every env, algorithm and seed (long)
+    python scripts/bench_rl.py --envs CartPole-v1 --seeds 0 --workers 2
+
+Each run trains one algorithm on one env for the env's step budget (the same for every algorithm) and records
+the training episodes' true returns (the Monitor sits beneath every normalization wrapper). Reported per env and
+algorithm, over seeds: env steps until the mean return of the last 10 training episodes first reaches the env's
+threshold ("-" when a seed never does; the table gives the median over the seeds that did, and how many did), the
+final return (mean of the last 10 episodes) and env steps per second. The table is printed as markdown and written
+to OUT/results.md, per-run records to OUT/runs.jsonl, learning curves to OUT/curves.png.
+
+ACKTR's hyperparameters come from configs/acktr.yml, A2C's and PPO's from configs/baselines.yml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# env id: (env steps per run, return threshold)
+BENCHMARKS: dict[str, tuple[int, float]] = {
+    "CartPole-v1": (100_000, 475.0),
+    "Pendulum-v1": (100_000, -200.0),
+    "HalfCheetah-v5": (200_000, 1500.0),
+    "Hopper-v5": (200_000, 1000.0),
+}
+ALGOS = ("acktr_ekfac", "acktr_kfac", "a2c", "ppo")
+WINDOW = 10
+
+
+def linear_schedule(start: float) -> Any:
+    """SB3 schedule from ``start`` to 0 over training."""
+    return lambda progress_remaining: progress_remaining * start
+
+
+def baseline_config(algo: str, env_id: str) -> dict[str, Any]:
+    """A2C's or PPO's rl-zoo hyperparameters for ``env_id`` from configs/baselines.yml, ready for the constructor."""
+    import yaml
+    from torch import nn
+
+    with (ROOT / "configs" / "baselines.yml").open() as handle:
+        config = dict((yaml.safe_load(handle)[algo] or {}).get(env_id) or {})
+    for key in ("learning_rate", "clip_range"):
+        value = config.get(key)
+        if isinstance(value, str) and value.startswith("lin_"):
+            config[key] = linear_schedule(float(value[4:]))
+    policy_kwargs = dict(config.get("policy_kwargs") or {})
+    if "activation_fn" in policy_kwargs:
+        policy_kwargs["activation_fn"] = {"tanh": nn.Tanh, "relu": nn.ReLU}[policy_kwargs["activation_fn"]]
+    if policy_kwargs:
+        config["policy_kwargs"] = policy_kwargs
+    return config
+
+
+def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict[str, Any]:
+    """Train one algorithm on one env and seed; the episode returns against env steps, and the wall-clock."""
+    import torch
+    from stable_baselines3 import A2C, PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from agents.acktr import ACKTR
+    from agents.rl_config import RUN_KEYS, env_options, resolve_config
+    from envs import make_env
+
+    torch.set_num_threads(threads)
+    if algo.startswith("acktr"):
+        config = resolve_config(ROOT / "configs" / "acktr.yml", env_id, ACKTR)
+        config["preconditioner"] = algo.split("_", 1)[1]
+        cls: Any = ACKTR
+    else:
+        config = baseline_config(algo, env_id)
+        cls = {"a2c": A2C, "ppo": PPO}[algo]
+    env = make_env(env_id, n_envs=config.get("n_envs", 1), seed=seed, **env_options(config))
+    policy = config.get("policy", "MlpPolicy")
+    kwargs = {k: v for k, v in config.items() if k not in RUN_KEYS}
+
+    episodes: list[tuple[int, float]] = []
+
+    class Episodes(BaseCallback):
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "episode" in info:
+                    episodes.append((self.num_timesteps, float(info["episode"]["r"])))
+            return True
+
+    model = cls(policy, env, seed=seed, device="cpu", **kwargs)
+    start = time.perf_counter()
+    model.learn(steps, callback=Episodes())
+    seconds = time.perf_counter() - start
+    env.close()
+    return {"algo": algo, "env": env_id, "seed": seed, "steps": steps, "seconds": seconds, "episodes": episodes}
+
+
+def summarize(record: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """Steps to threshold (rolling mean of ``WINDOW`` episodes), final return and env steps per second of a run."""
+    steps = [s for s, _ in record["episodes"]]
+    returns = np.array([r for _, r in record["episodes"]])
+    reached = None
+    for i in range(WINDOW, len(returns) + 1):
+        if returns[i - WINDOW : i].mean() >= threshold:
+            reached = steps[i - 1]
+            break
+    final = float(returns[-WINDOW:].mean()) if len(returns) else float("nan")
+    return {"reached": reached, "final": final, "fps": record["steps"] / record["seconds"]}
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The markdown table over seeds, with ratios to A2C."""
+    lines = [
+        f"| env | algorithm | steps to threshold (median, seeds reaching) | final return (mean of last {WINDOW}, "
+        "per seed) | env steps/s (mean) | steps ratio to A2C | fps ratio to A2C |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for env_id, (budget, threshold) in BENCHMARKS.items():
+        rows = {}
+        for algo in ALGOS:
+            runs = [summarize(r, threshold) for r in records if r["env"] == env_id and r["algo"] == algo]
+            if runs:
+                rows[algo] = runs
+        for algo, runs in rows.items():
+            reached = [r["reached"] for r in runs if r["reached"] is not None]
+            median = float(np.median(reached)) if reached else None
+            fps = float(np.mean([r["fps"] for r in runs]))
+            ratio_steps, ratio_fps = "", ""
+            if "a2c" in rows:
+                a2c = [r["reached"] for r in rows["a2c"] if r["reached"] is not None]
+                a2c_median = float(np.median(a2c)) if a2c else None
+                if median is not None:
+                    # An A2C that never reaches the threshold counts as the budget (a lower bound on its steps).
+                    ratio_steps = f"{median / (a2c_median or budget):.2f}" + ("" if a2c_median else " (A2C: >budget)")
+                ratio_fps = f"{fps / np.mean([r['fps'] for r in rows['a2c']]):.2f}"
+            finals = ", ".join(f"{r['final']:.0f}" for r in runs)
+            steps_text = f"{median:,.0f} ({len(reached)}/{len(runs)})" if median is not None else f"- (0/{len(runs)})"
+            lines.append(
+                f"| {env_id} (≥{threshold:g}, {budget:,} steps) | {algo} | {steps_text} | {finals} | {fps:,.0f} "
+                f"| {ratio_steps} | {ratio_fps} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Learning curves (rolling mean return against env steps), mean and min-max over seeds, one panel per env."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = [e for e in BENCHMARKS if any(r["env"] == e for r in records)]
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
+    for ax, env_id in zip(axes[0], envs):
+        budget, threshold = BENCHMARKS[env_id]
+        grid = np.linspace(0, budget, 101)
+        for algo in ALGOS:
+            curves = []
+            for record in (r for r in records if r["env"] == env_id and r["algo"] == algo):
+                steps = np.array([s for s, _ in record["episodes"]])
+                returns = np.array([r for _, r in record["episodes"]])
+                if len(returns) < WINDOW:
+                    continue
+                rolling = np.convolve(returns, np.ones(WINDOW) / WINDOW, mode="valid")
+                curves.append(np.interp(grid, steps[WINDOW - 1 :], rolling, left=np.nan))
+            if curves:
+                stacked = np.array(curves)
+                ax.plot(grid, np.nanmean(stacked, 0), label=algo)
+                ax.fill_between(grid, np.nanmin(stacked, 0), np.nanmax(stacked, 0), alpha=0.2)
+        ax.axhline(threshold, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(env_id)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(f"return (mean of last {WINDOW} episodes)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="override every env's step budget")
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_rl")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from OUT/runs.jsonl")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.threads < 1:
+        parser.error(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
+    if args.steps is not None:
+        for env_id in BENCHMARKS:
+            BENCHMARKS[env_id] = (args.steps, BENCHMARKS[env_id][1])
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    if not args.report:
+        jobs = [(a, e, s, BENCHMARKS[e][0], args.threads) for e in args.envs for a in args.algos for s in args.seeds]
+        with ProcessPoolExecutor(max_workers=args.workers) as pool, log.open("a") as handle:
+            futures = [pool.submit(run_one, *job) for job in jobs]
+            for done, future in enumerate(futures, 1):
+                record = future.result()
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                summary = summarize(record, BENCHMARKS[record["env"]][1])
+                print(
+                    f"[{done}/{len(jobs)}] {record['env']} {record['algo']} seed {record['seed']}: "
+                    f"reached {summary['reached']}, final {summary['final']:.1f}, {summary['fps']:.0f} steps/s",
+                    flush=True,
+                )
+    if not log.is_file():
+        parser.error(f"no runs recorded in {log}")
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r["env"] in args.envs and r["algo"] in args.algos]
+    report = table(records)
+    (args.out / "results.md").write_text(report + "\n")
+    plot(records, args.out / "curves.png")
+    print(report)
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
