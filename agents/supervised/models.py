@@ -34,3 +34,96 @@ class MNISTAutoencoder(nn.Sequential):
 def autoencoder_loss(logits: Tensor, images: Tensor) -> Tensor:
     """Binary cross-entropy on pixels, summed over the 784 pixels and averaged over images."""
     return F.binary_cross_entropy_with_logits(logits, images, reduction="sum") / images.shape[0]
+
+
+# VGG11 (Simonyan & Zisserman 2015, configuration "A"): channels of the 3x3 convolutions, "M" a 2x2 max-pool.
+VGG11_LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG11(nn.Module):
+    """VGG11 for 32x32 CIFAR-10 images: eight 3x3 convolutions with ReLU and five max-pools (32 -> 1), then a
+    linear classifier on the 512 features, as CIFAR versions of VGG do.
+
+    Args:
+        num_classes: number of classes.
+        batch_norm: a ``BatchNorm2d`` after each convolution (the EKFAC paper trains without).
+        width: channels of the first convolution (64 in VGG11; the others scale with it). Smaller widths make
+            quick tests.
+    """
+
+    def __init__(self, num_classes: int = 10, batch_norm: bool = False, width: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for item in VGG11_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            assert isinstance(item, int)
+            out = item * width // 64
+            layers.append(nn.Conv2d(channels, out, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU(inplace=True))
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``(N, num_classes)`` of images ``(N, 3, 32, 32)``."""
+        return self.classifier(self.features(images).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet34(nn.Module):
+    """ResNet34 (He et al. 2016) for CIFAR-10: a 3x3 stem without max-pool, stages of 3, 4, 6 and 3 basic blocks
+    with 64, 128, 256 and 512 channels (stride 2 from the second stage on), global average pooling and a linear
+    classifier. ``width`` scales the channels (64 in ResNet34), ``blocks`` sets the stages (quick tests)."""
+
+    def __init__(self, num_classes: int = 10, blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        stages: list[nn.Module] = []
+        in_channels = width
+        for index, (count, channels) in enumerate(zip(blocks, (width, 2 * width, 4 * width, 8 * width))):
+            for block in range(count):
+                stride = 2 if index > 0 and block == 0 else 1
+                stages.append(BasicBlock(in_channels, channels, stride))
+                in_channels = channels
+        self.stages = nn.Sequential(*stages)
+        self.classifier = nn.Linear(in_channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``(N, num_classes)`` of images ``(N, 3, 32, 32)``."""
+        features = self.stages(self.stem(images))
+        return self.classifier(F.adaptive_avg_pool2d(features, 1).flatten(1))

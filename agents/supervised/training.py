@@ -18,34 +18,60 @@ import acktr_kfe
 from .data import load_mnist
 
 OPTIMIZER_NAMES = ("sgd", "adam", "kfac", "ekfac", "ekfac_ra")
-
-# Defaults for the MNIST deep autoencoder, chosen by the sweeps recorded in docs/BENCHMARKS.md (batch 250 and 1000).
-_KRONECKER = {"lr": 1.0, "damping": 0.01, "max_kl": 1e-3, "curvature": "fisher"}
-_EKFAC = {**_KRONECKER, "momentum": 0.95, "factor_update_interval": 10, "scale_update_interval": 10}
-AUTOENCODER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 0.01, "momentum": 0.9},
-    "adam": {"lr": 3e-3},
-    "kfac": {**_KRONECKER, "momentum": 0.9},
-    # Statistics every 10 steps rather than EKFAC's default 20: on this task the fresher scale leaves the
-    # plateau sooner (150.6 against 183.8 after 300 steps at batch 250, docs/BENCHMARKS.md).
-    "ekfac": _EKFAC,
-    "ekfac_ra": {**_EKFAC, "scale_mode": "running"},
-}
+# Per-task batch size, epochs and optimizer settings (the source of truth; docs/BENCHMARKS.md records the sweeps).
+CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "supervised.yml"
 
 
-def build_optimizer(name: str, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
-    """An optimizer by name (``sgd``, ``adam``, ``kfac``, ``ekfac``, ``ekfac_ra``) with autoencoder defaults.
+def task_config(task: str, path: str | Path | None = None) -> dict[str, Any]:
+    """The section of ``configs/supervised.yml`` (or ``path``) for ``task``: batch_size, epochs, optimizers.
 
     Raises:
-        ValueError: for an unknown name, listing the valid ones.
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the task has no section, or the section is malformed.
+    """
+    import yaml
+
+    path = Path(path) if path is not None else CONFIG_PATH
+    if not path.is_file():
+        raise FileNotFoundError(f"supervised config not found: {path}")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if task not in data:
+        raise ValueError(f"{path}: no section for task {task!r}; sections: {', '.join(sorted(data))}")
+    section = data[task]
+    if not isinstance(section, dict) or not isinstance(section.get("optimizers"), dict):
+        raise ValueError(f"{path}: section {task!r} must be a mapping with an 'optimizers' mapping")
+    unknown = sorted(set(section["optimizers"]) - set(OPTIMIZER_NAMES))
+    if unknown:
+        raise ValueError(f"{path}: unknown optimizer(s) {unknown} in {task!r}; valid: {', '.join(OPTIMIZER_NAMES)}")
+    return section
+
+
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    task: str = "mnist_autoencoder",
+    config_path: str | Path | None = None,
+    **overrides: Any,
+) -> torch.optim.Optimizer:
+    """An optimizer by name (``sgd``, ``adam``, ``kfac``, ``ekfac``, ``ekfac_ra``) with the task's settings from
+    ``configs/supervised.yml``; keyword arguments that are not ``None`` override them.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones, or invalid hyperparameters.
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"Invalid optimizer: {name!r}. Valid values: {', '.join(OPTIMIZER_NAMES)}")
-    options = {**AUTOENCODER_DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    defaults = dict(task_config(task, config_path)["optimizers"].get(name) or {})
+    options = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
     if name == "sgd":
+        options.pop("damping", None)
         return torch.optim.SGD(model.parameters(), **options)
     if name == "adam":
+        options.pop("damping", None)
         return torch.optim.Adam(model.parameters(), **options)
+    if name == "ekfac_ra":
+        options.setdefault("scale_mode", "running")
     cls = acktr_kfe.KFAC if name == "kfac" else acktr_kfe.EKFAC
     return cls(model, **options)
 

@@ -1,0 +1,285 @@
+"""The supervised benchmark tasks and one training run, as ``scripts/supervised.py`` and
+``scripts/compare_optimizers.py`` use them.
+
+A run writes to its log folder: ``steps.csv`` (step, epoch, training loss of the minibatch, training wall-clock
+in seconds), ``epochs.csv`` (epoch, wall-clock, mean training loss, evaluation loss and, for classification,
+accuracy), TensorBoard logs in ``tb/`` and the resolved settings in ``config.yml``. The wall-clock counts training
+only (data batches, forward, curvature and backward passes, optimizer steps), not the evaluations.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import acktr_kfe
+
+from .data import augment_cifar, load_cifar10
+from .models import VGG11, MNISTAutoencoder, ResNet34, autoencoder_loss
+from .training import build_optimizer, load_autoencoder_images, task_config
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark: model, training loss, the loss whose backward on sampled targets gives the Fisher, data."""
+
+    name: str
+    build_model: Callable[..., nn.Module]
+    loss: Callable[[Tensor, Tensor], Tensor]
+    fisher_loss: Callable[[Tensor], Tensor]
+    dataset: str
+    classification: bool
+    description: str
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+TASKS: dict[str, Task] = {
+    "mnist_autoencoder": Task(
+        "mnist_autoencoder",
+        MNISTAutoencoder,
+        autoencoder_loss,
+        acktr_kfe.bernoulli_fisher_loss,
+        "mnist",
+        False,
+        "MNIST deep autoencoder 784-1000-500-250-30 and mirror, binary cross-entropy summed over pixels",
+    ),
+    "cifar10_vgg11": Task(
+        "cifar10_vgg11",
+        VGG11,
+        _cross_entropy,
+        acktr_kfe.softmax_fisher_loss,
+        "cifar10",
+        True,
+        "VGG11 without batch norm on CIFAR-10, cross-entropy",
+    ),
+    "cifar10_vgg11_bn": Task(
+        "cifar10_vgg11_bn",
+        lambda **kwargs: VGG11(batch_norm=True, **kwargs),
+        _cross_entropy,
+        acktr_kfe.softmax_fisher_loss,
+        "cifar10",
+        True,
+        "VGG11 with batch norm on CIFAR-10, cross-entropy",
+    ),
+    "cifar10_resnet34": Task(
+        "cifar10_resnet34",
+        ResNet34,
+        _cross_entropy,
+        acktr_kfe.softmax_fisher_loss,
+        "cifar10",
+        True,
+        "ResNet34 on CIFAR-10, cross-entropy",
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    """A task by name; an unknown name raises ``ValueError`` listing the valid ones."""
+    if name not in TASKS:
+        raise ValueError(f"Invalid task: {name!r}. Valid values: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def load_task_data(task: Task, data_dir: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(train inputs, train targets, eval inputs, eval targets)``.
+
+    The autoencoder trains on every MNIST image present (the papers report training loss) and is evaluated on
+    the same set; CIFAR-10 trains on the ``data_batch_*`` files present and is evaluated on ``test_batch``.
+    """
+    if task.dataset == "mnist":
+        images = load_autoencoder_images(data_dir)
+        return images, images, images, images
+    train_x, train_y = load_cifar10(data_dir, "train")
+    test_x, test_y = load_cifar10(data_dir, "test")
+    return train_x, train_y, test_x, test_y
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; CUDA without a GPU raises ``ValueError``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"Invalid device: {device!r}. Valid values: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor, batch_size: int) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) over a dataset, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start : start + batch_size].to(device)
+        y = targets[start : start + batch_size].to(device)
+        output = model(x)
+        total_loss += task.loss(output, y).item() * len(x)
+        if task.classification:
+            correct += int((output.argmax(1) == y).sum())
+        count += len(x)
+    model.train(was_training)
+    metrics = {"eval_loss": total_loss / count}
+    if task.classification:
+        metrics["eval_accuracy"] = correct / count
+    return metrics
+
+
+def train_run(
+    task_name: str,
+    optimizer_name: str,
+    *,
+    data_dir: str | Path,
+    log_dir: str | Path,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    damping: float | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    augment: bool = False,
+    max_seconds: float | None = None,
+    width: int | None = None,
+    progress: bool = True,
+    config_path: str | Path | None = None,
+    data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+) -> dict[str, Any]:
+    """Train one optimizer on one task; write the CSVs, TensorBoard logs and config; return a summary.
+
+    ``epochs`` and ``batch_size`` default to the task's config; ``lr`` and ``damping`` override the optimizer's.
+    ``max_seconds`` stops the run once its training wall-clock exceeds it (at the end of a step). ``data`` skips
+    loading (``load_task_data``'s tuple). ``width`` narrows the CIFAR models (channels of the first convolution,
+    64 in the papers' models) for quick runs.
+
+    Raises:
+        ValueError: invalid task, optimizer, device or hyperparameters (before any training).
+        DatasetFilesMissingError: the data files are not in ``data_dir``.
+        RuntimeError: the training loss became NaN or infinite (with the step and what to change).
+    """
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    task = get_task(task_name)
+    config = task_config(task_name, config_path)
+    epochs = int(config.get("epochs", 1) if epochs is None else epochs)
+    batch_size = int(config.get("batch_size", 128) if batch_size is None else batch_size)
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"Invalid epochs / batch size: {epochs} / {batch_size} (both must be integers >= 1)")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"Invalid lr: {lr!r} (must be a finite float > 0)")
+    if optimizer_name in ("sgd", "adam") and damping is not None:
+        raise ValueError(f"--damping applies to kfac, ekfac and ekfac_ra, not {optimizer_name}")
+    if width is not None and (task.dataset != "cifar10" or width < 1):
+        raise ValueError(f"Invalid width: {width!r} (an integer >= 1, for the CIFAR-10 models only)")
+    torch_device = resolve_device(device)
+    torch.manual_seed(seed)
+    model = (task.build_model() if width is None else task.build_model(width=width)).to(torch_device)
+    optimizer = build_optimizer(optimizer_name, model, task_name, config_path, lr=lr, damping=damping)
+    train_x, train_y, eval_x, eval_y = data if data is not None else load_task_data(task, data_dir)
+    if len(train_x) < batch_size:
+        raise ValueError(f"batch size {batch_size} exceeds the {len(train_x)} training examples")
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "task": task_name,
+        "optimizer": optimizer_name,
+        "optimizer_options": {k: v for k, v in optimizer.defaults.items() if isinstance(v, int | float | str)},
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "device": str(torch_device),
+        "seed": seed,
+        "augment": augment,
+        "width": width,
+        "train_examples": len(train_x),
+        "eval_examples": len(eval_x),
+    }
+    (log_dir / "config.yml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    writer = SummaryWriter(str(log_dir / "tb"))
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = len(train_x) // batch_size
+    is_kronecker = isinstance(optimizer, acktr_kfe.KFAC | acktr_kfe.EKFAC)
+    wants_fisher = is_kronecker and optimizer.curvature is acktr_kfe.Curvature.FISHER
+
+    step, clock, stopped = 0, 0.0, False
+    epoch_rows: list[dict[str, float]] = []
+    with (log_dir / "steps.csv").open("w", newline="") as steps_file:
+        steps_csv = csv.writer(steps_file)
+        steps_csv.writerow(["step", "epoch", "loss", "wall_clock_s"])
+        bar = tqdm(total=epochs * steps_per_epoch, desc=f"{task_name} {optimizer_name}", disable=not progress)
+        for epoch in range(1, epochs + 1):
+            model.train()
+            order = torch.randperm(len(train_x), generator=generator)
+            epoch_losses = []
+            for index in range(steps_per_epoch):
+                started = time.perf_counter()
+                batch = order[index * batch_size : (index + 1) * batch_size]
+                x, y = train_x[batch], train_y[batch]
+                if augment and task.dataset == "cifar10":
+                    x = augment_cifar(x, generator)
+                x, y = x.to(torch_device, non_blocking=True), y.to(torch_device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                output = model(x)
+                loss = task.loss(output, y)
+                if wants_fisher:
+                    optimizer.curvature_backward(task.fisher_loss(output), retain_graph=True)
+                loss.backward()
+                optimizer.step()
+                value = loss.item()
+                clock += time.perf_counter() - started
+                step += 1
+                if not math.isfinite(value):
+                    raise RuntimeError(
+                        f"{optimizer_name} on {task_name}: the training loss is {value} at step {step} (epoch "
+                        f"{epoch}); lower the learning rate (--lr){' or raise --damping' if is_kronecker else ''}"
+                    )
+                epoch_losses.append(value)
+                steps_csv.writerow([step, epoch, f"{value:.6g}", f"{clock:.4f}"])
+                writer.add_scalar("train/loss", value, step)
+                writer.add_scalar("train/loss_vs_seconds", value, int(clock * 1000))
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4g}")
+                if max_seconds is not None and clock >= max_seconds:
+                    stopped = True
+                    break
+            metrics = evaluate(model, task, eval_x, eval_y, max(batch_size, 1000))
+            row = {"epoch": epoch, "wall_clock_s": clock, "train_loss": sum(epoch_losses) / len(epoch_losses)}
+            row.update(metrics)
+            epoch_rows.append(row)
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(f"epoch/{key}", value, epoch)
+            if stopped:
+                break
+        bar.close()
+    writer.close()
+    with (log_dir / "epochs.csv").open("w", newline="") as epochs_file:
+        fields = list(epoch_rows[0])
+        epochs_csv = csv.DictWriter(epochs_file, fieldnames=fields)
+        epochs_csv.writeheader()
+        epochs_csv.writerows(epoch_rows)
+    return {
+        "task": task_name,
+        "optimizer": optimizer_name,
+        "steps": step,
+        "wall_clock_s": clock,
+        "seconds_per_epoch": clock / (step / steps_per_epoch),
+        "final_train_loss": epoch_rows[-1]["train_loss"],
+        **{k: v for k, v in epoch_rows[-1].items() if k.startswith("eval_")},
+        "log_dir": str(log_dir),
+    }

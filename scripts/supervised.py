@@ -1,0 +1,94 @@
+"""Train one optimizer on one of the EKFAC paper's supervised benchmarks.
+
+    python scripts/supervised.py --task mnist_autoencoder --optimizer ekfac
+    python scripts/supervised.py --task cifar10_vgg11 --optimizer kfac --epochs 3 --device cuda
+    python scripts/supervised.py --task cifar10_resnet34 --optimizer sgd --augment --data-dir ~/data
+
+Settings per task and optimizer come from configs/supervised.yml; flags override them. Writes to --log-dir
+(default runs/supervised/TASK/OPTIMIZER_seedN): steps.csv (per-step training loss and wall-clock), epochs.csv
+(per-epoch evaluation loss and accuracy), TensorBoard logs (tb/) and the resolved settings (config.yml).
+Data: --data-dir holds the MNIST IDX files (mnist/ below it is found too) or the CIFAR-10 python batches
+(cifar-10-batches-py/); get them with scripts/download_data.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agents.supervised.data import DatasetFilesMissingError  # noqa: E402
+from agents.supervised.runner import TASKS, train_run  # noqa: E402
+from agents.supervised.training import OPTIMIZER_NAMES  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
+
+
+def data_folder(task: str, data_dir: Path) -> Path:
+    """``data_dir``, or its ``mnist`` subfolder for the autoencoder when the IDX files live there."""
+    if TASKS[task].dataset == "mnist" and (data_dir / "mnist").is_dir():
+        return data_dir / "mnist"
+    return data_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="mnist_autoencoder", choices=list(TASKS))
+    parser.add_argument("--optimizer", default="ekfac", choices=list(OPTIMIZER_NAMES))
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--damping", type=float, default=None, help="K-FAC / EKFAC damping")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-dir", type=Path, default=None)
+    parser.add_argument("--width", type=int, default=None, help="CIFAR models: first-layer channels (64: paper)")
+    parser.add_argument("--augment", action="store_true", help="CIFAR: random crop (pad 4) and horizontal flip")
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop once training took this long")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--config", type=Path, default=None, help="settings file (default configs/supervised.yml)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    log_dir = args.log_dir or ROOT / "runs" / "supervised" / args.task / f"{args.optimizer}_seed{args.seed}"
+    try:
+        summary = train_run(
+            args.task,
+            args.optimizer,
+            data_dir=data_folder(args.task, args.data_dir),
+            log_dir=log_dir,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            damping=args.damping,
+            device=args.device,
+            seed=args.seed,
+            augment=args.augment,
+            max_seconds=args.max_seconds,
+            width=args.width,
+            progress=not args.no_progress,
+            config_path=args.config,
+        )
+    except (DatasetFilesMissingError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
