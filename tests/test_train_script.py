@@ -38,6 +38,32 @@ def test_train_writes_run_folder_and_resume_continues_from_checkpoint(tmp_path: 
     assert ACKTR.load(run / "model.zip").policy.optimizer.steps == 4
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_mujoco_run_updates_and_resume_restores_normalization_statistics(tmp_path: Path) -> None:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    train = load_script("train")
+    run = tmp_path / "cheetah"
+    argv = ["--env", "HalfCheetah-v5", "--log-dir", str(run), "--checkpoint-every", "256"]
+    first = train.main([*argv, "--total-timesteps", "512"])
+    assert first["timesteps"] == 512
+    count = VecNormalize.load(str(run / "vecnormalize.pkl"), _dummy()).obs_rms.count
+    assert count > 500  # statistics of every observation seen in training
+    model = ACKTR.load(run / "model.zip")
+    assert model.policy.optimizer.steps == 2 and not model.shared_layers
+    resumed = train.main([*argv, "--total-timesteps", "1024", "--resume"])
+    assert resumed["timesteps"] == 1024
+    continued = VecNormalize.load(str(run / "vecnormalize.pkl"), _dummy())
+    assert continued.obs_rms.count > count + 500  # the resumed run kept updating the restored statistics
+
+
+def _dummy():
+    """A raw HalfCheetah VecEnv to load saved VecNormalize statistics onto."""
+    from envs import make_env
+
+    return make_env("HalfCheetah-v5", normalize=False)
+
+
 def test_resume_without_checkpoint_and_unknown_env_fail_clearly(tmp_path: Path) -> None:
     train = load_script("train")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
