@@ -250,6 +250,7 @@ def train_run(
                     )
                 epoch_losses.append(value)
                 steps_csv.writerow([step, epoch, f"{value:.6g}", f"{clock:.4f}"])
+                steps_file.flush()
                 writer.add_scalar("train/loss", value, step)
                 writer.add_scalar("train/loss_vs_seconds", value, int(clock * 1000))
                 bar.update(1)
