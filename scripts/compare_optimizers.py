@@ -52,6 +52,14 @@ def read_steps(run_dir: Path) -> dict[str, np.ndarray]:
     }
 
 
+def steps_per_epoch(run_dir: Path) -> int:
+    """Full minibatches per epoch of a run, from its config.yml (a run capped by --max-seconds may end mid-epoch)."""
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yml").read_text())
+    return max(1, int(config["train_examples"]) // int(config["batch_size"]))
+
+
 def read_epochs(run_dir: Path) -> list[dict[str, float]]:
     with (run_dir / "epochs.csv").open() as handle:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
@@ -72,8 +80,7 @@ def summarize(runs: dict[str, Path], target: float | None) -> tuple[str, float]:
         reached = np.nonzero(d["smooth"] <= target)[0]
         when = f"{d['seconds'][reached[0]]:.1f}" if len(reached) else "not reached"
         steps = f"{d['step'][reached[0]]}" if len(reached) else "-"
-        steps_per_epoch = int((d["epoch"] == d["epoch"][0]).sum())
-        per_epoch = d["seconds"][-1] / (len(d["step"]) / steps_per_epoch)
+        per_epoch = d["seconds"][-1] / (len(d["step"]) / steps_per_epoch(runs[name]))
         last = read_epochs(runs[name])[-1]
         evaluation = ", ".join(f"{k[5:]} {v:.4g}" for k, v in last.items() if k.startswith("eval_"))
         lines.append(
@@ -93,8 +100,7 @@ def plot(runs: dict[str, Path], task: str, target: float, path: Path) -> None:
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, run_dir in runs.items():
         d = read_steps(run_dir)
-        steps_per_epoch = int((d["epoch"] == d["epoch"][0]).sum())
-        by_epoch.plot(d["step"] / steps_per_epoch, d["smooth"], label=name)
+        by_epoch.plot(d["step"] / steps_per_epoch(run_dir), d["smooth"], label=name)
         by_time.plot(d["seconds"], d["smooth"], label=name)
     for ax, label in ((by_epoch, "epochs"), (by_time, "training wall-clock (s)")):
         ax.axhline(target, color="gray", linestyle=":", linewidth=1)
