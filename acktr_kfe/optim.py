@@ -72,6 +72,17 @@ class ScaleMode(str, Enum):
     RUNNING = "running"
 
 
+def _step_quadratic(
+    direction: Tensor, grad: Tensor, momentum: float, buffer: Tensor | None, buffer_quadratic: Tensor | None
+) -> Tensor:
+    """``u^T F_damped u`` of the step ``u = momentum buf + D`` from ``F_damped D = grad``:
+    ``D^T grad + momentum (2 buf^T grad + momentum buf^T F_damped buf)``; ``D^T grad`` without a buffer."""
+    quadratic = torch.dot(direction.reshape(-1), grad.reshape(-1))
+    if buffer is None or buffer_quadratic is None:
+        return quadratic
+    return quadratic + momentum * (momentum * buffer_quadratic + 2.0 * torch.dot(buffer.reshape(-1), grad.reshape(-1)))
+
+
 @dataclass
 class _Layer:
     name: str
@@ -243,11 +254,6 @@ class _KroneckerOptimizer(Optimizer):
             if len(regions) > 1:
                 raise ValueError(f"trust_regions must hold all or none of layer {layer.name}'s parameters")
         return region_of, radii
-
-    @property
-    def trust_region_radii(self) -> list[float | None]:
-        """The radius of each trust region (``[max_kl]`` without ``trust_regions``)."""
-        return list(self._regions[1]) if self._explicit_regions else [self.param_groups[0]["max_kl"]]
 
     def set_trust_region_radius(self, index: int, radius: float | None) -> None:
         """Change the radius of trust region ``index`` (an adaptive radius, a schedule)."""
@@ -536,18 +542,15 @@ class _KroneckerOptimizer(Optimizer):
                 direction = grad
             region = region_of.get(id(layer.weight))
             if region is not None:
-                quadratic = torch.dot(direction.reshape(-1), grad.reshape(-1))
                 buffer = self._buffer_matrix(layer) if measured[region] else None
+                buffer_quadratic = None
                 if buffer is not None:
                     buffer_quadratic = (
                         self._quadratic(layer, state, buffer, damping)
                         if "eigvecs_A" in state
                         else buffer.square().sum()
                     )
-                    quadratic = quadratic + momentum * (
-                        momentum * buffer_quadratic + 2.0 * torch.dot(buffer.reshape(-1), grad.reshape(-1))
-                    )
-                quadratics[region] = quadratics[region] + quadratic
+                quadratics[region] += _step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
             for param, part in zip(layer.adapter.parameters(), layer.adapter.split(direction)):
                 directions[param] = part
         for param in params:
@@ -564,14 +567,9 @@ class _KroneckerOptimizer(Optimizer):
             directions[param] = direction = grad / (diagonal + damping)
             region = region_of.get(id(param))
             if region is not None:
-                quadratic = torch.dot(direction.reshape(-1), grad.reshape(-1))
                 buffer = self.state[param].get("momentum_buffer") if measured[region] else None
-                if buffer is not None:
-                    quadratic = quadratic + momentum * (
-                        momentum * (diagonal + damping) * buffer.square().sum()
-                        + 2.0 * torch.dot(buffer.reshape(-1), grad.reshape(-1))
-                    )
-                quadratics[region] = quadratics[region] + quadratic
+                buffer_quadratic = None if buffer is None else (diagonal + damping) * buffer.square().sum()
+                quadratics[region] += _step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
 
         scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
         unscaled = torch.ones_like(scales[0])

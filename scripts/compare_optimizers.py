@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from agents.supervised.data import DatasetFilesMissingError  # noqa: E402
 from agents.supervised.runner import TASKS, get_task, load_task_data, train_run  # noqa: E402
 from agents.supervised.training import OPTIMIZER_NAMES  # noqa: E402
-from scripts.supervised import DEFAULT_DATA, data_folder  # noqa: E402
+from scripts.supervised import add_run_arguments, run_options  # noqa: E402
 
 SMOOTHING = 10
 
@@ -116,21 +116,11 @@ def plot(runs: dict[str, Path], task: str, target: float, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="mnist_autoencoder", choices=list(TASKS))
+    add_run_arguments(parser)
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZER_NAMES), choices=list(OPTIMIZER_NAMES))
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--max-seconds", type=float, default=None, help="training wall-clock cap per optimizer")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--target", type=float, default=None, help="target training loss for the time column")
-    parser.add_argument("--width", type=int, default=None, help="CIFAR models: first-layer channels (64: paper)")
-    parser.add_argument("--augment", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--report", action="store_true", help="only rebuild loss.png and results.md from --out")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = args.out or ROOT / "runs" / "compare" / args.task
     runs = {name: out / name for name in args.optimizers}
@@ -140,28 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no run logs in {', '.join(missing)}", file=sys.stderr)
             return 2
     else:
-        import torch
-
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+        options = run_options(args)
         try:
-            data = load_task_data(get_task(args.task), data_folder(args.task, args.data_dir))
+            data = load_task_data(get_task(args.task), options["data_dir"])
             for name, run_dir in runs.items():
-                summary: dict[str, Any] = train_run(
-                    args.task,
-                    name,
-                    data_dir=args.data_dir,
-                    log_dir=run_dir,
-                    epochs=args.epochs,
-                    batch_size=args.batch_size,
-                    device=args.device,
-                    seed=args.seed,
-                    augment=args.augment,
-                    max_seconds=args.max_seconds,
-                    width=args.width,
-                    progress=not args.no_progress,
-                    data=data,
-                )
+                summary: dict[str, Any] = train_run(args.task, name, log_dir=run_dir, data=data, **options)
                 print(json.dumps(summary), flush=True)
         except (DatasetFilesMissingError, ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -35,53 +35,66 @@ def data_folder(task: str, data_dir: Path) -> Path:
     return data_dir
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags a training run shares with scripts/compare_optimizers.py."""
     parser.add_argument("--task", default="mnist_autoencoder", choices=list(TASKS))
-    parser.add_argument("--optimizer", default="ekfac", choices=list(OPTIMIZER_NAMES))
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--damping", type=float, default=None, help="K-FAC / EKFAC damping")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument("--width", type=int, default=None, help="CIFAR models: first-layer channels (64: paper)")
     parser.add_argument("--augment", action="store_true", help="CIFAR: random crop (pad 4) and horizontal flip")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop once training took this long")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--config", type=Path, default=None, help="settings file (default configs/supervised.yml)")
     parser.add_argument("--no-progress", action="store_true")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_options(args: argparse.Namespace) -> dict:
+    """Set torch's threads from ``--threads``; the keyword arguments of ``train_run`` from the shared flags."""
     import torch
 
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    return {
+        "data_dir": data_folder(args.task, args.data_dir),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "seed": args.seed,
+        "augment": args.augment,
+        "max_seconds": args.max_seconds,
+        "width": args.width,
+        "progress": not args.no_progress,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--optimizer", default="ekfac", choices=list(OPTIMIZER_NAMES))
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--damping", type=float, default=None, help="K-FAC / EKFAC damping")
+    parser.add_argument("--log-dir", type=Path, default=None)
+    parser.add_argument("--config", type=Path, default=None, help="settings file (default configs/supervised.yml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = run_options(args)
     log_dir = args.log_dir or ROOT / "runs" / "supervised" / args.task / f"{args.optimizer}_seed{args.seed}"
     try:
         summary = train_run(
             args.task,
             args.optimizer,
-            data_dir=data_folder(args.task, args.data_dir),
             log_dir=log_dir,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
             lr=args.lr,
             damping=args.damping,
-            device=args.device,
-            seed=args.seed,
-            augment=args.augment,
-            max_seconds=args.max_seconds,
-            width=args.width,
-            progress=not args.no_progress,
             config_path=args.config,
+            **options,
         )
     except (DatasetFilesMissingError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

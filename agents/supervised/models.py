@@ -36,6 +36,15 @@ def autoencoder_loss(logits: Tensor, images: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, images, reduction="sum") / images.shape[0]
 
 
+def _init_convolutions(model: nn.Module) -> None:
+    """He initialization (fan-out, ReLU) of every convolution, zero biases."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 # VGG11 (Simonyan & Zisserman 2015, configuration "A"): channels of the 3x3 convolutions, "M" a 2x2 max-pool.
 VGG11_LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -68,11 +77,7 @@ class VGG11(nn.Module):
             channels = out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        _init_convolutions(self)
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of images ``(N, 3, 32, 32)``."""
@@ -119,9 +124,7 @@ class ResNet34(nn.Module):
                 in_channels = channels
         self.stages = nn.Sequential(*stages)
         self.classifier = nn.Linear(in_channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        _init_convolutions(self)
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of images ``(N, 3, 32, 32)``."""

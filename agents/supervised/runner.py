@@ -25,7 +25,7 @@ import acktr_kfe
 
 from .data import augment_cifar, load_cifar10
 from .models import VGG11, MNISTAutoencoder, ResNet34, autoencoder_loss
-from .training import build_optimizer, load_autoencoder_images, task_config
+from .training import build_optimizer, load_autoencoder_images, task_config, training_step
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,6 @@ def train_run(
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train_x) // batch_size
     is_kronecker = isinstance(optimizer, acktr_kfe.KFAC | acktr_kfe.EKFAC)
-    wants_fisher = is_kronecker and optimizer.curvature is acktr_kfe.Curvature.FISHER
 
     step, clock, stopped = 0, 0.0, False
     epoch_rows: list[dict[str, float]] = []
@@ -233,14 +232,7 @@ def train_run(
                 if augment and task.dataset == "cifar10":
                     x = augment_cifar(x, generator)
                 x, y = x.to(torch_device, non_blocking=True), y.to(torch_device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                output = model(x)
-                loss = task.loss(output, y)
-                if wants_fisher:
-                    optimizer.curvature_backward(task.fisher_loss(output), retain_graph=True)
-                loss.backward()
-                optimizer.step()
-                value = loss.item()
+                value = training_step(model, optimizer, x, y, task.loss, task.fisher_loss)
                 clock += time.perf_counter() - started
                 step += 1
                 if not math.isfinite(value):
