@@ -7,7 +7,6 @@ or K-FAC from :mod:`acktr_kfe`.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -18,41 +17,17 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import explained_variance
-from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 from torch.nn import functional as F
 
 import acktr_kfe
 from acktr_kfe.optim import check_radius
 
-from .policies import actor_critic_forward, curvature_loss, log_std_fisher_diagonals
+from .policies import curvature_loss, log_std_fisher_diagonals
+from .trust_region import ActorCriticTrustRegions, actor_critic_forward, detached
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
 PRECONDITIONERS = ("ekfac", "kfac")
-# Calibration of the trust region: running average of log(measured KL / predicted KL) over updates, and its range.
-KL_BIAS_DECAY = 0.9
-KL_BIAS_RANGE = (0.1, 100.0)
-
-
-def _detached(distribution: Any) -> Any:
-    """A copy of a torch distribution (or a list of them) cut from the graph, for the KL after the update."""
-    if isinstance(distribution, list):
-        return [_detached(d) for d in distribution]
-    if isinstance(distribution, Categorical):
-        return Categorical(logits=distribution.logits.detach())
-    if isinstance(distribution, Normal):
-        return Normal(distribution.loc.detach(), distribution.scale.detach())
-    if isinstance(distribution, Bernoulli):
-        return Bernoulli(logits=distribution.logits.detach())
-    raise TypeError(f"ACKTR cannot measure the KL of a {type(distribution).__name__} policy distribution")
-
-
-def _mean_kl(old: Any, new: Any) -> th.Tensor:
-    """Mean over the batch of KL(old || new), summed over independent action dimensions."""
-    if isinstance(old, list):
-        return sum(_mean_kl(o, n) for o, n in zip(old, new))
-    kl = kl_divergence(old, new)
-    return kl.reshape(kl.shape[0], -1).sum(-1).mean() if kl.dim() > 1 else kl.mean()
 
 
 class ACKTR(OnPolicyAlgorithm):
@@ -209,38 +184,26 @@ class ACKTR(OnPolicyAlgorithm):
 
     def _setup_model(self) -> None:
         super()._setup_model()
+        self._trust = ActorCriticTrustRegions(
+            self.policy, self.max_kl, self.vf_max_kl, self.vf_fisher_coef, self.calibrate_kl, self._kl_log_bias
+        )
         self.policy.optimizer = self._build_preconditioner()
 
-    def _actor_and_critic_parameters(self) -> tuple[list[th.Tensor], list[th.Tensor]]:
-        """The parameters the action distribution depends on, and those the value depends on (found by autograd
-        on one observation, so custom policies are covered)."""
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        obs, _ = self.policy.obs_to_tensor(self.observation_space.sample())
-        with th.enable_grad():
-            distribution, values = actor_critic_forward(self.policy, obs)
-            log_prob = distribution.log_prob(distribution.sample().detach()).sum()
-            actor_grads = th.autograd.grad(log_prob, params, allow_unused=True, retain_graph=True)
-            critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
-        actor = [p for p, g in zip(params, actor_grads) if g is not None]
-        critic = [p for p, g in zip(params, critic_grads) if g is not None]
-        return actor, critic
+    @property
+    def shared_layers(self) -> bool:
+        """Whether actor and critic share layers (one joint trust region)."""
+        return self._trust.shared_layers
 
-    def _trust_regions(self) -> list[tuple[list[th.Tensor], float | None]]:
-        """Separate actor and critic: one region each (``max_kl`` on the policy's KL, ``vf_max_kl`` on the
-        critic's); shared layers: one joint region over the policy and the critic's Gaussian (the paper)."""
-        actor, critic = self._actor_and_critic_parameters()
-        critic_ids = {id(p) for p in critic}
-        self.shared_layers = any(id(p) in critic_ids for p in actor)
-        if self.shared_layers:
-            return [([p for p in self.policy.parameters() if p.requires_grad], self.max_kl)]
-        return [(actor, self.max_kl), (critic, self.vf_max_kl)]
+    def _excluded_save_params(self) -> list[str]:
+        # The regions hold the policy's parameters; they are rebuilt on load (the calibration, a list, is saved).
+        return [*super()._excluded_save_params(), "_trust"]
 
     def _build_preconditioner(self) -> acktr_kfe.KFAC | acktr_kfe.EKFAC:
         options: dict[str, Any] = {
             "lr": self.lr_schedule(1),
             "momentum": self.momentum,
             "damping": self.damping,
-            "trust_regions": self._trust_regions(),
+            "trust_regions": self._trust.regions,
             "trust_region_mode": "step",
             "factor_decay": self.factor_decay,
             "factor_update_interval": self.factor_update_interval,
@@ -258,22 +221,6 @@ class ACKTR(OnPolicyAlgorithm):
         """One forward pass of the actor-critic: the action distribution and the state values ``(N,)``."""
         distribution, values = actor_critic_forward(self.policy, observations)
         return distribution, values.flatten()
-
-    def _set_calibrated_radii(self, optimizer: acktr_kfe.KFAC | acktr_kfe.EKFAC) -> None:
-        """Each region's radius for this update: its target divided by the learned bias of the quadratic model."""
-        targets = [self.max_kl] if self.shared_layers else [self.max_kl, self.vf_max_kl]
-        for index, target in enumerate(targets):
-            bias = math.exp(self._kl_log_bias[index]) if self.calibrate_kl else 1.0
-            optimizer.set_trust_region_radius(index, None if target is None else target / bias)
-
-    def _calibrate(self, optimizer: acktr_kfe.KFAC | acktr_kfe.EKFAC, measured: list[float]) -> None:
-        """Track ``log(measured KL / predicted KL)`` per region (running average over updates, clamped)."""
-        if not self.calibrate_kl:
-            return
-        for index, (value, predicted) in enumerate(zip(measured, optimizer.last_predicted_kls.tolist())):
-            if predicted > 0 and value > 0 and math.isfinite(value):
-                ratio = min(max(math.log(value / predicted), math.log(KL_BIAS_RANGE[0])), math.log(KL_BIAS_RANGE[1]))
-                self._kl_log_bias[index] += (1 - KL_BIAS_DECAY) * (ratio - self._kl_log_bias[index])
 
     def train(self) -> None:
         """One ACKTR update on the collected rollout."""
@@ -303,16 +250,15 @@ class ACKTR(OnPolicyAlgorithm):
             loss.backward()
             if self.clip_grad_norm is not None:
                 th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.clip_grad_norm)
-            old_distribution, old_values = _detached(distribution.distribution), values.detach()
-            self._set_calibrated_radii(optimizer)
+            old_distribution, old_values = detached(distribution.distribution), values.detach()
+            self._trust.set_radii(optimizer)
             optimizer.step()
             with th.no_grad():
                 new_distribution, new_values = self._distribution_and_values(rollout_data.observations)
-                measured_kl = _mean_kl(old_distribution, new_distribution.distribution)
-                # The critic's KL: its output read as a Gaussian of standard deviation 1 / vf_fisher_coef.
-                measured_vf_kl = 0.5 * self.vf_fisher_coef**2 * (new_values - old_values).square().mean()
-            measured = [measured_kl, measured_vf_kl] if not self.shared_layers else [measured_kl + measured_vf_kl]
-            self._calibrate(optimizer, [m.item() for m in measured])
+                measured_kl, measured_vf_kl = self._trust.measure(
+                    old_distribution, old_values, new_distribution, new_values
+                )
+            self._trust.update(optimizer, measured_kl.item(), measured_vf_kl.item())
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
         self._n_updates += 1
@@ -330,7 +276,7 @@ class ACKTR(OnPolicyAlgorithm):
         self.logger.record("train/measured_kl", measured_kl.item())
         self.logger.record("train/measured_vf_kl", measured_vf_kl.item())
         if self.calibrate_kl:
-            self.logger.record("train/kl_bias", math.exp(self._kl_log_bias[0]))
+            self.logger.record("train/kl_bias", self._trust.kl_bias)
         self.logger.record("train/damping", optimizer.param_groups[0]["damping"])
         self.logger.record("time/eigh_ms", optimizer.last_eigh_ms)
         if hasattr(self.policy, "log_std"):

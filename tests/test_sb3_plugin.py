@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 import acktr_kfe
@@ -52,3 +53,61 @@ def test_kfac_and_invalid_preconditioner_names() -> None:
     assert isinstance(model.policy.optimizer, acktr_kfe.KFAC)
     with pytest.raises(ValueError, match="Invalid preconditioner: 'adam'"):
         A2C(KroneckerActorCriticPolicy, env, policy_kwargs={"preconditioner": "adam"})
+
+
+class _PolicyKLRecorder(BaseCallback):
+    """The plug-in policy's measured KL of each update (A2C: one optimizer step per update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kls: list[float] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        value = self.model.policy.last_measured_kl
+        if np.isfinite(value):
+            self.kls.append(value)
+
+
+def test_plugin_trust_region_keeps_measured_kl_near_max_kl_in_a2c() -> None:
+    max_kl = 1e-3
+    env = make_vec_env("CartPole-v1", n_envs=4, seed=0)
+    model = A2C(KroneckerActorCriticPolicy, env, learning_rate=0.25, seed=0, policy_kwargs={"max_kl": max_kl})
+    policy = model.policy
+    assert not policy.trust_regions.shared_layers and len(policy.trust_regions.regions) == 2
+    recorder = _PolicyKLRecorder()
+    model.learn(4000, callback=recorder)
+    ratios = np.array(recorder.kls[len(recorder.kls) // 4 :]) / max_kl  # after the calibration warm-up
+    assert len(ratios) > 100
+    assert 0.5 <= np.median(ratios) <= 1.5, ratios
+    assert np.percentile(ratios, 90) <= 3.0, ratios
+    assert policy.trust_regions.kl_bias != 1.0, "the calibration learned the model's bias"
+
+
+def test_plugin_measures_every_ppo_minibatch_step_and_rejects_reserved_kwargs() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = PPO(KroneckerActorCriticPolicy, env, n_steps=16, batch_size=8, n_epochs=2, learning_rate=0.1, seed=0)
+    steps: list[float] = []
+    model.policy.optimizer.register_step_post_hook(lambda *_: steps.append(model.policy.last_measured_kl))
+    model.learn(32)
+    assert len(steps) == model.policy.optimizer.steps == 8  # 2 epochs x 4 minibatches of one 32-step rollout
+    assert all(np.isfinite(kl) and kl >= 0 for kl in steps)
+    with pytest.raises(ValueError, match="may not set \\['max_kl'\\]"):
+        A2C(KroneckerActorCriticPolicy, env, policy_kwargs={"preconditioner_kwargs": {"max_kl": 0.01}})
+
+
+def test_plugin_policy_settings_survive_save_and_load(tmp_path) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    kwargs = {"preconditioner": "kfac", "max_kl": 0.002, "vf_max_kl": None, "preconditioner_kwargs": {"damping": 0.05}}
+    model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0, policy_kwargs=kwargs)
+    model.learn(16)
+    model.save(tmp_path / "a2c")
+    loaded = A2C.load(tmp_path / "a2c", env=env)
+    policy = loaded.policy
+    assert isinstance(policy.optimizer, acktr_kfe.KFAC)
+    assert policy.trust_regions.targets == [0.002, None]
+    assert policy.optimizer.param_groups[0]["damping"] == 0.05
+    obs = env.reset()
+    assert np.array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])

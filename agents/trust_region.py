@@ -1,0 +1,153 @@
+"""The KL trust regions of an SB3 actor-critic and the calibration of their radii (ACKTR and the SB3 plug-in).
+
+Separate actor and critic networks get one region each: ``max_kl`` bounds the policy's KL, ``vf_max_kl`` the
+critic's, its output read as a Gaussian of standard deviation ``1 / vf_fisher_coef`` (KL
+``0.5 vf_fisher_coef^2 (v_new - v_old)^2``). Layers shared by both get one joint region bounded by ``max_kl``.
+
+Calibration: the quadratic model underestimates the KL of the step it proposes (the step is largest where the
+sampled curvature estimate is smallest). After each step the KL is measured on the batch; a running average of
+``log(measured / predicted)`` per region divides the next radius.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch as th
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
+
+import acktr_kfe
+from acktr_kfe.optim import check_radius
+
+# Running average of log(measured KL / predicted KL) over updates, and the range of the ratio.
+KL_BIAS_DECAY = 0.9
+KL_BIAS_RANGE = (0.1, 100.0)
+
+
+def actor_critic_forward(policy: ActorCriticPolicy, obs: th.Tensor) -> tuple[Distribution, th.Tensor]:
+    """One forward pass of an SB3 actor-critic: the action distribution and the values ``(N, 1)``."""
+    features = policy.extract_features(obs)
+    if policy.share_features_extractor:
+        latent_pi, latent_vf = policy.mlp_extractor(features)
+    else:
+        pi_features, vf_features = features
+        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
+        latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+    return policy._get_action_dist_from_latent(latent_pi), policy.value_net(latent_vf)
+
+
+def detached(distribution: Any) -> Any:
+    """A copy of a torch distribution (or a list of them) cut from the graph, for the KL after the update."""
+    if isinstance(distribution, list):
+        return [detached(d) for d in distribution]
+    if isinstance(distribution, Categorical):
+        return Categorical(logits=distribution.logits.detach())
+    if isinstance(distribution, Normal):
+        return Normal(distribution.loc.detach(), distribution.scale.detach())
+    if isinstance(distribution, Bernoulli):
+        return Bernoulli(logits=distribution.logits.detach())
+    raise TypeError(f"cannot measure the KL of a {type(distribution).__name__} policy distribution")
+
+
+def mean_kl(old: Any, new: Any) -> th.Tensor:
+    """Mean over the batch of KL(old || new), summed over independent action dimensions."""
+    if isinstance(old, list):
+        return sum(mean_kl(o, n) for o, n in zip(old, new))
+    kl = kl_divergence(old, new)
+    return kl.reshape(kl.shape[0], -1).sum(-1).mean() if kl.dim() > 1 else kl.mean()
+
+
+def actor_and_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[th.Tensor], list[th.Tensor]]:
+    """The parameters the action distribution depends on, and those the value depends on (found by autograd on
+    one sampled observation, so custom policies are covered)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    obs, _ = policy.obs_to_tensor(policy.observation_space.sample())
+    with th.enable_grad():
+        distribution, values = actor_critic_forward(policy, obs)
+        log_prob = distribution.log_prob(distribution.sample().detach()).sum()
+        actor_grads = th.autograd.grad(log_prob, params, allow_unused=True, retain_graph=True)
+        critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+    actor = [p for p, g in zip(params, actor_grads) if g is not None]
+    critic = [p for p, g in zip(params, critic_grads) if g is not None]
+    return actor, critic
+
+
+class ActorCriticTrustRegions:
+    """The trust regions of ``policy`` (see the module docstring) and their calibrated radii.
+
+    Args:
+        policy: the SB3 actor-critic.
+        max_kl: radius of the policy's region (the joint one with shared layers); ``None``: unbounded.
+        vf_max_kl: radius of a separate critic's region; ``None``: unbounded.
+        vf_fisher_coef: the critic's Gaussian reading (standard deviation ``1 / vf_fisher_coef``).
+        calibrate: divide the radii by the running bias of the quadratic model.
+        log_bias: a list to keep the running ``log(measured / predicted)`` per region in (updated in place, so
+            an owner that saves it keeps the calibration); a new one by default.
+    """
+
+    def __init__(
+        self,
+        policy: ActorCriticPolicy,
+        max_kl: float | None,
+        vf_max_kl: float | None,
+        vf_fisher_coef: float,
+        calibrate: bool = True,
+        log_bias: list[float] | None = None,
+    ) -> None:
+        check_radius(max_kl)
+        check_radius(vf_max_kl, "vf_max_kl")
+        self.max_kl, self.vf_max_kl = max_kl, vf_max_kl
+        self.vf_fisher_coef = vf_fisher_coef
+        self.calibrate = calibrate
+        actor, critic = actor_and_critic_parameters(policy)
+        critic_ids = {id(p) for p in critic}
+        self.shared_layers = any(id(p) in critic_ids for p in actor)
+        if self.shared_layers:
+            self.regions: list[tuple[list[th.Tensor], float | None]] = [
+                ([p for p in policy.parameters() if p.requires_grad], max_kl)
+            ]
+        else:
+            self.regions = [(actor, max_kl), (critic, vf_max_kl)]
+        self.log_bias = [] if log_bias is None else log_bias
+        self.log_bias.extend([0.0] * (len(self.regions) - len(self.log_bias)))
+
+    @property
+    def targets(self) -> list[float | None]:
+        """The uncalibrated radius of each region."""
+        return [radius for _, radius in self.regions]
+
+    @property
+    def kl_bias(self) -> float:
+        """The running measured / predicted KL ratio of the first (policy or joint) region."""
+        return math.exp(self.log_bias[0])
+
+    def set_radii(self, optimizer: acktr_kfe.KFAC | acktr_kfe.EKFAC) -> None:
+        """Give each region of ``optimizer`` its radius for the next step: the target divided by the bias."""
+        for index, target in enumerate(self.targets):
+            bias = math.exp(self.log_bias[index]) if self.calibrate else 1.0
+            optimizer.set_trust_region_radius(index, None if target is None else target / bias)
+
+    def measure(
+        self, old: Distribution, old_values: th.Tensor, new: Distribution, new_values: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """The mean KL of the policy and of the critic's Gaussian between two forward passes on one batch.
+
+        ``old`` must be cut from the graph (:func:`detached` of its torch distribution, wrapped or not)."""
+        old_dist = getattr(old, "distribution", old)
+        policy_kl = mean_kl(old_dist, new.distribution)
+        vf_kl = 0.5 * self.vf_fisher_coef**2 * (new_values - old_values).square().mean()
+        return policy_kl, vf_kl
+
+    def update(self, optimizer: acktr_kfe.KFAC | acktr_kfe.EKFAC, policy_kl: float, vf_kl: float) -> None:
+        """Fold the measured KLs of the last step into the running bias of each region."""
+        if not self.calibrate:
+            return
+        measured = [policy_kl + vf_kl] if self.shared_layers else [policy_kl, vf_kl]
+        for index, (value, predicted) in enumerate(zip(measured, optimizer.last_predicted_kls.tolist())):
+            if predicted > 0 and value > 0 and math.isfinite(value):
+                low, high = (math.log(bound) for bound in KL_BIAS_RANGE)
+                ratio = min(max(math.log(value / predicted), low), high)
+                self.log_bias[index] += (1 - KL_BIAS_DECAY) * (ratio - self.log_bias[index])
