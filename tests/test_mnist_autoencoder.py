@@ -1,4 +1,5 @@
-"""K-FAC and EKFAC leave the MNIST deep autoencoder's plateau where SGD with momentum stays (short real run)."""
+"""K-FAC and EKFAC leave the MNIST deep autoencoder's plateau long before SGD with momentum (short real run, the
+config's batch 1000 and sparse initialization)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from agents.supervised import (
 )
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
-STEPS, BATCH = 300, 250
+STEPS, BATCH = 100, 1000
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,10 @@ def test_kfac_and_ekfac_reach_lower_autoencoder_loss_than_sgd_in_same_steps(imag
     sgd = final_training_loss("sgd", images)
     kfac = final_training_loss("kfac", images)
     ekfac = final_training_loss("ekfac", images)
-    # SGD with momentum stays on the mean-image plateau (about 205.5 summed BCE per image).
-    assert sgd > 200.0
     print(f"final training loss after {STEPS} steps: SGD {sgd:.1f}, K-FAC {kfac:.1f}, EKFAC {ekfac:.1f}")
-    assert kfac < sgd - 10.0, (kfac, sgd)
-    assert ekfac < sgd - 10.0, (ekfac, sgd)
+    # SGD with momentum is still on the mean-image plateau (about 205.5 summed BCE per image) after 100 steps.
+    assert sgd > 190.0
+    assert kfac < sgd - 50.0, (kfac, sgd)
+    assert ekfac < sgd - 50.0, (ekfac, sgd)
+    # Per step, EKFAC's rescaled eigenbasis is ahead of K-FAC (as in the EKFAC paper's per-epoch figures).
+    assert ekfac < kfac, (ekfac, kfac)

@@ -17,7 +17,7 @@ import torch
 from agents.supervised import build_optimizer
 from agents.supervised.data import DatasetFilesMissingError, augment_cifar, load_cifar10, read_cifar_batch
 from agents.supervised.download import ChecksumError, download_cifar10, download_mnist, fetch_verified
-from agents.supervised.models import VGG11, ResNet34
+from agents.supervised.models import VGG11, MNISTAutoencoder, ResNet34
 from agents.supervised.runner import TASKS, evaluate, train_run
 from agents.supervised.training import OPTIMIZER_NAMES
 
@@ -159,6 +159,22 @@ def test_download_script_reports_failures_without_a_traceback(tmp_path: Path, ca
 
 
 # --- models and one step per optimizer -----------------------------------------------------------------------
+def test_autoencoder_sparse_initialization_gives_each_unit_fifteen_gaussian_inputs() -> None:
+    torch.manual_seed(0)
+    layers = [m for m in MNISTAutoencoder().modules() if isinstance(m, torch.nn.Linear)]
+    for layer in layers:
+        nonzero = (layer.weight != 0).sum(dim=1)
+        assert torch.equal(nonzero, torch.full_like(nonzero, min(15, layer.in_features)))
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    weights = torch.cat([layer.weight[layer.weight != 0] for layer in layers])
+    assert abs(weights.std().item() - 1.0) < 0.05 and abs(weights.mean().item()) < 0.05
+    torch.manual_seed(0)
+    default = MNISTAutoencoder(init="default")[0].weight
+    assert (default != 0).all() and default.abs().max() <= 784**-0.5
+    with pytest.raises(ValueError, match=r"Invalid init: 'xavier'\. Valid values: sparse, default"):
+        MNISTAutoencoder(init="xavier")
+
+
 def test_full_size_models_have_the_published_sizes_and_forward_cifar_images() -> None:
     images = torch.randn(2, 3, 32, 32)
     for model, parameters in ((VGG11(), 9_225_610), (VGG11(batch_norm=True), 9_228_362), (ResNet34(), 21_282_122)):

@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 AUTOENCODER_SIZES = (784, 1000, 500, 250, 30)
+AUTOENCODER_INITS = ("sparse", "default")
+# Sparse initialization (Martens 2010): nonzero incoming weights per unit.
+SPARSE_INIT_CONNECTIONS = 15
+
+
+def sparse_init_(layer: nn.Linear, connections: int = SPARSE_INIT_CONNECTIONS) -> None:
+    """Martens' (2010) sparse initialization: each unit gets ``connections`` incoming weights drawn from a unit
+    Gaussian at random positions, all other weights and the bias zero (uses torch's global generator)."""
+    out_features, in_features = layer.weight.shape
+    count = min(connections, in_features)
+    positions = torch.rand(out_features, in_features).argsort(dim=1)[:, :count]
+    with torch.no_grad():
+        layer.weight.zero_().scatter_(1, positions, torch.randn(out_features, count))
+        if layer.bias is not None:
+            layer.bias.zero_()
 
 
 class MNISTAutoencoder(nn.Sequential):
@@ -18,9 +34,15 @@ class MNISTAutoencoder(nn.Sequential):
 
     Args:
         activation: hidden nonlinearity (default ``nn.Sigmoid``, as in the papers).
+        init: ``"sparse"`` (default): the sparse initialization Martens (2010) introduced for these autoencoders
+            (15 unit-Gaussian incoming weights per unit, zero biases); ``"default"``: PyTorch's
+            ``nn.Linear`` initialization, whose small weights start every optimizer on the 205.5 plateau of the
+            mean image (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, activation: type[nn.Module] = nn.Sigmoid) -> None:
+    def __init__(self, activation: type[nn.Module] = nn.Sigmoid, init: str = "sparse") -> None:
+        if init not in AUTOENCODER_INITS:
+            raise ValueError(f"Invalid init: {init!r}. Valid values: {', '.join(AUTOENCODER_INITS)}")
         sizes = AUTOENCODER_SIZES + AUTOENCODER_SIZES[-2::-1]
         layers: list[nn.Module] = []
         code = len(AUTOENCODER_SIZES) - 2
@@ -29,6 +51,10 @@ class MNISTAutoencoder(nn.Sequential):
             if index != code and index != len(sizes) - 2:
                 layers.append(activation())
         super().__init__(*layers)
+        if init == "sparse":
+            for layer in layers:
+                if isinstance(layer, nn.Linear):
+                    sparse_init_(layer)
 
 
 def autoencoder_loss(logits: Tensor, images: Tensor) -> Tensor:
