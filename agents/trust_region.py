@@ -99,7 +99,6 @@ class ActorCriticTrustRegions:
     ) -> None:
         check_radius(max_kl)
         check_radius(vf_max_kl, "vf_max_kl")
-        self.max_kl, self.vf_max_kl = max_kl, vf_max_kl
         self.vf_fisher_coef = vf_fisher_coef
         self.calibrate = calibrate
         actor, critic = actor_and_critic_parameters(policy)
@@ -131,13 +130,13 @@ class ActorCriticTrustRegions:
             optimizer.set_trust_region_radius(index, None if target is None else target / bias)
 
     def measure(
-        self, old: Distribution, old_values: th.Tensor, new: Distribution, new_values: th.Tensor
+        self, old: Any, old_values: th.Tensor, new: Distribution, new_values: th.Tensor
     ) -> tuple[th.Tensor, th.Tensor]:
         """The mean KL of the policy and of the critic's Gaussian between two forward passes on one batch.
 
-        ``old`` must be cut from the graph (:func:`detached` of its torch distribution, wrapped or not)."""
-        old_dist = getattr(old, "distribution", old)
-        policy_kl = mean_kl(old_dist, new.distribution)
+        ``old`` is the earlier pass's torch distribution cut from the graph (:func:`detached`); ``new`` the SB3
+        distribution of the later pass."""
+        policy_kl = mean_kl(old, new.distribution)
         vf_kl = 0.5 * self.vf_fisher_coef**2 * (new_values - old_values).square().mean()
         return policy_kl, vf_kl
 
@@ -146,8 +145,8 @@ class ActorCriticTrustRegions:
         if not self.calibrate:
             return
         measured = [policy_kl + vf_kl] if self.shared_layers else [policy_kl, vf_kl]
+        low, high = (math.log(bound) for bound in KL_BIAS_RANGE)
         for index, (value, predicted) in enumerate(zip(measured, optimizer.last_predicted_kls.tolist())):
             if predicted > 0 and value > 0 and math.isfinite(value):
-                low, high = (math.log(bound) for bound in KL_BIAS_RANGE)
                 ratio = min(max(math.log(value / predicted), low), high)
                 self.log_bias[index] += (1 - KL_BIAS_DECAY) * (ratio - self.log_bias[index])

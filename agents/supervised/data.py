@@ -20,6 +20,12 @@ class DatasetFilesMissingError(FileNotFoundError):
     """A dataset file is missing; the message names the files and how to get them."""
 
 
+def _check_split(split: str, files: dict[str, object]) -> None:
+    """Raise a ValueError naming ``split`` and the valid ones unless ``files`` has it."""
+    if split not in files:
+        raise ValueError(f"Invalid split: {split!r}. Valid values: {sorted(files)}")
+
+
 def _find(directory: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem):
         if (directory / name).is_file():
@@ -65,8 +71,7 @@ def load_mnist(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tens
         DatasetFilesMissingError: naming the missing files and where to get them.
         ValueError: for an unknown split or corrupted files.
     """
-    if split not in MNIST_FILES:
-        raise ValueError(f"Invalid split: {split!r}. Valid values: {sorted(MNIST_FILES)}")
+    _check_split(split, MNIST_FILES)
     directory = Path(data_dir)
     paths = [_find(directory, stem) for stem in MNIST_FILES[split]]
     missing = [f"{stem}[.gz]" for stem, path in zip(MNIST_FILES[split], paths) if path is None]
@@ -124,8 +129,7 @@ def load_cifar10(data_dir: str | Path, split: str = "train", normalize: bool = T
         DatasetFilesMissingError: naming the missing files and how to get them.
         ValueError: for an unknown split or corrupted files.
     """
-    if split not in CIFAR10_FILES:
-        raise ValueError(f"Invalid split: {split!r}. Valid values: {sorted(CIFAR10_FILES)}")
+    _check_split(split, CIFAR10_FILES)
     directory = Path(data_dir)
     if not (directory / CIFAR10_FILES["test"][0]).is_file() and (directory / CIFAR10_FOLDER).is_dir():
         directory = directory / CIFAR10_FOLDER
