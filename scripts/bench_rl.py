@@ -39,28 +39,12 @@ ALGOS = ("acktr_ekfac", "acktr_kfac", "a2c", "ppo")
 WINDOW = 10
 
 
-def linear_schedule(start: float) -> Any:
-    """SB3 schedule from ``start`` to 0 over training."""
-    return lambda progress_remaining: progress_remaining * start
-
-
 def baseline_config(algo: str, env_id: str) -> dict[str, Any]:
-    """A2C's or PPO's rl-zoo hyperparameters for ``env_id`` from configs/baselines.yml, ready for the constructor."""
+    """A2C's or PPO's rl-zoo hyperparameters for ``env_id`` from configs/baselines.yml."""
     import yaml
-    from torch import nn
 
     with (ROOT / "configs" / "baselines.yml").open() as handle:
-        config = dict((yaml.safe_load(handle)[algo] or {}).get(env_id) or {})
-    for key in ("learning_rate", "clip_range"):
-        value = config.get(key)
-        if isinstance(value, str) and value.startswith("lin_"):
-            config[key] = linear_schedule(float(value[4:]))
-    policy_kwargs = dict(config.get("policy_kwargs") or {})
-    if "activation_fn" in policy_kwargs:
-        policy_kwargs["activation_fn"] = {"tanh": nn.Tanh, "relu": nn.ReLU}[policy_kwargs["activation_fn"]]
-    if policy_kwargs:
-        config["policy_kwargs"] = policy_kwargs
-    return config
+        return dict((yaml.safe_load(handle)[algo] or {}).get(env_id) or {})
 
 
 def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict[str, Any]:
@@ -70,7 +54,7 @@ def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict
     from stable_baselines3.common.callbacks import BaseCallback
 
     from agents.acktr import ACKTR
-    from agents.rl_config import RUN_KEYS, env_options, resolve_config
+    from agents.rl_config import env_options, model_arguments, resolve_config
     from envs import make_env
 
     torch.set_num_threads(threads)
@@ -82,8 +66,7 @@ def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict
         config = baseline_config(algo, env_id)
         cls = {"a2c": A2C, "ppo": PPO}[algo]
     env = make_env(env_id, n_envs=config.get("n_envs", 1), seed=seed, **env_options(config))
-    policy = config.get("policy", "MlpPolicy")
-    kwargs = {k: v for k, v in config.items() if k not in RUN_KEYS}
+    policy, kwargs = model_arguments(config)
 
     episodes: list[tuple[int, float]] = []
 

@@ -33,8 +33,7 @@ from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.utils import set_random_seed  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 
-from agents.policies import KroneckerActorCriticPolicy  # noqa: E402
-from agents.rl_config import ALGORITHMS, RUN_KEYS, env_options, resolve_config  # noqa: E402
+from agents.rl_config import ALGORITHMS, env_options, model_arguments, resolve_config  # noqa: E402
 from envs import env_kind, make_env  # noqa: E402
 
 
@@ -128,10 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     (run_dir / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
 
-    kwargs = {k: v for k, v in config.items() if k not in RUN_KEYS}
-    policy = config["policy"]
-    if policy == "KroneckerActorCriticPolicy":
-        policy = KroneckerActorCriticPolicy
+    policy, kwargs = model_arguments(config)
     set_random_seed(args.seed)
     env = make_env(args.env, n_envs=config["n_envs"], seed=args.seed, **env_options(config))
     if args.resume:

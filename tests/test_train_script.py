@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from agents.acktr import ACKTR
-from agents.rl_config import resolve_config
+from agents.policies import KroneckerActorCriticPolicy
+from agents.rl_config import model_arguments, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -89,6 +91,25 @@ def test_config_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
     resolved = resolve_config(ROOT / "configs" / "acktr.yml", "CartPole-v1", ACKTR)
     assert resolved["total_timesteps"] == 50_000 and resolved["policy"] == "MlpPolicy"
     assert resolve_config(ROOT / "configs" / "acktr.yml", "ALE/Pong-v5", ACKTR)["policy"] == "CnnPolicy"
+
+
+def test_config_schedules_activations_and_policy_names_become_objects() -> None:
+    policy, kwargs = model_arguments(
+        {
+            "policy": "KroneckerActorCriticPolicy",
+            "n_envs": 4,
+            "learning_rate": "lin_0.5",
+            "policy_kwargs": {"activation_fn": "relu", "net_arch": [8]},
+        }
+    )
+    assert policy is KroneckerActorCriticPolicy and "n_envs" not in kwargs
+    assert kwargs["learning_rate"](1.0) == pytest.approx(0.5) and kwargs["learning_rate"](0.5) == pytest.approx(0.25)
+    assert kwargs["policy_kwargs"] == {"activation_fn": torch.nn.ReLU, "net_arch": [8]}
+    assert model_arguments({"learning_rate": 0.1})[0] == "MlpPolicy"
+    with pytest.raises(ValueError, match=r"Invalid learning_rate: 'exp_0.1'.*lin_<start>"):
+        model_arguments({"learning_rate": "exp_0.1"})
+    with pytest.raises(ValueError, match=r"Invalid policy_kwargs.activation_fn: 'gelu'. Valid values: tanh, relu"):
+        model_arguments({"policy_kwargs": {"activation_fn": "gelu"}})
 
 
 def test_evaluate_and_plot_read_train_run_folders(tmp_path: Path) -> None:
