@@ -6,8 +6,9 @@
 Each run trains one algorithm on one env for the env's step budget (the same for every algorithm) and records
 the training episodes' true returns (the Monitor sits beneath every normalization wrapper). Reported per env and
 algorithm, over seeds: env steps until the mean return of the last 10 training episodes first reaches the env's
-threshold ("-" when a seed never does; the table gives the median over the seeds that did, and how many did), the
-final return (mean of the last 10 episodes) and env steps per second. The table is printed as markdown and written
+threshold (the median over seeds, a seed that never reaches counting as more than the budget, and how many
+seeds reached; ratios to A2C become bounds when a median is beyond the budget), the final return (mean of the
+last 10 episodes) and env steps per second. The table is printed as markdown and written
 to OUT/results.md, per-run records to OUT/runs.jsonl, learning curves to OUT/curves.png.
 
 ACKTR's hyperparameters come from configs/acktr.yml, A2C's and PPO's from configs/baselines.yml.
@@ -98,11 +99,28 @@ def summarize(record: dict[str, Any], threshold: float) -> dict[str, Any]:
     return {"reached": reached, "final": final, "fps": record["steps"] / record["seconds"]}
 
 
+def median_steps(runs: list[dict[str, Any]]) -> float:
+    """Median steps to threshold over seeds; a seed that never reached counts as infinitely many steps, so the
+    median is ``inf`` (more than the budget) when half or more of the seeds never reached."""
+    return float(np.median([np.inf if r["reached"] is None else r["reached"] for r in runs]))
+
+
+def steps_ratio(median: float, a2c_median: float, budget: int) -> str:
+    """The ratio of two medians of :func:`median_steps`, as a bound when one of them is beyond the budget."""
+    if np.isfinite(median) and np.isfinite(a2c_median):
+        return f"{median / a2c_median:.2f}"
+    if np.isfinite(median):
+        return f"<{median / budget:.2f}"
+    if np.isfinite(a2c_median):
+        return f">{budget / a2c_median:.2f}"
+    return ""
+
+
 def table(records: list[dict[str, Any]]) -> str:
     """The markdown table over seeds, with ratios to A2C."""
     lines = [
-        f"| env | algorithm | steps to threshold (median, seeds reaching) | final return (mean of last {WINDOW}, "
-        "per seed) | env steps/s (mean) | steps ratio to A2C | fps ratio to A2C |",
+        f"| env | algorithm | steps to threshold (median over seeds, seeds reaching) | final return (mean of last "
+        f"{WINDOW}, per seed) | env steps/s (mean) | steps ratio to A2C | fps ratio to A2C |",
         "|---|---|---|---|---|---|---|",
     ]
     for env_id, (budget, threshold) in BENCHMARKS.items():
@@ -112,22 +130,18 @@ def table(records: list[dict[str, Any]]) -> str:
             if runs:
                 rows[algo] = runs
         for algo, runs in rows.items():
-            reached = [r["reached"] for r in runs if r["reached"] is not None]
-            median = float(np.median(reached)) if reached else None
+            median = median_steps(runs)
             fps = float(np.mean([r["fps"] for r in runs]))
             ratio_steps, ratio_fps = "", ""
             if "a2c" in rows:
-                a2c = [r["reached"] for r in rows["a2c"] if r["reached"] is not None]
-                a2c_median = float(np.median(a2c)) if a2c else None
-                if median is not None:
-                    # An A2C that never reaches the threshold counts as the budget (a lower bound on its steps).
-                    ratio_steps = f"{median / (a2c_median or budget):.2f}" + ("" if a2c_median else " (A2C: >budget)")
+                ratio_steps = steps_ratio(median, median_steps(rows["a2c"]), budget)
                 ratio_fps = f"{fps / np.mean([r['fps'] for r in rows['a2c']]):.2f}"
             finals = ", ".join(f"{r['final']:.0f}" for r in runs)
-            steps_text = f"{median:,.0f} ({len(reached)}/{len(runs)})" if median is not None else f"- (0/{len(runs)})"
+            reached = sum(r["reached"] is not None for r in runs)
+            steps_text = f"{median:,.0f}" if np.isfinite(median) else f">{budget:,}"
             lines.append(
-                f"| {env_id} (≥{threshold:g}, {budget:,} steps) | {algo} | {steps_text} | {finals} | {fps:,.0f} "
-                f"| {ratio_steps} | {ratio_fps} |"
+                f"| {env_id} (≥{threshold:g}, {budget:,} steps) | {algo} | {steps_text} ({reached}/{len(runs)}) "
+                f"| {finals} | {fps:,.0f} | {ratio_steps} | {ratio_fps} |"
             )
     return "\n".join(lines)
 
