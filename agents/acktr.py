@@ -82,7 +82,10 @@ class ACKTR(OnPolicyAlgorithm):
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass.
         max_kl: trust-region radius of the policy (joint with the critic when layers are shared), as KL per
             update; ``None`` disables it.
-        vf_max_kl: trust-region radius of a separate critic (see above); ``None`` disables it.
+        vf_max_kl: trust-region radius of a separate critic (see above); ``None`` disables it. It bounds the mean
+            squared change of the value by ``2 vf_max_kl / vf_fisher_coef**2``, in reward units: with raw returns
+            in the hundreds the critic crawls (normalize rewards, as ``VecNormalize`` does, or raise it), with
+            normalized rewards 0.01 to 0.03 is a good range (configs/acktr.yml).
         calibrate_kl: divide the radii by the running bias of the quadratic model (see above).
         damping: Tikhonov damping of the preconditioner.
         momentum: momentum of the preconditioned step.

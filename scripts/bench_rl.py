@@ -83,7 +83,15 @@ def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict
     model.learn(steps, callback=Episodes())
     seconds = time.perf_counter() - start
     env.close()
-    return {"algo": algo, "env": env_id, "seed": seed, "steps": steps, "seconds": seconds, "episodes": episodes}
+    return {
+        "algo": algo,
+        "env": env_id,
+        "seed": seed,
+        "steps": steps,
+        "timesteps": int(model.num_timesteps),  # whole rollouts: at least ``steps``
+        "seconds": seconds,
+        "episodes": episodes,
+    }
 
 
 def summarize(record: dict[str, Any], threshold: float) -> dict[str, Any]:

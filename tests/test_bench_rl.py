@@ -58,3 +58,13 @@ def test_report_rebuilds_table_and_plot_from_logs(tmp_path: Path) -> None:
     )
     assert bench.main(["--report", "--out", str(tmp_path), "--envs", "CartPole-v1"]) == 0
     assert (tmp_path / "curves.png").stat().st_size > 5_000 and "| ppo |" in (tmp_path / "results.md").read_text()
+
+
+def test_throughput_table_gives_ratios_to_a2c_and_a_short_run_measures_every_algorithm(tmp_path: Path) -> None:
+    throughput = load_script("bench_throughput")
+    table = throughput.table([("CartPole-v1", "a2c", 1000, 2.0), ("CartPole-v1", "acktr_ekfac", 1000, 1.0)])
+    assert table.splitlines()[-1] == "| CartPole-v1 | acktr_ekfac | 1,000 | 1.0 | 1,000 | 2.00 |"
+    args = ["--envs", "CartPole-v1", "--algos", "a2c", "acktr_ekfac", "--steps", "320", "--out", str(tmp_path)]
+    assert throughput.main(args) == 0
+    rows = (tmp_path / "throughput.md").read_text().splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["a2c", "acktr_ekfac"] and rows[0].endswith("| 1.00 |")
