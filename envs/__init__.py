@@ -53,7 +53,7 @@ def make_env(
     *,
     training: bool = True,
     frame_stack: int = 4,
-    normalize: bool | None = None,
+    normalize: bool | dict[str, bool] | None = None,
     monitor_dir: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
 ) -> VecEnv:
@@ -74,7 +74,8 @@ def make_env(
         seed: seed of the first environment (the others get ``seed + i``).
         training: training (``True``) or evaluation wrappers.
         frame_stack: frames stacked for Atari.
-        normalize: wrap in ``VecNormalize`` (default: for MuJoCo only).
+        normalize: wrap in ``VecNormalize`` (default: for MuJoCo only); a dict with ``norm_obs`` and/or
+            ``norm_reward`` (both true when left out) normalizes only what it asks for.
         monitor_dir: where ``Monitor`` writes its CSV files (none by default).
         env_kwargs: extra keyword arguments of ``gym.make``.
 
@@ -100,6 +101,19 @@ def make_env(
         )
         return VecFrameStack(env, n_stack=frame_stack)
     env = make_vec_env(env_id, n_envs=n_envs, seed=seed, monitor_dir=monitor_dir, env_kwargs=env_kwargs)
-    if normalize if normalize is not None else kind == "mujoco":
-        env = VecNormalize(env, training=training, norm_obs=True, norm_reward=training)
+    if normalize is None:
+        normalize = kind == "mujoco"
+    if isinstance(normalize, dict):
+        unknown = sorted(set(normalize) - {"norm_obs", "norm_reward"})
+        if unknown:
+            raise ValueError(f"Invalid normalize keys {unknown}: allowed are norm_obs and norm_reward")
+        options = {"norm_obs": True, "norm_reward": True, **normalize}
+    elif isinstance(normalize, bool):
+        options = {"norm_obs": normalize, "norm_reward": normalize}
+    else:
+        raise ValueError(f"Invalid normalize: {normalize!r} (a bool, or a dict of norm_obs / norm_reward)")
+    if options["norm_obs"] or options["norm_reward"]:
+        env = VecNormalize(
+            env, training=training, norm_obs=options["norm_obs"], norm_reward=options["norm_reward"] and training
+        )
     return env

@@ -54,3 +54,13 @@ def test_mujoco_env_is_normalized_and_statistics_round_trip(tmp_path) -> None:
     np.testing.assert_allclose(evaluation.obs_rms.mean, env.obs_rms.mean)
     frozen = make_env("HalfCheetah-v5", training=False)
     assert isinstance(frozen, VecNormalize) and not frozen.training and not frozen.norm_reward
+
+
+def test_normalize_may_ask_for_rewards_only_and_rejects_unknown_options() -> None:
+    env = make_env("CartPole-v1", n_envs=2, seed=0, normalize={"norm_obs": False})
+    assert isinstance(env, VecNormalize) and env.norm_reward and not env.norm_obs
+    assert not isinstance(make_env("CartPole-v1", normalize={"norm_obs": False, "norm_reward": False}), VecNormalize)
+    with pytest.raises(ValueError, match=r"Invalid normalize keys \[.clip_obs.\]: allowed are norm_obs"):
+        make_env("CartPole-v1", normalize={"clip_obs": 5.0})
+    with pytest.raises(ValueError, match="Invalid normalize: 'yes'"):
+        make_env("CartPole-v1", normalize="yes")
