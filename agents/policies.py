@@ -15,6 +15,7 @@ natural-gradient step uniformly instead of undoing it; the KL trust region (``ma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch as th
@@ -68,7 +69,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     layers one joint region is bounded by ``max_kl``; each bounds the momentum step actually taken. After every
     optimizer step the policy measures the KL on the minibatch it just evaluated (one forward pass) and, with
     ``calibrate_kl``, divides the next radius by the running bias of the quadratic model. The last measurement is
-    in ``last_measured_kl`` and ``last_measured_vf_kl``.
+    in ``last_measured_kl`` and ``last_measured_vf_kl``. The calibration is kept in the buffer ``kl_log_bias``, so
+    it is saved and loaded with the policy's parameters.
 
     Args:
         preconditioner: ``"ekfac"`` (default) or ``"kfac"``.
@@ -116,6 +118,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.trust_regions = ActorCriticTrustRegions(
             self, self.max_kl, self.vf_max_kl, self.vf_fisher_coef, self.calibrate_kl
         )
+        # The running log(measured / predicted KL) per region, saved with the parameters (padded to two regions).
+        self.register_buffer("kl_log_bias", th.zeros(2, dtype=th.float64))
         options = {
             **_DEFAULTS,
             "trust_region_mode": "step",
@@ -164,6 +168,18 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             policy_kl, vf_kl = self.trust_regions.measure(old_distribution, old_values, distribution, values)
         self.last_measured_kl, self.last_measured_vf_kl = policy_kl.item(), vf_kl.item()
         self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)
+        bias = self.trust_regions.log_bias
+        self.kl_log_bias[: len(bias)] = th.tensor(bias, dtype=th.float64)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, then the trust regions take the loaded calibration. A state saved before
+        the calibration was (no ``kl_log_bias``) loads with the calibration starting afresh."""
+        if "kl_log_bias" not in state_dict:
+            state_dict = {**state_dict, "kl_log_bias": th.zeros_like(self.kl_log_bias)}
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        bias = self.trust_regions.log_bias
+        bias[:] = self.kl_log_bias[: len(bias)].tolist()
+        return result
 
 
 class KroneckerActorCriticCnnPolicy(KroneckerActorCriticPolicy):

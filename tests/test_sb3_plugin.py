@@ -111,3 +111,9 @@ def test_plugin_policy_settings_survive_save_and_load(tmp_path) -> None:
     assert policy.optimizer.param_groups[0]["damping"] == 0.05
     obs = env.reset()
     assert np.array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+    # The KL calibration is saved with the parameters and restored into the trust regions.
+    assert model.policy.trust_regions.log_bias[0] != 0.0
+    assert policy.trust_regions.log_bias == pytest.approx(model.policy.trust_regions.log_bias)
+    state = {k: v for k, v in model.policy.state_dict().items() if k != "kl_log_bias"}
+    policy.load_state_dict(state)  # a policy saved before the calibration was: it starts afresh
+    assert policy.trust_regions.log_bias == [0.0, 0.0]
