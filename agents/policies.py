@@ -168,18 +168,32 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             policy_kl, vf_kl = self.trust_regions.measure(old_distribution, old_values, distribution, values)
         self.last_measured_kl, self.last_measured_vf_kl = policy_kl.item(), vf_kl.item()
         self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # The trust regions keep the calibration; the buffer takes it only when the state is saved.
         bias = self.trust_regions.log_bias
         self.kl_log_bias[: len(bias)] = th.tensor(bias, dtype=th.float64)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``, then the trust regions take the loaded calibration. A state saved before
-        the calibration was (no ``kl_log_bias``) loads with the calibration starting afresh."""
-        if "kl_log_bias" not in state_dict:
-            state_dict = {**state_dict, "kl_log_bias": th.zeros_like(self.kl_log_bias)}
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A state saved before the calibration was (no kl_log_bias) loads with the calibration starting afresh.
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "kl_log_bias" in missing_keys:
+            missing_keys.remove(prefix + "kl_log_bias")
+            self.kl_log_bias.zero_()
         bias = self.trust_regions.log_bias
         bias[:] = self.kl_log_bias[: len(bias)].tolist()
-        return result
 
 
 class KroneckerActorCriticCnnPolicy(KroneckerActorCriticPolicy):

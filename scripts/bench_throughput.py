@@ -1,7 +1,7 @@
 """Throughput benchmark: env steps per second of ACKTR (EKFAC, K-FAC), SB3's A2C and PPO, one run after another.
 
     python scripts/bench_throughput.py                                # the RL benchmark's envs and ALE/Pong-v5
-    python scripts/bench_throughput.py --envs ALE/Pong-v5 --steps 6400 --device cuda
+    python scripts/bench_throughput.py --envs ALE/Pong-v5 --steps 25600       # 6,400 Atari steps per run
 
 scripts/bench_rl.py runs several trainings at once and long ones, so its steps-per-second column depends on what
 else the machine was doing. This script trains each algorithm for a short, fixed number of env steps (whole
