@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,133 @@ def model_arguments(config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         kwargs["policy_kwargs"] = policy_kwargs
     policy = config.get("policy", "MlpPolicy")
     return POLICIES.get(policy, policy), kwargs
+
+
+# --- value checks -------------------------------------------------------------------------------------------
+# Each rule: (kind, low, high, low_open, high_open) for numbers; the kinds "int", "float", "bool", "str",
+# "dict", "schedule" (a float or "lin_X"), "optional_float" (None disables).
+_UNBOUNDED = math.inf
+VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
+    "n_envs": ("int", 1, _UNBOUNDED, False, True),
+    "total_timesteps": ("int", 1, _UNBOUNDED, False, True),
+    "eval_episodes": ("int", 1, _UNBOUNDED, False, True),
+    "frame_stack": ("int", 1, _UNBOUNDED, False, True),
+    "n_steps": ("int", 1, _UNBOUNDED, False, True),
+    "batch_size": ("int", 1, _UNBOUNDED, False, True),
+    "n_epochs": ("int", 1, _UNBOUNDED, False, True),
+    "stats_window_size": ("int", 1, _UNBOUNDED, False, True),
+    "factor_update_interval": ("int", 1, _UNBOUNDED, False, True),
+    "eigen_update_interval": ("int", 1, _UNBOUNDED, False, True),
+    "scale_update_interval": ("int", 1, _UNBOUNDED, False, True),
+    "sde_sample_freq": ("int", -1, _UNBOUNDED, False, True),
+    "learning_rate": ("schedule", 0, _UNBOUNDED, True, True),
+    "clip_range": ("schedule", 0, _UNBOUNDED, True, True),
+    "clip_range_vf": ("optional_float", 0, _UNBOUNDED, True, True),
+    "gamma": ("float", 0, 1, False, False),
+    "gae_lambda": ("float", 0, 1, False, False),
+    "momentum": ("float", 0, 1, False, True),
+    "factor_decay": ("float", 0, 1, False, True),
+    "ent_coef": ("float", 0, _UNBOUNDED, False, True),
+    "vf_coef": ("float", 0, _UNBOUNDED, False, True),
+    "vf_fisher_coef": ("float", 0, _UNBOUNDED, False, True),
+    "damping": ("float", 0, _UNBOUNDED, True, True),
+    "rms_prop_eps": ("float", 0, _UNBOUNDED, True, True),
+    "max_kl": ("optional_float", 0, _UNBOUNDED, True, True),
+    "vf_max_kl": ("optional_float", 0, _UNBOUNDED, True, True),
+    "max_grad_norm": ("optional_float", 0, _UNBOUNDED, True, True),
+    "target_kl": ("optional_float", 0, _UNBOUNDED, True, True),
+    "calibrate_kl": ("bool", 0, 0, False, False),
+    "normalize_advantage": ("bool", 0, 0, False, False),
+    "use_sde": ("bool", 0, 0, False, False),
+    "use_rms_prop": ("bool", 0, 0, False, False),
+    "policy": ("str", 0, 0, False, False),
+    "preconditioner": ("str", 0, 0, False, False),
+    "policy_kwargs": ("dict", 0, 0, False, False),
+    "rollout_buffer_kwargs": ("dict", 0, 0, False, False),
+}
+CHOICES: dict[str, tuple[str, ...]] = {"preconditioner": ("ekfac", "kfac")}
+
+
+def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if high == _UNBOUNDED:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def _check_number(value: Any, kind: str, rule: tuple[str, float, float, bool, bool]) -> Any:
+    """The value as a number of ``kind`` if it is one in range, else raise ``ValueError`` with the reason."""
+    _, low, high, low_open, high_open = rule
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer {_range_text(low, high, low_open, high_open)}")
+    else:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"must be a number {_range_text(low, high, low_open, high_open)}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number {_range_text(low, high, low_open, high_open)}")
+        value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError(
+            f"must be a {'n integer' if kind == 'int' else ' finite number'} "
+            f"{_range_text(low, high, low_open, high_open)}"
+        )
+    return value
+
+
+def validate_config(config: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """Check the type and range of every known value of a resolved config; numbers given as strings
+    (``"1e-3"``) become floats.
+
+    Args:
+        config: the resolved settings.
+        source: the file they come from, named in the message.
+
+    Returns:
+        the config with numeric strings converted.
+
+    Raises:
+        ValueError: ``"<source>: invalid <key>: <value> (<what it must be>)"`` for the first bad value.
+    """
+    checked = dict(config)
+    for key, value in config.items():
+        rule = VALUE_RULES.get(key)
+        if rule is None:
+            continue
+        kind = rule[0]
+        try:
+            if kind in ("int", "float"):
+                checked[key] = _check_number(value, kind, rule)
+            elif kind == "optional_float":
+                checked[key] = None if value is None else _check_number(value, "float", rule)
+            elif kind == "schedule":
+                if isinstance(value, str) and value.startswith("lin_"):
+                    _check_number(value[4:], "float", rule)
+                else:
+                    checked[key] = _check_number(value, "float", rule)
+            elif kind == "bool" and not isinstance(value, bool):
+                raise ValueError("must be true or false")
+            elif kind == "str" and not isinstance(value, str):
+                raise ValueError("must be a string")
+            elif kind == "dict" and not isinstance(value, dict):
+                raise ValueError("must be a mapping")
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ValueError(f"valid values: {', '.join(CHOICES[key])}")
+        except ValueError as error:
+            extra = " (or 'lin_<start>' for a linear decay to 0)" if kind == "schedule" else ""
+            raise ValueError(f"{source}: invalid {key}: {value!r} ({error}{extra})") from None
+    normalize = config.get("normalize")
+    if not (
+        normalize is None
+        or isinstance(normalize, bool)
+        or (isinstance(normalize, dict) and all(isinstance(v, bool) for v in normalize.values()))
+    ):
+        raise ValueError(
+            f"{source}: invalid normalize: {normalize!r} (true, false, or a mapping of norm_obs / norm_reward "
+            "to true or false)"
+        )
+    return checked

@@ -17,13 +17,19 @@ __all__ = ["EnvKind", "env_kind", "make_env"]
 EnvKind = str  # "atari" | "mujoco" | "classic"
 
 
+# Why the Atari package did not import, when it did not (its ids are then unknown to gymnasium).
+_ale_import_error: str | None = None
+
+
 def _registered_ids() -> list[str]:
+    global _ale_import_error
     try:
         import ale_py
 
         gym.register_envs(ale_py)
-    except ImportError:  # Atari is optional at run time; the ids are then simply unknown
-        pass
+        _ale_import_error = None
+    except ImportError as error:  # Atari is optional at run time; say why when an Atari id is asked for
+        _ale_import_error = f"{type(error).__name__}: {error}"
     return list(gym.registry.keys())
 
 
@@ -31,9 +37,15 @@ def env_kind(env_id: str) -> EnvKind:
     """``"atari"``, ``"mujoco"`` or ``"classic"`` for a registered id.
 
     Raises:
-        ValueError: for an id gymnasium does not know, naming the closest registered ids.
+        ValueError: for an id gymnasium does not know, naming the closest registered ids; for an ``ALE/`` id
+            while ``ale_py`` fails to import, the import error.
     """
     ids = _registered_ids()
+    if env_id not in ids and env_id.startswith("ALE/") and _ale_import_error is not None:
+        raise ValueError(
+            f"Cannot make {env_id!r}: the Atari environments come from the ale_py package, which failed to import "
+            f"({_ale_import_error}). Install or repair it: pip install 'ale-py>=0.9'"
+        )
     if env_id not in ids:
         close = difflib.get_close_matches(env_id, ids, n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,16 @@ sys.path.insert(0, str(ROOT))
 from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize, VecVideoRecorder  # noqa: E402
 
+from agents.rl_checkpoint import CorruptedFileError, latest_checkpoint  # noqa: E402
+from agents.rl_checkpoint import load_agent as load_saved_agent  # noqa: E402
 from agents.rl_config import ALGORITHMS, env_options  # noqa: E402
 from envs import make_env  # noqa: E402
 
 
 def load_agent(path: Path, algo: str, device: str) -> Any:
-    """Load a saved agent; a missing or corrupted file raises an error that names it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no saved agent at {path}")
-    try:
-        return ALGORITHMS[algo].load(path, device=device)
-    except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError, ValueError) as error:
-        raise ValueError(
-            f"{path} is not a readable {algo.upper()} agent (corrupted or another format): {error}"
-        ) from error
+    """Load a saved agent; a missing file raises ``FileNotFoundError``, a damaged one ``CorruptedFileError``
+    (a ``ValueError``) naming the file and, for a damaged member of the zip, the member."""
+    return load_saved_agent(ALGORITHMS[algo], path, device=device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -63,17 +58,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.run is not None:
         if not (args.run / "config.yml").is_file():
             raise FileNotFoundError(f"{args.run} is not a run folder of scripts/train.py (no config.yml)")
-        config = yaml.safe_load((args.run / "config.yml").read_text())
+        try:
+            config = yaml.safe_load((args.run / "config.yml").read_text())
+        except yaml.YAMLError as error:
+            raise CorruptedFileError(f"{args.run / 'config.yml'} is corrupted: {error}") from None
+        if not isinstance(config, dict):
+            raise CorruptedFileError(f"{args.run / 'config.yml'} is corrupted: not a mapping of settings")
     env_id = args.env or config.get("env")
     if env_id is None:
         parser.error("--env is required with --model")
     algo = args.algo or config.get("algo", "acktr")
     model_path = args.model or args.run / "model.zip"
+    stats = model_path.with_name("vecnormalize.pkl")
+    if args.run is not None and not model_path.is_file() and latest_checkpoint(args.run) is not None:
+        checkpoint = latest_checkpoint(args.run)  # a run that stopped before its end: its last checkpoint
+        print(f"(no model.zip in {args.run}: evaluating its last checkpoint, {checkpoint.name})")
+        model_path, stats = checkpoint / "model.zip", checkpoint / "vecnormalize.pkl"
     model = load_agent(model_path, algo, args.device)
 
     env_kwargs = {"render_mode": "rgb_array"} if args.video else None
     env = make_env(env_id, n_envs=1, seed=args.seed, training=False, env_kwargs=env_kwargs, **env_options(config))
-    stats = (args.run / "vecnormalize.pkl") if args.run is not None else model_path.with_name("vecnormalize.pkl")
     if stats.is_file():
         env = VecNormalize.load(str(stats), env.venv if isinstance(env, VecNormalize) else env)
         env.training, env.norm_reward = False, False
@@ -93,4 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CorruptedFileError, FileNotFoundError, ValueError) as failure:
+        sys.exit(f"error: {failure}")

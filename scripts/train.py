@@ -5,11 +5,13 @@ With no arguments: ACKTR on CartPole-v1 with configs/acktr.yml, a few seconds to
     python scripts/train.py
     python scripts/train.py --env ALE/Pong-v5 --total-timesteps 200000 --device cuda
     python scripts/train.py --env CartPole-v1 --algo a2c --preconditioner ekfac     # SB3's A2C with EKFAC
-    python scripts/train.py --log-dir runs/my_run --resume                          # continue from a checkpoint
+    python scripts/train.py --log-dir runs/my_run --resume --total-timesteps 200000  # continue a run
 
-Writes to the run folder: TensorBoard logs (tb/), the resolved config (config.yml) and the command
-(command.txt), periodic checkpoints written atomically (checkpoint.zip, and vecnormalize.pkl for normalized
-environments), the final model (model.zip) and the evaluation (results.json).
+Writes to the run folder: TensorBoard logs (tb/), the resolved config (config.yml), the commands (command.txt),
+checkpoints between updates (checkpoint-<steps>/: model, VecNormalize statistics, RNG and environment state,
+written as one folder renamed into place), the final model (model.zip, and vecnormalize.pkl for normalized
+environments) and the evaluation (results.json). A new run never writes into a folder that holds files, and one
+folder is used by one process at a time (docs/FAILURE_BEHAVIOUR.md).
 """
 
 from __future__ import annotations
@@ -28,55 +30,106 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ProgressBarCallback  # noqa: E402
 from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.utils import set_random_seed  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 
-from agents.rl_config import ALGORITHMS, env_options, model_arguments, resolve_config  # noqa: E402
+from agents.rl_checkpoint import (  # noqa: E402
+    CorruptedFileError,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_tensorboard,
+    read_meta,
+    save_checkpoint,
+)
+from agents.rl_config import (  # noqa: E402
+    ALGORITHMS,
+    env_options,
+    model_arguments,
+    resolve_config,
+    validate_config,
+)
+from agents.run_folder import (  # noqa: E402
+    RunFolderError,
+    RunLock,
+    atomic_write_text,
+    refuse_existing_run,
+    temporary_path,
+    write_error,
+)
 from envs import env_kind, make_env  # noqa: E402
 
+DEFAULTS = {"env": "CartPole-v1", "algo": "acktr", "seed": 0}
+# What makes a run the run it is: resuming with another value refuses.
+IDENTITY = ("env", "algo", "preconditioner", "seed")
 
-class AtomicCheckpoint(BaseCallback):
-    """Every ``every`` environment steps, save the model (and VecNormalize statistics) atomically."""
 
-    def __init__(self, run_dir: Path, every: int) -> None:
+class UpdateBoundaryCheckpoint(BaseCallback):
+    """Checkpoint between updates: at the start of a rollout, once ``every`` environment steps have passed.
+
+    At that point the previous update is complete and no transition of the next rollout has been collected, so a
+    run resumed from it performs the same updates at the same step counts.
+    """
+
+    def __init__(self, run_dir: Path, every: int, identity: dict[str, Any]) -> None:
         super().__init__()
-        self.run_dir, self.every, self.last = run_dir, every, 0
+        self.run_dir, self.every, self.identity, self.last = run_dir, every, identity, 0
 
     def _on_training_start(self) -> None:
         self.last = self.num_timesteps
 
-    def _on_step(self) -> bool:
+    def _on_rollout_start(self) -> None:
         if self.num_timesteps - self.last >= self.every:
             self.last = self.num_timesteps
-            save_atomically(self.model, self.run_dir, "checkpoint")
+            checkpoint(self.model, self.run_dir, self.identity)
+
+    def _on_step(self) -> bool:
         return True
 
 
-def save_atomically(model: Any, run_dir: Path, name: str) -> None:
-    """Write ``name.zip`` (and ``vecnormalize.pkl``) through temporary files renamed into place."""
-    temporary = run_dir / f".{name}.tmp.zip"
+def checkpoint(model: Any, run_dir: Path, identity: dict[str, Any]) -> Path:
+    """``save_checkpoint``, with a failed write reported as a ``RunFolderError`` naming the intact checkpoint."""
+    try:
+        return save_checkpoint(model, run_dir, identity)
+    except OSError as error:
+        raise write_error(run_dir, error, intact_note(run_dir)) from error
+
+
+def intact_note(run_dir: Path) -> str:
+    """What is still usable in a run folder after a failed write."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "No checkpoint was written yet."
+    return (
+        f"The last complete checkpoint, {latest.name} (step {read_meta(latest)['steps']}), is intact: make the "
+        f"folder writable and continue with --log-dir {run_dir} --resume."
+    )
+
+
+def save_final(model: Any, run_dir: Path) -> None:
+    """``vecnormalize.pkl`` (if normalized) then ``model.zip``, each through a unique temporary file."""
+    normalize = model.get_vec_normalize_env()
+    if normalize is not None:
+        temporary = temporary_path(run_dir / "vecnormalize.pkl")
+        normalize.save(str(temporary))
+        os.replace(temporary, run_dir / "vecnormalize.pkl")
+    temporary = temporary_path(run_dir / "model.zip", ".zip")
     model.save(temporary)
-    os.replace(temporary, run_dir / f"{name}.zip")
-    env = model.get_env()
-    if isinstance(env, VecNormalize):
-        temporary_stats = run_dir / ".vecnormalize.tmp.pkl"
-        env.save(str(temporary_stats))
-        os.replace(temporary_stats, run_dir / "vecnormalize.pkl")
+    os.replace(temporary, run_dir / "model.zip")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", default="CartPole-v1", help="gymnasium id (default: CartPole-v1)")
+    parser.add_argument("--env", default=None, help="gymnasium id (default: CartPole-v1, or the resumed run's)")
     parser.add_argument("--config", type=Path, default=None, help="YAML file (default: configs/<algo>.yml)")
-    parser.add_argument("--algo", choices=sorted(ALGORITHMS), default="acktr")
+    parser.add_argument("--algo", choices=sorted(ALGORITHMS), default=None, help="(default: acktr, or the run's)")
     parser.add_argument("--preconditioner", choices=["ekfac", "kfac"], default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="(default: 0, or the resumed run's)")
     parser.add_argument("--total-timesteps", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--log-dir", type=Path, default=None, help="run folder (default: runs/<algo>_<env>_<seed>)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
     parser.add_argument("--checkpoint-every", type=int, default=10_000, help="environment steps between saves")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for MLPs)")
     args = parser.parse_args(argv)
@@ -86,10 +139,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--checkpoint-every and --threads must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.resume and args.config is not None:
+        parser.error("--resume continues with the run's saved settings (its config.yml); --config does not apply")
     return args
 
 
+def default_run_dir(args: argparse.Namespace) -> Path:
+    """runs/<algo>_<env>_seed<seed>, with the defaults for what was not given."""
+    algo, env, seed = (getattr(args, key) if getattr(args, key) is not None else DEFAULTS[key] for key in DEFAULTS)
+    return ROOT / "runs" / f"{algo}_{env.replace('/', '_')}_seed{seed}"
+
+
+def preconditioner_of(config: dict[str, Any], algo: str) -> str | None:
+    """The preconditioner a config trains with: ACKTR's, or the Kronecker policy's of A2C / PPO."""
+    if algo == "acktr":
+        return config.get("preconditioner", "ekfac")
+    return (config.get("policy_kwargs") or {}).get("preconditioner")
+
+
 def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
+    """The run's settings from its YAML file (or SB3's defaults) and the flags, validated."""
     path = args.config or ROOT / "configs" / f"{args.algo}.yml"
     if args.config is None and not path.is_file():
         print(f"(no {path.name}: {args.algo.upper()} runs with SB3's default hyperparameters)")
@@ -97,6 +166,7 @@ def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
         config = {"policy": "CnnPolicy" if kind == "atari" else "MlpPolicy", "n_envs": 8, "total_timesteps": 100_000}
     else:
         config = resolve_config(path, args.env, algorithm)
+    config = validate_config(config, path)
     config.setdefault("policy", "MlpPolicy")
     config.setdefault("n_envs", 8)
     config.setdefault("total_timesteps", 100_000)
@@ -112,50 +182,152 @@ def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
     return config
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    algorithm = ALGORITHMS[args.algo]
-    config = build_config(args, algorithm)
-    run_dir = args.log_dir or ROOT / "runs" / f"{args.algo}_{args.env.replace('/', '_')}_seed{args.seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = run_dir / "checkpoint.zip"
-    if args.resume and not checkpoint.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; run without --resume to start training")
-    (run_dir / "config.yml").write_text(
-        yaml.safe_dump({"env": args.env, "algo": args.algo, "seed": args.seed, **config})
-    )
-    (run_dir / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+def resumed_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """The saved settings of the run in ``run_dir``, checked against the flags; fills the flags left out.
 
-    policy, kwargs = model_arguments(config)
-    set_random_seed(args.seed)
-    env = make_env(args.env, n_envs=config["n_envs"], seed=args.seed, **env_options(config))
+    Reads files only: a mismatch raises ``RunFolderError`` before anything in the folder changes.
+    """
+    path = run_dir / "config.yml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {run_dir} (no run of scripts/train.py: no config.yml); run without "
+            "--resume to start training"
+        )
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise CorruptedFileError(f"{path} is corrupted: {error}") from None
+    if not isinstance(saved, dict) or not all(key in saved for key in ("env", "algo", "seed")):
+        raise CorruptedFileError(f"{path} is corrupted: it lacks env, algo or seed")
+    saved_identity = {key: saved.get(key) for key in ("env", "algo", "seed")}
+    saved_identity["preconditioner"] = preconditioner_of(saved, saved["algo"])
+    conflicts = [
+        f"{key} {getattr(args, key)!r} (the run has {saved_identity[key]!r})"
+        for key in IDENTITY
+        if getattr(args, key) is not None and getattr(args, key) != saved_identity[key]
+    ]
+    if conflicts:
+        raise RunFolderError(
+            f"--resume: the run in {run_dir} cannot continue with another {', '.join(conflicts)}. Resume without "
+            "these flags to continue it as it was, or start a new run with a fresh --log-dir."
+        )
+    for key in ("env", "algo", "seed"):
+        setattr(args, key, saved[key])
+    config = {key: value for key, value in saved.items() if key not in ("env", "algo", "seed")}
+    config = validate_config(config, path)
+    if args.total_timesteps is not None:
+        config["total_timesteps"] = args.total_timesteps
+    return config
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train (or resume) a run and evaluate it; returns the contents of results.json.
+
+    Raises:
+        RunFolderError: the folder holds another run, is in use, does not match ``--resume``'s flags, or a write
+            failed (the message names what is intact).
+        CorruptedFileError: a checkpoint file does not read.
+        FileNotFoundError, ValueError: a missing checkpoint or config, an unknown env id, an invalid value.
+    """
+    args = parse_args(argv)
+    run_dir = args.log_dir or default_run_dir(args)
     if args.resume:
-        if isinstance(env, VecNormalize) and (run_dir / "vecnormalize.pkl").is_file():
-            env = VecNormalize.load(str(run_dir / "vecnormalize.pkl"), env.venv)
-        model = algorithm.load(checkpoint, env=env, device=args.device, tensorboard_log=str(run_dir / "tb"))
-        print(f"Resuming from {checkpoint} at {model.num_timesteps} environment steps")
+        config = resumed_config(args, run_dir)
     else:
-        model = algorithm(
-            policy, env, seed=args.seed, device=args.device, tensorboard_log=str(run_dir / "tb"), **kwargs
+        for key, value in DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        config = None
+    algorithm = ALGORITHMS[args.algo]
+    if config is None:
+        config = build_config(args, algorithm)
+        refuse_existing_run(run_dir, flag="--log-dir", resume_hint=f"To continue it: --log-dir {run_dir} --resume.")
+    torch.set_num_threads(args.threads)
+    policy, kwargs = model_arguments(config)
+    identity = {"env": args.env, "algo": args.algo, "preconditioner": preconditioner_of(config, args.algo)}
+
+    with RunLock(run_dir) as lock:
+        if lock.took_over_from is not None:
+            print(f"(took over the lock of {run_dir} left by PID {lock.took_over_from}, which is no longer running)")
+        return _run(args, run_dir, config, algorithm, policy, kwargs, identity)
+
+
+def _run(
+    args: argparse.Namespace,
+    run_dir: Path,
+    config: dict[str, Any],
+    algorithm: type,
+    policy: Any,
+    kwargs: dict[str, Any],
+    identity: dict[str, Any],
+) -> dict[str, Any]:
+    """Train, checkpoint, save and evaluate with the folder locked."""
+    latest = None
+    if args.resume:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; run without --resume to start training")
+        meta = read_meta(latest)
+        for key in ("env", "algo"):
+            if meta.get(key) != identity[key]:
+                raise CorruptedFileError(
+                    f"{latest / 'meta.json'}: {key} {meta.get(key)!r} but config.yml says {identity[key]!r}"
+                )
+    else:
+        refuse_existing_run(run_dir, flag="--log-dir")  # again, now that the folder is ours
+    saved = {"env": args.env, "algo": args.algo, "seed": args.seed, **config}
+    command = shlex.join([sys.executable, *sys.argv]) + "\n"
+    try:
+        atomic_write_text(run_dir / "config.yml", yaml.safe_dump(saved))
+        previous = (run_dir / "command.txt").read_text() if args.resume and (run_dir / "command.txt").is_file() else ""
+        atomic_write_text(run_dir / "command.txt", previous + command)
+    except OSError as error:
+        raise write_error(run_dir, error, intact_note(run_dir)) from error
+
+    tb_dir = run_dir / "tb"
+    env_seed = args.seed
+    if latest is not None and not read_meta(latest).get("env_state"):
+        env_seed = args.seed + int(read_meta(latest)["steps"])  # new episodes, not a replay of the first ones
+    env = make_env(args.env, n_envs=config["n_envs"], seed=env_seed, **env_options(config))
+    if latest is not None:
+        model, env, exact = load_checkpoint(latest, algorithm, env, device=args.device, tensorboard_log=str(tb_dir))
+        dropped = prune_tensorboard(tb_dir, model.num_timesteps) if tb_dir.is_dir() else 0
+        print(
+            f"Resuming from {latest} at {model.num_timesteps} environment steps"
+            + ("" if exact else " (the environments start new episodes: their state cannot be saved)")
+            + (f"; dropped {dropped} TensorBoard values logged after it" if dropped else "")
         )
+    else:
+        set_random_seed(args.seed)
+        model = algorithm(policy, env, seed=args.seed, device=args.device, tensorboard_log=str(tb_dir), **kwargs)
     remaining = max(0, config["total_timesteps"] - model.num_timesteps)
-    if remaining:
-        model.learn(
-            remaining,
-            callback=AtomicCheckpoint(run_dir, args.checkpoint_every),
-            progress_bar=True,
-            log_interval=1,  # every update reaches TensorBoard: the learning curves of scripts/plot.py
-            reset_num_timesteps=not args.resume,
-            tb_log_name=args.algo,
-        )
-    save_atomically(model, run_dir, "checkpoint")
-    save_atomically(model, run_dir, "model")
+    progress = ProgressBarCallback()
+    try:
+        if remaining:
+            model.learn(
+                remaining,
+                callback=CallbackList([UpdateBoundaryCheckpoint(run_dir, args.checkpoint_every, identity), progress]),
+                log_interval=1,  # every update reaches TensorBoard: the learning curves of scripts/plot.py
+                reset_num_timesteps=not args.resume,  # a resume continues the same TensorBoard folder and steps
+                tb_log_name=args.algo,
+            )
+        checkpoint(model, run_dir, identity)
+        try:
+            save_final(model, run_dir)
+        except OSError as error:
+            raise write_error(run_dir, error, intact_note(run_dir)) from error
+    finally:
+        if getattr(progress, "pbar", None) is not None:
+            progress.pbar.close()
+        if getattr(model, "_logger", None) is not None:  # flush and close TensorBoard's files
+            model.logger.close()
+        env.close()
 
     eval_env = make_env(args.env, n_envs=1, seed=args.seed + 10_000, training=False, **env_options(config))
-    if isinstance(env, VecNormalize) and isinstance(eval_env, VecNormalize):
-        eval_env.obs_rms = env.obs_rms
+    if isinstance(model.get_env(), VecNormalize) and isinstance(eval_env, VecNormalize):
+        eval_env.obs_rms = model.get_vec_normalize_env().obs_rms
     mean, std = evaluate_policy(model, eval_env, n_eval_episodes=config["eval_episodes"])
+    eval_env.close()
     results = {
         "env": args.env,
         "algo": args.algo,
@@ -165,7 +337,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mean_return": float(mean),
         "std_return": float(std),
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    except OSError as error:
+        raise write_error(run_dir, error, intact_note(run_dir)) from error
     print(
         f"{args.algo.upper()} on {args.env} after {model.num_timesteps} steps: mean return {mean:.1f} +/- "
         f"{std:.1f} over {config['eval_episodes']} evaluation episodes. Run folder: {run_dir}"
@@ -174,4 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (RunFolderError, CorruptedFileError, FileNotFoundError, ValueError) as failure:
+        sys.exit(f"error: {failure}")

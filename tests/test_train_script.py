@@ -30,11 +30,12 @@ def test_train_writes_run_folder_and_resume_continues_from_checkpoint(tmp_path: 
     train = load_script("train")
     run = tmp_path / "run"
     first = train.main(["--total-timesteps", "320", "--log-dir", str(run), "--checkpoint-every", "160"])
-    for name in ("config.yml", "command.txt", "checkpoint.zip", "model.zip", "results.json"):
+    for name in ("config.yml", "command.txt", "model.zip", "results.json"):
         assert (run / name).is_file(), name
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-000000000320"], "only the newest checkpoint"
     assert any((run / "tb").iterdir()), "TensorBoard logs"
     assert first["timesteps"] == 320 and json.loads((run / "results.json").read_text())["algo"] == "acktr"
-    assert not list(run.glob(".*.tmp*")), "no temporary checkpoint files left behind"
+    assert not list(run.glob(".*tmp*")) and not (run / ".lock").exists(), "no temporary or lock files left behind"
     resumed = train.main(["--total-timesteps", "640", "--log-dir", str(run), "--resume"])
     assert resumed["timesteps"] == 640
     assert ACKTR.load(run / "model.zip").policy.optimizer.steps == 4
@@ -129,5 +130,5 @@ def test_evaluate_reports_missing_and_corrupted_agents(tmp_path: Path) -> None:
         evaluate.main(["--model", str(tmp_path / "none.zip"), "--env", "CartPole-v1"])
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"not a zip archive")
-    with pytest.raises(ValueError, match="not a readable ACKTR agent"):
+    with pytest.raises(ValueError, match=r"broken\.zip is corrupted: it is not a readable zip archive"):
         evaluate.main(["--model", str(broken), "--env", "CartPole-v1"])
