@@ -17,7 +17,7 @@ from .curvature import (
 )
 from .eigen import kfe_scale, robust_eigh
 from .layers import Conv2dAdapter, LayerAdapter, LinearAdapter, adapter_for, register_adapter
-from .optim import EKFAC, KFAC, DampingMode, LossReduction, ScaleMode, TrustRegionMode, curvature_matrix
+from .optim import EKFAC, KFAC, DampingMode, DampingScaling, LossReduction, ScaleMode, TrustRegionMode, curvature_matrix
 from .trust_region import kl_clip_scale, predicted_kl
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "Conv2dAdapter",
     "Curvature",
     "DampingMode",
+    "DampingScaling",
     "LayerAdapter",
     "LinearAdapter",
     "LossReduction",

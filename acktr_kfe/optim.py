@@ -56,6 +56,17 @@ class DampingMode(str, Enum):
     EIGEN = "eigen"
 
 
+class DampingScaling(str, Enum):
+    """What ``damping`` is measured against. ``relative``: a fraction of each block's mean curvature eigenvalue
+    (``tr(F_block) / dim``), so that one value transfers across losses, layers and the course of training (the
+    curvature of a layer moves by orders of magnitude with the loss's units and with training; a fixed damping is
+    negligible for some blocks and dominant for others); ``absolute``: added as it is to the curvature's
+    eigenvalues (the papers' convention)."""
+
+    RELATIVE = "relative"
+    ABSOLUTE = "absolute"
+
+
 class TrustRegionMode(str, Enum):
     """What the KL trust region bounds. ``direction``: the new preconditioned direction ``D`` before the momentum
     step (ACKTR paper, OpenAI baselines); ``step``: the step actually taken, ``momentum buf + D``."""
@@ -141,6 +152,7 @@ class _KroneckerOptimizer(Optimizer):
         fisher_diagonals: Mapping[Tensor, float] | None,
         trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None,
         trust_region_mode: str | TrustRegionMode,
+        damping_scaling: str | DampingScaling,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -192,6 +204,10 @@ class _KroneckerOptimizer(Optimizer):
             self._fisher_diagonals[id(param)] = float(value)
         self._regions = self._parse_trust_regions(trust_regions, params, max_kl)
         self.trust_region_mode = _parse_enum(TrustRegionMode, trust_region_mode, "trust_region_mode")
+        self.damping_scaling = _parse_enum(DampingScaling, damping_scaling, "damping_scaling")
+        # Mean curvature eigenvalue of each block (relative damping), keyed by layer name: derived from the state,
+        # recomputed when the basis or the scale changes (one host sync then, none on other steps).
+        self._curvature_means: dict[str, float] = {}
         self._explicit_regions = trust_regions is not None
         super().__init__(params, defaults)
 
@@ -431,6 +447,7 @@ class _KroneckerOptimizer(Optimizer):
                         torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device),
                     )
                 state[f"eigvals_{key}"], state[f"eigvecs_{key}"] = result
+            self._curvature_means.pop(layer.name, None)
             self._on_basis_refreshed(layer, state)
         self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)
         if failed:
@@ -467,6 +484,23 @@ class _KroneckerOptimizer(Optimizer):
         """The damped curvature the preconditioner inverts, as its diagonal ``(out, in+1)`` in the layer's
         Kronecker-factored eigenbasis (every mode's damped block is diagonal there)."""
         raise NotImplementedError
+
+    def _curvature_mean(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
+        """The mean eigenvalue of the block's modeled curvature, ``tr(F_block) / dim`` (a scalar tensor)."""
+        raise NotImplementedError
+
+    def _layer_damping(self, layer: _Layer, state: dict[str, Any], damping: float) -> float:
+        """The damping added to this block's curvature: ``damping`` itself, or (relative) ``damping`` times the
+        block's mean curvature eigenvalue, 1 for a block whose curvature is zero."""
+        if self.damping_scaling is DampingScaling.ABSOLUTE:
+            return damping
+        mean = self._curvature_means.get(layer.name)
+        if mean is None:
+            mean = float(self._curvature_mean(layer, state))
+            if not (mean > 0 and math.isfinite(mean)):
+                mean = 1.0
+            self._curvature_means[layer.name] = mean
+        return damping * mean
 
     def _quadratic(self, layer: _Layer, state: dict[str, Any], matrix: Tensor, damping: float) -> Tensor:
         """``vec(M)^T F_damped vec(M)`` for a layer-shaped ``M``: the curvature the preconditioner inverts."""
@@ -528,8 +562,10 @@ class _KroneckerOptimizer(Optimizer):
             if weight_decay:
                 grad = grad + weight_decay * layer.adapter.param_matrix()
             state = self.state[layer.weight]
+            layer_damping = damping
             if "eigvecs_A" in state:
-                direction = self._precondition(layer, state, grad, damping)
+                layer_damping = self._layer_damping(layer, state, damping)
+                direction = self._precondition(layer, state, grad, layer_damping)
             else:
                 if layer.name not in self._warned_missing:
                     self._warned_missing.add(layer.name)
@@ -546,7 +582,7 @@ class _KroneckerOptimizer(Optimizer):
                 buffer_quadratic = None
                 if buffer is not None:
                     buffer_quadratic = (
-                        self._quadratic(layer, state, buffer, damping)
+                        self._quadratic(layer, state, buffer, layer_damping)
                         if "eigvecs_A" in state
                         else buffer.square().sum()
                     )
@@ -564,11 +600,12 @@ class _KroneckerOptimizer(Optimizer):
             # A parameter with a known per-example Fisher diagonal (e.g. a Gaussian policy's state-independent
             # log std: 2 per dimension) takes the damped natural-gradient step and counts in its trust region
             # like the layers.
-            directions[param] = direction = grad / (diagonal + damping)
+            damped = diagonal * (1 + damping) if self.damping_scaling is DampingScaling.RELATIVE else diagonal + damping
+            directions[param] = direction = grad / damped
             region = region_of.get(id(param))
             if region is not None:
                 buffer = self.state[param].get("momentum_buffer") if measured[region] else None
-                buffer_quadratic = None if buffer is None else (diagonal + damping) * buffer.square().sum()
+                buffer_quadratic = None if buffer is None else damped * buffer.square().sum()
                 quadratics[region] += _step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
 
         scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
@@ -657,6 +694,7 @@ class _KroneckerOptimizer(Optimizer):
         self._consecutive_failures = {str(k): int(v) for k, v in extra["consecutive_failures"].items()}
         self.skipped_steps = int(extra["skipped_steps"])
         self._all_layers_have_factors = False
+        self._curvature_means.clear()
         self._on_load()
 
     def _on_load(self) -> None:
@@ -754,6 +792,7 @@ class KFAC(_KroneckerOptimizer):
         fisher_diagonals: Mapping[Tensor, float] | None = None,
         trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
         trust_region_mode: str | TrustRegionMode = "direction",
+        damping_scaling: str | DampingScaling = "relative",
     ) -> None:
         self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
         super().__init__(
@@ -773,6 +812,7 @@ class KFAC(_KroneckerOptimizer):
             fisher_diagonals=fisher_diagonals,
             trust_regions=trust_regions,
             trust_region_mode=trust_region_mode,
+            damping_scaling=damping_scaling,
         )
         # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
         # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
@@ -820,6 +860,9 @@ class KFAC(_KroneckerOptimizer):
         pi = self._pi(vals_a, vals_g)
         root = math.sqrt(damping)
         return torch.outer(vals_g + root / pi, vals_a + pi * root)
+
+    def _curvature_mean(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
+        return state["eigvals_G"].mean() * state["eigvals_A"].mean()
 
     def _modeled_block(self, layer: _Layer) -> Tensor:
         state = self.state[layer.weight]
@@ -886,6 +929,7 @@ class EKFAC(_KroneckerOptimizer):
         fisher_diagonals: Mapping[Tensor, float] | None = None,
         trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
         trust_region_mode: str | TrustRegionMode = "direction",
+        damping_scaling: str | DampingScaling = "relative",
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
@@ -910,6 +954,7 @@ class EKFAC(_KroneckerOptimizer):
             fisher_diagonals=fisher_diagonals,
             trust_regions=trust_regions,
             trust_region_mode=trust_region_mode,
+            damping_scaling=damping_scaling,
         )
 
     def _is_scale_step(self, step: int) -> bool:
@@ -945,6 +990,7 @@ class EKFAC(_KroneckerOptimizer):
             else:
                 state["scale"].mul_(self.scale_decay).add_(estimate, alpha=1 - self.scale_decay)
             state["scale_updates"] += 1
+            self._curvature_means.pop(self._layers[index].name, None)
 
     def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
         vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
@@ -953,6 +999,9 @@ class EKFAC(_KroneckerOptimizer):
 
     def _damped_kfe_curvature(self, layer: _Layer, state: dict[str, Any], damping: float) -> Tensor:
         return state["scale"] + damping
+
+    def _curvature_mean(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
+        return state["scale"].mean()
 
     def _modeled_block(self, layer: _Layer) -> Tensor:
         state = self.state[layer.weight]

@@ -206,6 +206,8 @@ class ACKTR(OnPolicyAlgorithm):
             "lr": self.lr_schedule(1),
             "momentum": self.momentum,
             "damping": self.damping,
+            # ACKTR's damping values (configs/acktr.yml) were tuned as absolute damping.
+            "damping_scaling": "absolute",
             "trust_regions": self._trust.regions,
             "trust_region_mode": "step",
             "factor_decay": self.factor_decay,

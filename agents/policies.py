@@ -56,6 +56,7 @@ def curvature_loss(distribution: Distribution, values: th.Tensor, vf_fisher_coef
 _DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "damping": 0.1,
+    "damping_scaling": "absolute",
     "factor_update_interval": 1,
     "eigen_update_interval": 10,
 }

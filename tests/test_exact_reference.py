@@ -152,22 +152,24 @@ def test_kfac_block_is_kronecker_product_of_reference_factors(kind: str, bias: b
 @pytest.mark.parametrize("damping_mode", ["factored", "eigen"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kfac_direction_equals_dense_damped_solve(kind: str, bias: bool, damping_mode: str) -> None:
-    damping = 0.05
+@pytest.mark.parametrize("scaling", ["absolute", "relative"])
+def test_kfac_direction_equals_dense_damped_solve(kind: str, bias: bool, damping_mode: str, scaling: str) -> None:
     model = make_model(kind, bias)
     x, y = make_data(kind, seed=4)
     references = {i: reference_factors(model, i, x, y) for i in TRACKED}
     grads = {i: mean_grad(model, i, x, y) for i in TRACKED}
-    optimizer = exact_optimizer(KFAC, model, damping=damping, damping_mode=damping_mode)
+    optimizer = exact_optimizer(KFAC, model, damping=0.05, damping_mode=damping_mode, damping_scaling=scaling)
     directions = one_step(optimizer, model, x, y)
     for i in TRACKED:
         a_ref, g_ref, _, _ = references[i]
+        block = torch.kron(g_ref, a_ref)
+        # Relative damping: a fraction of the block's mean eigenvalue, tr(kron(G, A)) / dim.
+        damping = 0.05 * (block.trace() / block.shape[0] if scaling == "relative" else 1.0)
         if damping_mode == "factored":
             pi = torch.sqrt((a_ref.trace() / a_ref.shape[0]) / (g_ref.trace() / g_ref.shape[0]))
             eye_a, eye_g = torch.eye(a_ref.shape[0]).double(), torch.eye(g_ref.shape[0]).double()
             damped = torch.kron(g_ref + damping**0.5 / pi * eye_g, a_ref + pi * damping**0.5 * eye_a)
         else:
-            block = torch.kron(g_ref, a_ref)
             damped = block + damping * torch.eye(block.shape[0]).double()
         expected = torch.linalg.solve(damped, grads[i])
         torch.testing.assert_close(directions[i].reshape(-1), expected)
@@ -190,15 +192,16 @@ def test_ekfac_scale_equals_kfe_diagonal_of_exact_second_moment(kind: str, bias:
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_ekfac_direction_equals_dense_damped_solve(kind: str, bias: bool) -> None:
-    damping = 0.05
+@pytest.mark.parametrize("scaling", ["absolute", "relative"])
+def test_ekfac_direction_equals_dense_damped_solve(kind: str, bias: bool, scaling: str) -> None:
     model = make_model(kind, bias)
     x, y = make_data(kind, seed=6)
     grads = {i: mean_grad(model, i, x, y) for i in TRACKED}
-    optimizer = exact_optimizer(EKFAC, model, damping=damping)
+    optimizer = exact_optimizer(EKFAC, model, damping=0.05, damping_scaling=scaling)
     directions = one_step(optimizer, model, x, y)
     for i in TRACKED:
         block = curvature_matrix(optimizer, model[i])
+        damping = 0.05 * (block.trace() / block.shape[0] if scaling == "relative" else 1.0)
         expected = torch.linalg.solve(block + damping * torch.eye(block.shape[0]).double(), grads[i])
         torch.testing.assert_close(directions[i].reshape(-1), expected)
 

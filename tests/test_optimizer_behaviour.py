@@ -156,6 +156,9 @@ def test_trust_region_scales_step_to_max_kl(cls: type, extra: dict) -> None:
 def damped_block(optimizer: KFAC | EKFAC, layer: nn.Linear) -> torch.Tensor:
     """The damped curvature block the optimizer inverts for ``layer``, built densely from its state."""
     damping = optimizer.param_groups[0]["damping"]
+    if optimizer.damping_scaling.value == "relative":
+        modeled = curvature_matrix(optimizer, layer)
+        damping = damping * modeled.trace() / modeled.shape[0]
     if isinstance(optimizer, KFAC) and optimizer.damping_mode.value == "factored":
         state = optimizer.state[layer.weight]
         vals_a, vecs_a, vals_g, vecs_g = (state[k] for k in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G"))
@@ -527,7 +530,7 @@ def test_fisher_diagonal_parameter_takes_damped_natural_gradient_step_and_counts
     F.cross_entropy(features + log_std, y).backward()  # only log_std has a gradient
     grad = log_std.grad.clone()
     optimizer.step()
-    direction = grad / (2.0 + damping)
+    direction = grad / (2.0 * (1 + damping))  # relative damping: a fraction of the diagonal
     torch.testing.assert_close(log_std.detach(), -lr * direction)
     torch.testing.assert_close(optimizer.last_predicted_kl, 0.5 * lr**2 * (direction * grad).sum())
     with pytest.raises(ValueError, match="no preconditioned layer owns"):

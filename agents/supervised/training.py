@@ -72,6 +72,8 @@ def build_optimizer(
         return torch.optim.Adam(model.parameters(), **options)
     if name == "ekfac_ra":
         options.setdefault("scale_mode", "running")
+    # The configs' damping values were tuned as absolute damping (configs/supervised.yml).
+    options.setdefault("damping_scaling", "absolute")
     cls = acktr_kfe.KFAC if name == "kfac" else acktr_kfe.EKFAC
     return cls(model, **options)
 
