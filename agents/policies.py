@@ -21,7 +21,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.torch_layers import NatureCNN
+from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 
 import acktr_kfe
@@ -202,4 +202,13 @@ class KroneckerActorCriticCnnPolicy(KroneckerActorCriticPolicy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("features_extractor_class", NatureCNN)
+        super().__init__(*args, **kwargs)
+
+
+class KroneckerMultiInputActorCriticPolicy(KroneckerActorCriticPolicy):
+    """:class:`KroneckerActorCriticPolicy` for ``Dict`` observation spaces, with SB3's CombinedExtractor (one
+    NatureCNN per image key, the other keys flattened and concatenated)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("features_extractor_class", CombinedExtractor)
         super().__init__(*args, **kwargs)

@@ -65,11 +65,18 @@ def actor_and_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[th.Tens
     one sampled observation, so custom policies are covered)."""
     params = [p for p in policy.parameters() if p.requires_grad]
     obs, _ = policy.obs_to_tensor(policy.observation_space.sample())
-    with th.enable_grad():
-        distribution, values = actor_critic_forward(policy, obs)
-        log_prob = distribution.log_prob(distribution.sample().detach()).sum()
-        actor_grads = th.autograd.grad(log_prob, params, allow_unused=True, retain_graph=True)
-        critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+    # Evaluation mode: a normalization layer (BatchNorm) cannot take batch statistics of one observation, and the
+    # probe must not move its running statistics; the dependency on the parameters is the same in both modes.
+    was_training = policy.training
+    policy.train(False)
+    try:
+        with th.enable_grad():
+            distribution, values = actor_critic_forward(policy, obs)
+            log_prob = distribution.log_prob(distribution.sample().detach()).sum()
+            actor_grads = th.autograd.grad(log_prob, params, allow_unused=True, retain_graph=True)
+            critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+    finally:
+        policy.train(was_training)
     actor = [p for p, g in zip(params, actor_grads) if g is not None]
     critic = [p for p, g in zip(params, critic_grads) if g is not None]
     return actor, critic
