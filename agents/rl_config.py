@@ -182,7 +182,7 @@ def _check_number(value: Any, kind: str, rule: tuple[str, float, float, bool, bo
     too_high = value >= high if high_open else value > high
     if not math.isfinite(value) or too_low or too_high:
         raise ValueError(
-            f"must be a {'n integer' if kind == 'int' else ' finite number'} "
+            f"must be {'an integer' if kind == 'int' else 'a finite number'} "
             f"{_range_text(low, high, low_open, high_open)}"
         )
     return value

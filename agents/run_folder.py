@@ -91,10 +91,16 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock; raises ``RunFolderError`` when a live process holds it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if fcntl is None:  # pragma: no cover
-            self._acquire_without_flock()
-            return self
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if fcntl is None:  # pragma: no cover
+                self._acquire_without_flock()
+                return self
+            return self._acquire_flock()
+        except OSError as error:
+            raise write_error(self.folder, error, "Nothing in it was changed.") from error
+
+    def _acquire_flock(self) -> RunLock:
         for _ in range(10):
             previous = _read_pid(self.path) if self.path.exists() else None
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
