@@ -6,7 +6,9 @@
 
 Settings per task and optimizer come from configs/supervised.yml; flags override them. Writes to --log-dir
 (default runs/supervised/TASK/OPTIMIZER_seedN): steps.csv (per-step training loss and wall-clock), epochs.csv
-(per-epoch evaluation loss and accuracy), TensorBoard logs (tb/) and the resolved settings (config.yml).
+(per-epoch evaluation loss and accuracy), TensorBoard logs (tb/) and the resolved settings (config.yml); a run
+whose loss turns NaN keeps its logs up to that step and adds diverged.json. A run never writes into a folder
+that already holds files: give a fresh --log-dir for each run.
 Data: --data-dir holds the MNIST IDX files (mnist/ below it is found too) or the CIFAR-10 python batches
 (cifar-10-batches-py/); get them with scripts/download_data.py.
 """
@@ -21,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agents.run_folder import RunFolderError  # noqa: E402
 from agents.supervised.data import DatasetFilesMissingError  # noqa: E402
-from agents.supervised.runner import TASKS, train_run  # noqa: E402
+from agents.supervised.runner import TASKS, TrainingDivergedError, train_run  # noqa: E402
 from agents.supervised.training import OPTIMIZER_NAMES  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
@@ -96,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             config_path=args.config,
             **options,
         )
-    except (DatasetFilesMissingError, ValueError, FileNotFoundError) as error:
+    except TrainingDivergedError as diverged:
+        flags = "a lower --lr" + (", or a higher --damping" if diverged.optimizer not in ("sgd", "adam") else "")
+        print(f"error: {diverged}. Its logs up to step {diverged.step - 1} are in {diverged.log_dir}; try {flags} "
+              "with a fresh --log-dir", file=sys.stderr)  # fmt: skip
+        return 1
+    except (DatasetFilesMissingError, ValueError, FileNotFoundError, RunFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

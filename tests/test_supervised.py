@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -294,3 +296,110 @@ def test_compare_optimizers_writes_plot_and_table(cifar_dir: Path, tmp_path: Pat
     assert table.count("\n") == 5 and "| adam |" in table and "| ekfac |" in table
     assert (out / "loss.png").stat().st_size > 10_000
     assert script.main([*argv, "--report", "--target", "1e9"]) == 0
+
+
+# --- faults and bad input (docs/FAILURE_BEHAVIOUR.md) ---------------------------------------------------------
+def _settings_with(tmp_path: Path, task: str, optimizer: str, options: str) -> Path:
+    """A copy of configs/supervised.yml whose ``task`` section gives ``optimizer`` other options."""
+    import yaml
+
+    from agents.supervised.training import CONFIG_PATH
+
+    data = yaml.safe_load(CONFIG_PATH.read_text())
+    data[task]["optimizers"][optimizer] = yaml.safe_load(options)
+    path = tmp_path / "settings.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _quick(cifar_dir: Path) -> list[str]:
+    return ["--task", "cifar10_vgg11", "--width", "8", "--batch-size", "16", "--data-dir", str(cifar_dir.parent),
+            "--no-progress"]  # fmt: skip
+
+
+def test_supervised_run_into_the_folder_of_an_earlier_run_refuses_and_leaves_it_as_it_was(
+    cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    script = load_script("supervised")
+    log_dir = tmp_path / "run"
+    assert script.main([*_quick(cifar_dir), "--optimizer", "sgd", "--epochs", "1", "--log-dir", str(log_dir)]) == 0
+    before = {p.name: p.read_bytes() for p in log_dir.iterdir() if p.is_file()}
+    assert script.main([*_quick(cifar_dir), "--optimizer", "adam", "--epochs", "1", "--log-dir", str(log_dir)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in log_dir.iterdir() if p.is_file()} == before
+
+
+def test_supervised_learning_rate_that_would_overflow_is_refused_naming_the_flag(
+    cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    script = load_script("supervised")
+    argv = [*_quick(cifar_dir), "--optimizer", "adam", "--log-dir", str(tmp_path / "run")]
+    assert script.main([*argv, "--lr", "1e38"]) == 2
+    assert "Invalid lr: 1e+38 (must be a finite number in (0, 1e+06])" in capsys.readouterr().err
+    assert script.main([*argv, "--lr", "nan"]) == 2
+    assert "Invalid lr: nan" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [("{lr: abc}", r"invalid lr: 'abc'"), ("{lr: 0.1, momentum: 1.5}", r"invalid momentum: 1.5"),
+     ("{lr: 0.1, bogus: 1}", r"bogus")],
+)  # fmt: skip
+def test_supervised_settings_file_value_of_wrong_type_or_range_names_the_file_and_key(
+    cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, options: str, message: str
+) -> None:
+    settings = _settings_with(tmp_path, "cifar10_vgg11", "sgd", options)
+    argv = [*_quick(cifar_dir), "--optimizer", "sgd", "--config", str(settings), "--log-dir", str(tmp_path / "run")]
+    assert load_script("supervised").main(argv) == 2
+    error = capsys.readouterr().err
+    assert "settings.yml, cifar10_vgg11.optimizers.sgd" in error
+    assert re.search(message, error)
+
+
+def test_supervised_divergence_keeps_the_logs_up_to_it_and_advises_the_scripts_own_flags(
+    cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    log_dir = tmp_path / "run"
+    argv = [*_quick(cifar_dir), "--optimizer", "sgd", "--lr", "1e6", "--epochs", "3", "--log-dir", str(log_dir)]
+    assert load_script("supervised").main(argv) == 1
+    error = capsys.readouterr().err
+    assert "lower --lr" in error and "--damping" not in error
+    step = json.loads((log_dir / "diverged.json").read_text())["step"]
+    with (log_dir / "steps.csv").open() as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == list(range(1, step))
+
+
+def test_compare_records_a_diverged_optimizer_as_a_result_and_goes_on(
+    cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    script = load_script("compare_optimizers")
+    out = tmp_path / "compare"
+    settings = _settings_with(tmp_path, "cifar10_vgg11", "sgd", "{lr: 1.0e+6}")
+    argv = [*_quick(cifar_dir), "--optimizers", "sgd", "adam", "--epochs", "3", "--out", str(out)]
+    assert script.main([*argv, "--config", str(settings)]) == 0
+    printed = capsys.readouterr().out
+    step = json.loads((out / "sgd" / "diverged.json").read_text())["step"]
+    table = (out / "results.md").read_text()
+    assert f"| sgd | diverged at step {step} |" in table
+    assert re.search(r"\| adam \| \d", table), "the optimizer after the diverged one ran"
+    assert (out / "loss.png").stat().st_size > 10_000
+    flags = set(re.findall(r"(--[a-z][a-z-]*)", printed))
+    parser_flags = {"--config", "--out", "--report", "--optimizers", "--target", "--task", "--epochs"}
+    assert flags and flags <= parser_flags, f"advice names flags the script lacks: {flags - parser_flags}"
+    (out / "results.md").unlink()
+    assert script.main([*argv, "--report"]) == 0
+    assert (out / "results.md").read_text() == table
+
+
+def test_compare_into_an_existing_out_folder_refuses_naming_report(
+    cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "compare"
+    (out / "adam").mkdir(parents=True)
+    (out / "adam" / "epochs.csv").write_text("epoch\n1\n")
+    argv = [*_quick(cifar_dir), "--optimizers", "adam", "--epochs", "1", "--out", str(out)]
+    assert load_script("compare_optimizers").main(argv) == 2
+    error = capsys.readouterr().err
+    assert "already holds a run" in error and "--report" in error and "fresh --out" in error
+    assert [p.name for p in (out / "adam").iterdir()] == ["epochs.csv"]

@@ -5,11 +5,16 @@ A run writes to its log folder: ``steps.csv`` (step, epoch, training loss of the
 in seconds), ``epochs.csv`` (epoch, wall-clock, mean training loss, evaluation loss and, for classification,
 accuracy), TensorBoard logs in ``tb/`` and the resolved settings in ``config.yml``. The wall-clock counts training
 only (data batches, forward, curvature and backward passes, optimizer steps), not the evaluations.
+
+A run never writes into a folder that already holds files, and locks its folder while it runs
+(``agents.run_folder``). A run whose loss turns NaN or infinite keeps what it logged up to that step, writes
+``diverged.json`` (step, epoch, loss) and raises ``TrainingDivergedError``.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +28,7 @@ from torch import Tensor, nn
 
 import acktr_kfe
 
+from ..run_folder import RunLock, atomic_write_text, refuse_existing_run, write_error
 from .data import augment_cifar, load_cifar10
 from .models import VGG11, MNISTAutoencoder, ResNet34, autoencoder_loss
 from .training import build_optimizer, load_autoencoder_images, task_config, training_step
@@ -39,6 +45,55 @@ class Task:
     dataset: str
     classification: bool
     description: str
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the run's logs up to the step before are kept.
+
+    Attributes:
+        step, epoch: where the loss stopped being finite (``step`` counts from 1).
+        loss: the non-finite value.
+        log_dir: the run folder, with ``steps.csv`` up to ``step - 1`` and ``diverged.json``.
+    """
+
+    def __init__(self, task: str, optimizer: str, step: int, epoch: int, loss: float, log_dir: Path) -> None:
+        kronecker = optimizer in ("kfac", "ekfac", "ekfac_ra")
+        super().__init__(
+            f"{optimizer} on {task}: the training loss is {loss} at step {step} (epoch {epoch}); lower the "
+            f"learning rate{' or raise the damping' if kronecker else ''}"
+        )
+        self.task, self.optimizer, self.step, self.epoch, self.loss, self.log_dir = (
+            task,
+            optimizer,
+            step,
+            epoch,
+            loss,
+            log_dir,
+        )
+
+
+# Largest learning rate accepted: beyond it the optimizers' internal products (Adam's lr / (1 - beta1)) overflow
+# float32, and no run of these tasks learns anything.
+MAX_LR = 1e6
+# Optimizer options of configs/supervised.yml checked at load: (low, high, low excluded).
+OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, MAX_LR, True),
+    "damping": (0.0, math.inf, True),
+    "momentum": (0.0, 1.0, False),
+    "max_kl": (0.0, math.inf, True),
+    "weight_decay": (0.0, math.inf, False),
+}
+
+
+def check_option(name: str, value: Any, source: str | None = None) -> None:
+    """Raise ``ValueError`` (naming ``source``, the file and section, if given) unless ``value`` is a finite
+    number in ``name``'s range."""
+    low, high, low_open = OPTION_RANGES[name]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f"> {low:g}"
+        where = f"{source}: invalid" if source else "Invalid"
+        raise ValueError(f"{where} {name}: {value!r} (must be a finite number {bound})")
 
 
 def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -157,45 +212,92 @@ def train_run(
     progress: bool = True,
     config_path: str | Path | None = None,
     data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    log_dir_flag: str = "--log-dir",
 ) -> dict[str, Any]:
     """Train one optimizer on one task; write the CSVs, TensorBoard logs and config; return a summary.
 
     ``epochs`` and ``batch_size`` default to the task's config; ``lr`` and ``damping`` override the optimizer's.
     ``max_seconds`` stops the run once its training wall-clock exceeds it (at the end of a step). ``data`` skips
     loading (``load_task_data``'s tuple). ``width`` narrows the CIFAR models (channels of the first convolution,
-    64 in the papers' models) for quick runs.
+    64 in the papers' models) for quick runs. ``log_dir`` must not hold files yet (``log_dir_flag`` is the option
+    named in the refusal).
 
     Raises:
         ValueError: invalid task, optimizer, device or hyperparameters (before any training).
         DatasetFilesMissingError: the data files are not in ``data_dir``.
-        RuntimeError: the training loss became NaN or infinite (with the step and what to change).
+        RunFolderError: ``log_dir`` already holds files, is in use by another process, or a write to it failed.
+        TrainingDivergedError: the training loss became NaN or infinite (with the step); the logs up to it are kept.
     """
-    import yaml
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
     task = get_task(task_name)
     config = task_config(task_name, config_path)
+    source = str(config_path) if config_path is not None else "configs/supervised.yml"
+    for key in ("epochs", "batch_size"):
+        value = config.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: invalid {task_name}.{key}: {value!r} (must be an integer >= 1)")
     epochs = int(config.get("epochs", 1) if epochs is None else epochs)
     batch_size = int(config.get("batch_size", 128) if batch_size is None else batch_size)
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"Invalid epochs / batch size: {epochs} / {batch_size} (both must be integers >= 1)")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"Invalid lr: {lr!r} (must be a finite float > 0)")
+    for name, value in (("lr", lr), ("damping", damping)):
+        if value is not None:
+            check_option(name, value)
     if optimizer_name in ("sgd", "adam") and damping is not None:
         raise ValueError(f"--damping applies to kfac, ekfac and ekfac_ra, not {optimizer_name}")
+    if max_seconds is not None and not (max_seconds > 0 and math.isfinite(max_seconds)):
+        raise ValueError(f"Invalid max_seconds: {max_seconds!r} (must be a finite number > 0)")
+    for name, value in (config["optimizers"].get(optimizer_name) or {}).items():
+        if name in OPTION_RANGES:
+            check_option(name, value, f"{source}, {task_name}.optimizers.{optimizer_name}")
     if width is not None and (task.dataset != "cifar10" or width < 1):
         raise ValueError(f"Invalid width: {width!r} (an integer >= 1, for the CIFAR-10 models only)")
     torch_device = resolve_device(device)
     torch.manual_seed(seed)
     model = (task.build_model() if width is None else task.build_model(width=width)).to(torch_device)
-    optimizer = build_optimizer(optimizer_name, model, task_name, config_path, lr=lr, damping=damping)
+    try:
+        optimizer = build_optimizer(optimizer_name, model, task_name, config_path, lr=lr, damping=damping)
+    except TypeError as error:  # an option of the wrong type or name in the settings file
+        raise ValueError(f"{source}, {task_name}.optimizers.{optimizer_name}: {error}") from None
     train_x, train_y, eval_x, eval_y = data if data is not None else load_task_data(task, data_dir)
     if len(train_x) < batch_size:
         raise ValueError(f"batch size {batch_size} exceeds the {len(train_x)} training examples")
 
     log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    refuse_existing_run(log_dir, flag=log_dir_flag)
+    with RunLock(log_dir):
+        refuse_existing_run(log_dir, flag=log_dir_flag)  # again, now that the folder is ours
+        try:
+            return _train(
+                task, optimizer_name, optimizer, model, torch_device, log_dir, epochs, batch_size, seed, augment,
+                width, max_seconds, progress, (train_x, train_y, eval_x, eval_y),
+            )  # fmt: skip
+        except OSError as error:
+            raise write_error(log_dir, error, "The run's logs up to the failed write are in it.") from error
+
+
+def _train(
+    task: Task,
+    optimizer_name: str,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    torch_device: torch.device,
+    log_dir: Path,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    augment: bool,
+    width: int | None,
+    max_seconds: float | None,
+    progress: bool,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> dict[str, Any]:
+    """The training loop of ``train_run``, in a locked, empty folder."""
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    task_name = task.name
+    train_x, train_y, eval_x, eval_y = data
     settings = {
         "task": task_name,
         "optimizer": optimizer_name,
@@ -209,14 +311,14 @@ def train_run(
         "train_examples": len(train_x),
         "eval_examples": len(eval_x),
     }
-    (log_dir / "config.yml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    atomic_write_text(log_dir / "config.yml", yaml.safe_dump(settings, sort_keys=False))
     writer = SummaryWriter(str(log_dir / "tb"))
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train_x) // batch_size
-    is_kronecker = isinstance(optimizer, acktr_kfe.KFAC | acktr_kfe.EKFAC)
 
     step, clock, stopped = 0, 0.0, False
     epoch_rows: list[dict[str, float]] = []
+    diverged: TrainingDivergedError | None = None
     with (log_dir / "steps.csv").open("w", newline="") as steps_file:
         steps_csv = csv.writer(steps_file)
         steps_csv.writerow(["step", "epoch", "loss", "wall_clock_s"])
@@ -236,10 +338,8 @@ def train_run(
                 clock += time.perf_counter() - started
                 step += 1
                 if not math.isfinite(value):
-                    raise RuntimeError(
-                        f"{optimizer_name} on {task_name}: the training loss is {value} at step {step} (epoch "
-                        f"{epoch}); lower the learning rate (--lr){' or raise --damping' if is_kronecker else ''}"
-                    )
+                    diverged = TrainingDivergedError(task_name, optimizer_name, step, epoch, value, log_dir)
+                    break
                 epoch_losses.append(value)
                 steps_csv.writerow([step, epoch, f"{value:.6g}", f"{clock:.4f}"])
                 steps_file.flush()
@@ -250,6 +350,8 @@ def train_run(
                 if max_seconds is not None and clock >= max_seconds:
                     stopped = True
                     break
+            if diverged is not None:
+                break
             metrics = evaluate(model, task, eval_x, eval_y, max(batch_size, 1000))
             row = {"epoch": epoch, "wall_clock_s": clock, "train_loss": sum(epoch_losses) / len(epoch_losses)}
             row.update(metrics)
@@ -262,10 +364,15 @@ def train_run(
         bar.close()
     writer.close()
     with (log_dir / "epochs.csv").open("w", newline="") as epochs_file:
-        fields = list(epoch_rows[0])
+        fields = ["epoch", "wall_clock_s", "train_loss", "eval_loss"]
+        fields += ["eval_accuracy"] if task.classification else []
         epochs_csv = csv.DictWriter(epochs_file, fieldnames=fields)
         epochs_csv.writeheader()
         epochs_csv.writerows(epoch_rows)
+    if diverged is not None:
+        record = {"step": diverged.step, "epoch": diverged.epoch, "loss": str(diverged.loss), "wall_clock_s": clock}
+        atomic_write_text(log_dir / "diverged.json", json.dumps(record, indent=2) + "\n")
+        raise diverged
     return {
         "task": task_name,
         "optimizer": optimizer_name,
