@@ -206,6 +206,29 @@ def atomic_folder(path: Path) -> Iterator[Path]:
             shutil.rmtree(temporary, ignore_errors=True)
 
 
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Remove the temporary files and folders (``.<name>.tmp-<pid>-...``) left by processes no longer running.
+
+    Returns:
+        the names removed.
+    """
+    removed = []
+    for entry in folder.glob(".*.tmp-*"):
+        try:
+            pid = int(entry.name.split(".tmp-", 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry.name)
+    return sorted(removed)
+
+
 def write_error(folder: Path, error: OSError, intact: str) -> RunFolderError:
     """A ``RunFolderError`` for a failed write in ``folder``: the OS's reason, and what is still usable."""
     reason = error.strerror or str(error)

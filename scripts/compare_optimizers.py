@@ -167,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = {name: out / name for name in args.optimizers}
     try:
         if args.report:
-            missing = [str(p) for p in runs.values() if not (p / "steps.csv").is_file()]
+            missing = [name for name, path in runs.items() if not (path / "steps.csv").is_file()]
             if missing:
-                print(f"error: no run logs in {', '.join(missing)}", file=sys.stderr)
+                present = [name for name in runs if name not in missing]
+                hint = f"; the ones with logs: --optimizers {' '.join(present)}" if present else ""
+                print(f"error: no run logs in {out} for {', '.join(missing)}{hint}", file=sys.stderr)
                 return 2
             with RunLock(out):
                 report(runs, args.task, args.target, out)

@@ -55,6 +55,7 @@ from agents.run_folder import (  # noqa: E402
     RunLock,
     atomic_write_text,
     refuse_existing_run,
+    remove_stale_temporaries,
     temporary_path,
     write_error,
 )
@@ -264,9 +265,19 @@ def _run(
     """Train, checkpoint, save and evaluate with the folder locked."""
     latest = None
     if args.resume:
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            print(f"(removed {len(stale)} unfinished temporary file(s) of a run that died: {', '.join(stale)})")
         latest = latest_checkpoint(run_dir)
         if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; run without --resume to start training")
+            why = (
+                "its checkpoint.zip is of an earlier version of train.py, which --resume does not read"
+                if (run_dir / "checkpoint.zip").is_file()
+                else "the run stopped before its first checkpoint (--checkpoint-every)"
+            )
+            raise FileNotFoundError(
+                f"--resume: no checkpoint in {run_dir}: {why}. Start the run again with a fresh --log-dir."
+            )
         meta = read_meta(latest)
         for key in ("env", "algo"):
             if meta.get(key) != identity[key]:

@@ -334,3 +334,26 @@ def test_run_folder_made_read_only_for_real_fails_with_a_clear_message(run_copy:
             load_script("train").main(["--log-dir", str(run_copy), "--resume", "--total-timesteps", "480"])
     finally:
         run_copy.chmod(0o755)
+
+
+def test_resume_removes_temporaries_of_a_killed_run_and_checks_the_saved_config(run_copy: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = run_copy / f".checkpoint-000000000480.tmp-{dead.pid}-abcd1234"
+    leftover.mkdir()
+    (leftover / "model.zip").write_bytes(b"half written")
+    train = load_script("train")
+    assert train.main(["--log-dir", str(run_copy), "--resume", "--total-timesteps", "480"])["timesteps"] == 480
+    assert not leftover.exists()
+    config = run_copy / "config.yml"
+    config.write_text(config.read_text().replace("gamma: 0.99", "gamma: 1.5"))
+    with pytest.raises(ValueError, match=r"config\.yml: invalid gamma: 1\.5"):
+        train.main(["--log-dir", str(run_copy), "--resume", "--total-timesteps", "640"])
+
+
+def test_resume_of_a_run_that_died_before_its_first_checkpoint_says_so(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yml").write_text("env: CartPole-v1\nalgo: acktr\nseed: 0\n")
+    with pytest.raises(FileNotFoundError, match=r"stopped before its first checkpoint.*fresh --log-dir"):
+        load_script("train").main(["--log-dir", str(run), "--resume"])
