@@ -29,6 +29,9 @@ except ImportError:  # pragma: no cover - not exercised on Linux
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
+# Permissions of new folders under the process's umask (mkdtemp creates them readable by the owner only).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class RunFolderError(RuntimeError):
@@ -199,6 +202,7 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         raise FileExistsError(f"{path} already exists")
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
+        temporary.chmod(0o777 & ~_UMASK)
         yield temporary
         os.replace(temporary, path)
     finally:

@@ -312,6 +312,10 @@ def _run(
         set_random_seed(args.seed)
         model = algorithm(policy, env, seed=args.seed, device=args.device, tensorboard_log=str(tb_dir), **kwargs)
     remaining = max(0, config["total_timesteps"] - model.num_timesteps)
+    if not remaining:
+        print(
+            f"(the run is at {model.num_timesteps} steps, --total-timesteps {config['total_timesteps']}: no training)"
+        )
     progress = ProgressBarCallback()
     try:
         if remaining:
