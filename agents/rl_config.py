@@ -48,13 +48,16 @@ def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, 
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: for a malformed file or an unknown key (listing the valid ones).
+        ValueError: for a file that is not YAML, a malformed one or an unknown key (listing the valid ones).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        with path.open() as handle:
+            data = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     valid = algorithm_keys(algorithm) | RUN_KEYS

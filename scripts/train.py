@@ -286,15 +286,6 @@ def _run(
                 )
     else:
         refuse_existing_run(run_dir, flag="--log-dir")  # again, now that the folder is ours
-    saved = {"env": args.env, "algo": args.algo, "seed": args.seed, **config}
-    command = shlex.join([sys.executable, *sys.argv]) + "\n"
-    try:
-        atomic_write_text(run_dir / "config.yml", yaml.safe_dump(saved))
-        previous = (run_dir / "command.txt").read_text() if args.resume and (run_dir / "command.txt").is_file() else ""
-        atomic_write_text(run_dir / "command.txt", previous + command)
-    except OSError as error:
-        raise write_error(run_dir, error, intact_note(run_dir)) from error
-
     tb_dir = run_dir / "tb"
     env_seed = args.seed
     if latest is not None and not read_meta(latest).get("env_state"):
@@ -302,6 +293,29 @@ def _run(
     env = make_env(args.env, n_envs=config["n_envs"], seed=env_seed, **env_options(config))
     if latest is not None:
         model, env, exact = load_checkpoint(latest, algorithm, env, device=args.device, tensorboard_log=str(tb_dir))
+    else:
+        set_random_seed(args.seed)
+        try:
+            model = algorithm(policy, env, seed=args.seed, device=args.device, tensorboard_log=str(tb_dir), **kwargs)
+        except (TypeError, ValueError, AssertionError) as error:
+            env.close()
+            source = args.config or ROOT / "configs" / f"{args.algo}.yml"
+            raise ValueError(
+                f"{source}: these settings do not build {args.algo.upper()} on {args.env}: "
+                f"{type(error).__name__}: {error}"
+            ) from None
+
+    # Only now, with the model built or loaded, does the folder change.
+    saved = {"env": args.env, "algo": args.algo, "seed": args.seed, **config}
+    command = shlex.join([sys.executable, *sys.argv]) + "\n"
+    try:
+        atomic_write_text(run_dir / "config.yml", yaml.safe_dump(saved))
+        previous = (run_dir / "command.txt").read_text() if args.resume and (run_dir / "command.txt").is_file() else ""
+        atomic_write_text(run_dir / "command.txt", previous + command)
+    except OSError as error:
+        env.close()
+        raise write_error(run_dir, error, intact_note(run_dir)) from error
+    if latest is not None:
         dropped = prune_tensorboard(tb_dir, model.num_timesteps) if tb_dir.is_dir() else 0
         print(
             f"Resuming from {latest} at {model.num_timesteps} environment steps"
@@ -309,8 +323,7 @@ def _run(
             + (f"; dropped {dropped} TensorBoard values logged after it" if dropped else "")
         )
     else:
-        set_random_seed(args.seed)
-        model = algorithm(policy, env, seed=args.seed, device=args.device, tensorboard_log=str(tb_dir), **kwargs)
+        checkpoint(model, run_dir, identity)  # step 0: a run that dies early can still be resumed
     remaining = max(0, config["total_timesteps"] - model.num_timesteps)
     if not remaining:
         print(

@@ -310,7 +310,7 @@ def test_run_folder_made_read_only_mid_run_fails_at_next_write_and_last_checkpoi
 
     def read_only_after_first(model, run_dir: Path, identity: dict) -> Path:
         calls.append(model.num_timesteps)
-        if len(calls) > 1:  # as the kernel answers in a folder made read-only
+        if model.num_timesteps > 160:  # as the kernel answers in a folder made read-only
             raise PermissionError(13, "Permission denied", str(run_dir / ".checkpoint-tmp"))
         return original(model, run_dir, identity)
 
@@ -321,7 +321,7 @@ def test_run_folder_made_read_only_mid_run_fails_at_next_write_and_last_checkpoi
         r".*--resume",
     ):
         train.main(["--total-timesteps", "480", "--checkpoint-every", "160", "--log-dir", str(run)])
-    assert calls == [160, 320] and not (run / ".lock").exists()
+    assert calls == [0, 160, 320] and not (run / ".lock").exists()
     monkeypatch.setattr(train, "save_checkpoint", original)
     assert train.main(["--log-dir", str(run), "--resume", "--total-timesteps", "480"])["timesteps"] == 480
 
@@ -349,6 +349,36 @@ def test_resume_removes_temporaries_of_a_killed_run_and_checks_the_saved_config(
     config.write_text(config.read_text().replace("gamma: 0.99", "gamma: 1.5"))
     with pytest.raises(ValueError, match=r"config\.yml: invalid gamma: 1\.5"):
         train.main(["--log-dir", str(run_copy), "--resume", "--total-timesteps", "640"])
+
+
+def test_config_file_that_is_not_yaml_or_does_not_build_the_model_names_the_file_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    train = load_script("train")
+    broken = tmp_path / "broken.yml"
+    broken.write_text("default:\n  gamma: [0.9\n")
+    with pytest.raises(ValueError, match=r"broken\.yml: not valid YAML"):
+        train.main(["--config", str(broken), "--log-dir", str(tmp_path / "a")])
+    odd = tmp_path / "odd.yml"
+    odd.write_text("default:\n  policy_kwargs: {net_arch: abc}\n")
+    with pytest.raises(ValueError, match=r"odd\.yml: these settings do not build ACKTR on CartPole-v1: TypeError"):
+        train.main(["--config", str(odd), "--log-dir", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and list((tmp_path / "b").iterdir()) == []
+
+
+def test_run_killed_before_its_first_update_can_be_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train = load_script("train")
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ACKTR, "learn", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*SHORT, "--log-dir", str(run)])
+    monkeypatch.undo()
+    assert [steps for steps, _ in checkpoint_folders(run)] == [0]
+    assert train.main(["--log-dir", str(run), "--resume", "--total-timesteps", "160"])["timesteps"] == 160
 
 
 def test_resume_of_a_run_that_died_before_its_first_checkpoint_says_so(tmp_path: Path) -> None:
