@@ -188,11 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                     )  # fmt: skip
                     print(json.dumps(summary), flush=True)
                 except TrainingDivergedError as diverged:
-                    settings = args.config or "configs/supervised.yml"
+                    where = (
+                        f"in {args.config}"
+                        if args.config
+                        else "in a copy of configs/supervised.yml passed with --config FILE"
+                    )
                     print(
                         f"{diverged}. Recorded as diverged at step {diverged.step}; the comparison goes on. To "
-                        f"change its settings, edit {args.task}.optimizers.{name} in {settings} (or pass --config "
-                        "FILE) and run again with a fresh --out.",
+                        f"change its settings, edit {args.task}.optimizers.{name} {where}, and run again with a "
+                        "fresh --out.",
                         flush=True,
                     )
             report(runs, args.task, args.target, out)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 import acktr_kfe
@@ -229,7 +230,10 @@ def train_run(
         TrainingDivergedError: the training loss became NaN or infinite (with the step); the logs up to it are kept.
     """
     task = get_task(task_name)
-    config = task_config(task_name, config_path)
+    try:
+        config = task_config(task_name, config_path)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{config_path or 'configs/supervised.yml'}: not valid YAML: {error}") from None
     source = str(config_path) if config_path is not None else "configs/supervised.yml"
     for key in ("epochs", "batch_size"):
         value = config.get(key, 1)
@@ -292,7 +296,6 @@ def _train(
     data: tuple[Tensor, Tensor, Tensor, Tensor],
 ) -> dict[str, Any]:
     """The training loop of ``train_run``, in a locked, empty folder."""
-    import yaml
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
