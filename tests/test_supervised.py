@@ -403,3 +403,18 @@ def test_compare_into_an_existing_out_folder_refuses_naming_report(
     error = capsys.readouterr().err
     assert "already holds a run" in error and "--report" in error and "fresh --out" in error
     assert [p.name for p in (out / "adam").iterdir()] == ["epochs.csv"]
+
+
+def test_supervised_run_into_a_folder_in_use_refuses_naming_the_pid(
+    cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import os
+
+    from agents.run_folder import RunLock
+
+    log_dir = tmp_path / "run"
+    with RunLock(log_dir):
+        argv = [*_quick(cifar_dir), "--optimizer", "sgd", "--epochs", "1", "--log-dir", str(log_dir)]
+        assert load_script("supervised").main(argv) == 2
+    assert f"in use by another run (PID {os.getpid()})" in capsys.readouterr().err
+    assert list(log_dir.iterdir()) == []
