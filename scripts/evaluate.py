@@ -11,6 +11,7 @@ statistics and raw rewards for normalized (MuJoCo) environments.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     env_kwargs = {"render_mode": "rgb_array"} if args.video else None
     env = make_env(env_id, n_envs=1, seed=args.seed, training=False, env_kwargs=env_kwargs, **env_options(config))
+    if model.observation_space != env.observation_space or model.action_space != env.action_space:
+        env.close()
+        raise ValueError(
+            f"{model_path} does not fit {env_id}: it acts on observations {model.observation_space} and actions "
+            f"{model.action_space}, the env has {env.observation_space} and {env.action_space}; give the --env it "
+            "was trained on"
+        )
     if stats.is_file():
-        env = VecNormalize.load(str(stats), env.venv if isinstance(env, VecNormalize) else env)
+        try:
+            env = VecNormalize.load(str(stats), env.venv if isinstance(env, VecNormalize) else env)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as error:
+            raise CorruptedFileError(f"{stats} is corrupted ({type(error).__name__}: {error})") from None
         env.training, env.norm_reward = False, False
     if args.video:
         try:

@@ -271,6 +271,15 @@ def test_agent_zip_with_a_garbage_policy_pth_is_reported_as_corrupted_naming_fil
         load_script("train").main(["--log-dir", str(run_copy), "--resume", "--total-timesteps", "480"])
 
 
+def test_evaluate_names_a_corrupted_statistics_file_and_an_agent_of_another_env(run_copy: Path) -> None:
+    evaluate = load_script("evaluate")
+    with pytest.raises(ValueError, match=r"model\.zip does not fit Pendulum-v1: .*give the --env it was trained on"):
+        evaluate.main(["--run", str(run_copy), "--env", "Pendulum-v1", "--episodes", "1"])
+    (run_copy / "vecnormalize.pkl").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CorruptedFileError, match=r"vecnormalize\.pkl is corrupted"):
+        evaluate.main(["--run", str(run_copy), "--episodes", "1"])
+
+
 def test_evaluate_uses_the_last_checkpoint_of_a_run_that_stopped_early(run_copy: Path) -> None:
     (run_copy / "model.zip").unlink()
     (run_copy / "vecnormalize.pkl").unlink()
