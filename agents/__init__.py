@@ -15,6 +15,7 @@ _EXPORTS = {
     "KroneckerActorCriticPolicy": "agents.policies",
     "KroneckerActorCriticCnnPolicy": "agents.policies",
     "KroneckerMultiInputActorCriticPolicy": "agents.policies",
+    "ValueTargetScale": "agents.policies",
 }
 
 __all__ = sorted(_EXPORTS)

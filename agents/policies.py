@@ -1,24 +1,40 @@
-"""Kronecker-factored preconditioning inside SB3's own algorithms (A2C, PPO): one policy class.
+"""The Kronecker-preconditioned actor-critic policy: ACKTR's policy, and a plug-in for SB3's own A2C and PPO.
 
     from stable_baselines3 import PPO
-    from agents.policies import KroneckerActorCriticPolicy
+    from agents import KroneckerActorCriticPolicy
 
     model = PPO(KroneckerActorCriticPolicy, "CartPole-v1", learning_rate=0.1)
 
-The policy replaces its optimizer with :class:`acktr_kfe.EKFAC` (or K-FAC) in Fisher mode. Whenever the algorithm
-evaluates actions with gradients enabled (once per A2C update, once per PPO minibatch), the policy runs the
-curvature pass right there: the Fisher of the policy at actions *sampled from the current policy*, plus the
-Gauss-Newton matrix of the critic, so the curvature never comes from the advantage-weighted loss. SB3's
-gradient-norm clipping acts on the raw gradient before ``optimizer.step()`` preconditions it, so it scales the
-natural-gradient step uniformly instead of undoing it; the KL trust region (``max_kl``) bounds the step.
+The policy owns everything that makes an update a trust-region natural-gradient step, so that :class:`agents.ACKTR`
+is a thin SB3 algorithm over it, as SB3's A2C is over ``ActorCriticPolicy``:
+
+- the preconditioner: :class:`acktr_kfe.EKFAC` (or K-FAC) in Fisher mode, as ``policy.optimizer``;
+- the curvature pass: whenever the algorithm evaluates actions with gradients enabled (once per A2C or ACKTR
+  update, once per PPO minibatch), the Fisher of the policy at actions *sampled from the current policy*, plus the
+  Gauss-Newton matrix of the critic, so the curvature never comes from the advantage-weighted loss;
+- the trust regions and their calibration (:mod:`agents.trust_region`), measured after every optimizer step;
+- the value scale: a running root mean square ``sigma`` of the value targets (fed by
+  :meth:`KroneckerActorCriticPolicy.observe_value_targets`). The critic's head predicts the value in units of
+  ``sigma`` (PopArt-style, van Hasselt et al. 2016: the head is rescaled when ``sigma`` moves so its outputs stay
+  the same); the critic is read as a Gaussian of standard deviation ``sigma / vf_fisher_coef``, so ``vf_max_kl``
+  is a KL in nats that means the same at every reward scale; and the value loss's gradient reaches the network
+  divided by ``sigma**2``, as if the loss were taken on targets divided by ``sigma``.
+
+ACKTR feeds the value targets itself. Under SB3's A2C and PPO, pass ``callback=ValueTargetScale()`` to ``learn`` to
+do the same (without it ``sigma`` stays 1: the critic's region is then in reward units). SB3's gradient-norm
+clipping acts on the raw gradient before ``optimizer.step()`` preconditions it, so it scales the natural-gradient
+step uniformly instead of undoing it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
@@ -30,6 +46,23 @@ from .trust_region import ActorCriticTrustRegions, actor_critic_forward, detache
 
 # Per-example Fisher of a Gaussian's log standard deviation, per action dimension: E[(z^2 - 1)^2] = 2.
 GAUSSIAN_LOG_STD_FISHER = 2.0
+# Running mean of the squared value targets: decay per observed rollout (bias-corrected, so the first rollout
+# sets the scale), and the smallest scale (all-zero targets).
+VALUE_SCALE_DECAY = 0.9
+MIN_VALUE_SCALE = 1e-6
+PRECONDITIONERS = ("ekfac", "kfac")
+
+# The preconditioner's settings, the same for ACKTR and the plug-in (preconditioner_kwargs override them).
+PRECONDITIONER_DEFAULTS: dict[str, Any] = {
+    "momentum": 0.9,
+    "damping": 0.1,
+    "damping_scaling": "absolute",
+    "factor_decay": 0.95,
+    "factor_update_interval": 1,
+    "eigen_update_interval": 10,
+}
+EKFAC_DEFAULTS: dict[str, Any] = {"scale_update_interval": 1}
+KFAC_DEFAULTS: dict[str, Any] = {"damping_mode": "eigen"}
 
 
 def log_std_fisher_diagonals(policy: ActorCriticPolicy) -> dict[th.Tensor, float]:
@@ -45,7 +78,8 @@ def log_std_fisher_diagonals(policy: ActorCriticPolicy) -> dict[th.Tensor, float
 
 def curvature_loss(distribution: Distribution, values: th.Tensor, vf_fisher_coef: float) -> th.Tensor:
     """The loss whose backward feeds ACKTR's curvature: the policy's Fisher at actions sampled from it, plus
-    ``vf_fisher_coef`` times the critic's Gauss-Newton loss (an output gradient of 1 per state)."""
+    ``vf_fisher_coef`` times the critic's Gauss-Newton loss (an output gradient of 1 per state) on ``values`` in
+    units of the value scale."""
     sampled = distribution.sample().detach()
     loss = -distribution.log_prob(sampled).mean()
     if vf_fisher_coef:
@@ -53,35 +87,42 @@ def curvature_loss(distribution: Distribution, values: th.Tensor, vf_fisher_coef
     return loss
 
 
-_DEFAULTS: dict[str, Any] = {
-    "momentum": 0.9,
-    "damping": 0.1,
-    "damping_scaling": "absolute",
-    "factor_update_interval": 1,
-    "eigen_update_interval": 10,
-}
+def _scaled_values(normalized: th.Tensor, scale: th.Tensor) -> th.Tensor:
+    """``scale * normalized`` in the forward pass; in the backward pass the gradient is divided by ``scale``
+    instead of multiplied by it, so a loss on the values in reward units trains the head as the same loss on
+    targets divided by ``scale`` would (the critic's gradient does not depend on the reward scale)."""
+    return normalized.detach() * scale + (normalized - normalized.detach()) / scale
 
 
 class KroneckerActorCriticPolicy(ActorCriticPolicy):
-    """SB3's ``ActorCriticPolicy`` preconditioned by EKFAC or K-FAC (see the module docstring).
+    """SB3's ``ActorCriticPolicy`` preconditioned by EKFAC or K-FAC, with ACKTR's trust regions and a
+    reward-scale-free critic (see the module docstring).
 
-    The trust regions are ACKTR's (:mod:`agents.trust_region`): with separate actor and critic networks (SB3's
-    default ``MlpPolicy`` layout) ``max_kl`` bounds the policy's KL and ``vf_max_kl`` the critic's, with shared
-    layers one joint region is bounded by ``max_kl``; each bounds the momentum step actually taken. After every
-    optimizer step the policy measures the KL on the minibatch it just evaluated (one forward pass) and, with
-    ``calibrate_kl``, divides the next radius by the running bias of the quadratic model. The last measurement is
-    in ``last_measured_kl`` and ``last_measured_vf_kl``. The calibration is kept in the buffer ``kl_log_bias``, so
-    it is saved and loaded with the policy's parameters.
+    Trust regions (:mod:`agents.trust_region`): with separate actor and critic networks (SB3's default
+    ``MlpPolicy`` layout) ``max_kl`` bounds the policy's KL and ``vf_max_kl`` the critic's, with shared layers one
+    joint region is bounded by ``max_kl``; each bounds the momentum step actually taken. Both are KLs in nats per
+    optimizer step: the critic's Gaussian has standard deviation ``sigma / vf_fisher_coef``, ``sigma`` the running
+    root mean square of the value targets, so the value may move by about ``sqrt(2 vf_max_kl) sigma /
+    vf_fisher_coef`` per step whatever the reward scale. After every optimizer step the policy measures the KL on
+    the minibatch it just evaluated (one forward pass) and, with ``calibrate_kl``, divides the next radius by the
+    running bias of the quadratic model. The last measurement is in ``last_measured_kl`` and
+    ``last_measured_vf_kl``.
+
+    State: the calibration (buffer ``kl_log_bias``) and the value scale (buffers ``value_scale`` and
+    ``value_target_moments``) are saved and loaded with the parameters; the preconditioner's statistics with
+    ``policy.optimizer`` (SB3 saves both).
 
     Args:
         preconditioner: ``"ekfac"`` (default) or ``"kfac"``.
         preconditioner_kwargs: keyword arguments of :class:`acktr_kfe.EKFAC` / :class:`acktr_kfe.KFAC` that
-            override the defaults (momentum 0.9, damping 0.1, factors every step, eigenbasis every 10 steps).
-            The learning rate comes from the algorithm; the trust regions from the arguments below.
+            override :data:`PRECONDITIONER_DEFAULTS` (momentum 0.9, damping 0.1 absolute, factors every step,
+            eigenbasis every 10 steps; EKFAC's scale every step, K-FAC's eigen damping). The learning rate comes
+            from the algorithm; the trust regions from the arguments below.
         max_kl: radius of the policy's trust region (KL per optimizer step); ``None`` disables it.
-        vf_max_kl: radius of a separate critic's region; ``None`` disables it.
+        vf_max_kl: radius of a separate critic's region (KL of its Gaussian, see above); ``None`` disables it.
         calibrate_kl: calibrate the radii against the measured KL.
-        vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass.
+        vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass (the critic's Gaussian has
+            standard deviation ``sigma / vf_fisher_coef``).
         Other arguments: as ``ActorCriticPolicy`` (``optimizer_class`` and ``optimizer_kwargs`` are ignored).
     """
 
@@ -96,8 +137,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         vf_fisher_coef: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        if preconditioner not in ("ekfac", "kfac"):
-            raise ValueError(f"Invalid preconditioner: {preconditioner!r}. Valid values: ekfac, kfac")
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"Invalid preconditioner: {preconditioner!r}. Valid values: {', '.join(PRECONDITIONERS)}")
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         reserved = sorted({"lr", "max_kl", "trust_regions", "curvature"} & set(preconditioner_kwargs or {}))
@@ -121,8 +162,13 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         )
         # The running log(measured / predicted KL) per region, saved with the parameters (padded to two regions).
         self.register_buffer("kl_log_bias", th.zeros(2, dtype=th.float64))
+        # sigma, and the running (bias-uncorrected) mean of the squared value targets with its total weight.
+        self.register_buffer("value_scale", th.ones((), dtype=th.float32))
+        self.register_buffer("value_target_moments", th.zeros(2, dtype=th.float64))
+        extra = EKFAC_DEFAULTS if self.preconditioner == "ekfac" else KFAC_DEFAULTS
         options = {
-            **_DEFAULTS,
+            **PRECONDITIONER_DEFAULTS,
+            **extra,
             "trust_region_mode": "step",
             **self.preconditioner_kwargs,
             "lr": lr_schedule(1),
@@ -133,6 +179,12 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         cls = acktr_kfe.EKFAC if self.preconditioner == "ekfac" else acktr_kfe.KFAC
         self.optimizer = cls(self, **options)
         self.optimizer.register_step_post_hook(self._after_step)
+        # The critic starts at zero, so the first rollout's advantages are the returns themselves, in whatever units
+        # the rewards have (the trust regions above were found with the head as SB3 initialized it: a zero head
+        # would hide the critic's other layers from the probe).
+        with th.no_grad():
+            for param in self.value_net.parameters():
+                param.zero_()
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -146,16 +198,51 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         )
         return data
 
+    # -- the value scale ------------------------------------------------------------------------------------------
+
+    @th.no_grad()
+    def observe_value_targets(self, targets: th.Tensor | np.ndarray) -> float:
+        """Fold a rollout's value targets (returns) into the running scale ``sigma`` and rescale the critic's head
+        so that its outputs, in reward units, do not change (its momentum buffers with it). Returns ``sigma``."""
+        targets = th.as_tensor(np.asarray(targets), dtype=th.float64)
+        moments = self.value_target_moments
+        moments.mul_(VALUE_SCALE_DECAY).add_(
+            th.stack([targets.square().mean(), th.ones((), dtype=th.float64)]) * (1 - VALUE_SCALE_DECAY)
+        )
+        new_scale = max(math.sqrt(float(moments[0] / moments[1])), MIN_VALUE_SCALE)
+        ratio = float(self.value_scale) / new_scale
+        if not math.isfinite(ratio):
+            raise ValueError(f"non-finite value targets: the value scale would become {new_scale}")
+        for param in self.value_net.parameters():
+            param.mul_(ratio)
+            buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
+            if buffer is not None:
+                buffer.mul_(ratio)
+        self.value_scale.fill_(new_scale)
+        return new_scale
+
+    # -- forward passes ------------------------------------------------------------------------------------------
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Actions, values (reward units) and log-probabilities, as SB3's."""
+        actions, normalized, log_prob = super().forward(obs, deterministic)
+        return actions, normalized * self.value_scale, log_prob
+
+    def predict_values(self, obs: th.Tensor) -> th.Tensor:
+        """The state values ``(N, 1)`` in reward units."""
+        return super().predict_values(obs) * self.value_scale
+
     def evaluate_actions(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
-        """Values, log-probabilities and entropy, as SB3's; in training, also the curvature pass, and the
-        minibatch is kept to measure the KL of the step that follows."""
-        distribution, values = actor_critic_forward(self, obs)
+        """Values (reward units), log-probabilities and entropy, as SB3's; in training, also the curvature pass,
+        the trust radii of the coming step, and the minibatch kept to measure the KL of that step."""
+        distribution, normalized = actor_critic_forward(self, obs)
         if self.training and th.is_grad_enabled():
             self.optimizer.curvature_backward(
-                curvature_loss(distribution, values, self.vf_fisher_coef), retain_graph=True
+                curvature_loss(distribution, normalized, self.vf_fisher_coef), retain_graph=True
             )
-            self._pending = (obs, detached(distribution.distribution), values.detach())
+            self._pending = (obs, detached(distribution.distribution), normalized.detach())
             self.trust_regions.set_radii(self.optimizer)
+        values = _scaled_values(normalized, self.value_scale)
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def _after_step(self, optimizer: th.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -169,6 +256,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             policy_kl, vf_kl = self.trust_regions.measure(old_distribution, old_values, distribution, values)
         self.last_measured_kl, self.last_measured_vf_kl = policy_kl.item(), vf_kl.item()
         self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)
+
+    # -- state ---------------------------------------------------------------------------------------------------
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # The trust regions keep the calibration; the buffer takes it only when the state is saved.
@@ -186,13 +275,16 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # A state saved before the calibration was (no kl_log_bias) loads with the calibration starting afresh.
+        # A state saved before the calibration or the value scale were (no such buffers) loads with the
+        # calibration starting afresh and a value scale of 1 (the critic's outputs were in reward units).
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if prefix + "kl_log_bias" in missing_keys:
-            missing_keys.remove(prefix + "kl_log_bias")
-            self.kl_log_bias.zero_()
+        fresh = {"kl_log_bias": 0.0, "value_scale": 1.0, "value_target_moments": 0.0}
+        for name, value in fresh.items():
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+                getattr(self, name).fill_(value)
         bias = self.trust_regions.log_bias
         bias[:] = self.kl_log_bias[: len(bias)].tolist()
 
@@ -212,3 +304,18 @@ class KroneckerMultiInputActorCriticPolicy(KroneckerActorCriticPolicy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("features_extractor_class", CombinedExtractor)
         super().__init__(*args, **kwargs)
+
+
+class ValueTargetScale(BaseCallback):
+    """Feeds each rollout's value targets to a :class:`KroneckerActorCriticPolicy` under SB3's A2C or PPO (ACKTR
+    does it itself): ``model.learn(n, callback=ValueTargetScale())`` makes the critic's trust region
+    reward-scale free there too."""
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        policy = self.model.policy
+        if not isinstance(policy, KroneckerActorCriticPolicy):
+            raise TypeError(f"ValueTargetScale needs a KroneckerActorCriticPolicy, not {type(policy).__name__}")
+        policy.observe_value_targets(self.model.rollout_buffer.returns)

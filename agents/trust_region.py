@@ -1,8 +1,10 @@
 """The KL trust regions of an SB3 actor-critic and the calibration of their radii (ACKTR and the SB3 plug-in).
 
 Separate actor and critic networks get one region each: ``max_kl`` bounds the policy's KL, ``vf_max_kl`` the
-critic's, its output read as a Gaussian of standard deviation ``1 / vf_fisher_coef`` (KL
-``0.5 vf_fisher_coef^2 (v_new - v_old)^2``). Layers shared by both get one joint region bounded by ``max_kl``.
+critic's, its output read as a Gaussian of standard deviation ``sigma / vf_fisher_coef`` (KL
+``0.5 vf_fisher_coef^2 ((v_new - v_old) / sigma)^2``), ``sigma`` the policy's running scale of the value targets
+(:class:`agents.policies.KroneckerActorCriticPolicy`): both radii are KLs in nats, free of the reward's units.
+Layers shared by both get one joint region bounded by ``max_kl``.
 
 Calibration: the quadratic model underestimates the KL of the step it proposes (the step is largest where the
 sampled curvature estimate is smallest). After each step the KL is measured on the batch; a running average of
@@ -89,7 +91,7 @@ class ActorCriticTrustRegions:
         policy: the SB3 actor-critic.
         max_kl: radius of the policy's region (the joint one with shared layers); ``None``: unbounded.
         vf_max_kl: radius of a separate critic's region; ``None``: unbounded.
-        vf_fisher_coef: the critic's Gaussian reading (standard deviation ``1 / vf_fisher_coef``).
+        vf_fisher_coef: the critic's Gaussian reading (standard deviation ``sigma / vf_fisher_coef``).
         calibrate: divide the radii by the running bias of the quadratic model.
         log_bias: a list to keep the running ``log(measured / predicted)`` per region in (updated in place, so
             an owner that saves it keeps the calibration); a new one by default.
@@ -142,7 +144,7 @@ class ActorCriticTrustRegions:
         """The mean KL of the policy and of the critic's Gaussian between two forward passes on one batch.
 
         ``old`` is the earlier pass's torch distribution cut from the graph (:func:`detached`); ``new`` the SB3
-        distribution of the later pass."""
+        distribution of the later pass; the values are the critic head's outputs, in units of ``sigma``."""
         policy_kl = mean_kl(old, new.distribution)
         vf_kl = 0.5 * self.vf_fisher_coef**2 * (new_values - old_values).square().mean()
         return policy_kl, vf_kl

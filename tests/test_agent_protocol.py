@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.wrappers import TransformReward
 from stable_baselines3 import A2C
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.utils import set_random_seed
 
 import agents
 
@@ -22,11 +28,13 @@ def test_algorithm_and_policies_import_from_the_package_as_sb3_exports_them() ->
         KroneckerActorCriticCnnPolicy,
         KroneckerActorCriticPolicy,
         KroneckerMultiInputActorCriticPolicy,
+        ValueTargetScale,
     )
 
     assert ACKTR.__module__ == "agents.acktr"
     assert issubclass(KroneckerActorCriticCnnPolicy, KroneckerActorCriticPolicy)
     assert issubclass(KroneckerMultiInputActorCriticPolicy, KroneckerActorCriticPolicy)
+    assert ValueTargetScale.__module__ == "agents.policies"
     assert set(agents.__all__) <= set(dir(agents))
     with pytest.raises(AttributeError, match="no attribute 'PPO'"):
         agents.PPO  # noqa: B018
@@ -81,3 +89,152 @@ def test_policy_with_batch_norm_builds_and_trains(algorithm: str) -> None:
     assert model.policy.optimizer.steps == 2
     assert batch_norm.num_batches_tracked > 0
     assert all(torch.isfinite(p).all() for p in model.policy.parameters())
+
+
+# -- the critic's trust region is free of the reward's units ---------------------------------------------------------
+
+
+class _TrustRegionRecorder(BaseCallback):
+    """Per update: both regions' clip factors, the measured KLs and the value scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[float]] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        policy = self.model.policy
+        if policy.optimizer.steps:
+            scales = policy.optimizer.last_kl_clip_scales.tolist()
+            self.rows.append([*scales, policy.last_measured_kl, policy.last_measured_vf_kl, float(policy.value_scale)])
+
+
+def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: int) -> np.ndarray:
+    env = make_vec_env(
+        env_id,
+        n_envs=4,
+        seed=0,
+        wrapper_class=TransformReward,
+        wrapper_kwargs={"func": lambda reward: reward_scale * reward},
+    )
+    recorder = _TrustRegionRecorder()
+    if algorithm == "acktr":
+        agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).learn(steps, callback=recorder)
+    else:
+        model = A2C(
+            agents.KroneckerActorCriticPolicy, env, learning_rate=0.25, n_steps=8, normalize_advantage=True, seed=0
+        )
+        model.learn(steps, callback=[recorder, agents.ValueTargetScale()])
+    return np.array(recorder.rows)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+@pytest.mark.parametrize("algorithm", ["acktr", "a2c_plugin"])
+def test_trust_region_scales_do_not_depend_on_the_reward_scale(algorithm: str, env_id: str) -> None:
+    runs = {scale: _scaled_reward_run(algorithm, env_id, scale, steps=384) for scale in (0.01, 1.0, 100.0)}
+    reference = runs[1.0]
+    assert len(reference) >= 10
+    assert (reference[:, 0] < 1).any() and (reference[:, 1] < 1).any(), "both regions were active"
+    for scale, rows in runs.items():
+        # Clip factors and measured KLs (nats) agree; the value scale follows the rewards.
+        np.testing.assert_allclose(rows[:, :4], reference[:, :4], rtol=1e-3, atol=1e-9)
+        np.testing.assert_allclose(rows[:, 4], scale * reference[:, 4], rtol=1e-3)
+
+
+# -- one actor-critic protocol -----------------------------------------------------------------------------------
+
+
+def _collect_rollout(model: OnPolicyAlgorithm) -> None:
+    _, callback = model._setup_learn(model.n_steps * model.n_envs)
+    callback.on_training_start(locals(), globals())
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batch(env_id: str) -> None:
+    env = make_vec_env(env_id, n_envs=2, seed=0)
+    acktr = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, ent_coef=0.01, vf_coef=0.5)
+    a2c = A2C(
+        agents.KroneckerActorCriticPolicy,
+        env,
+        learning_rate=acktr.learning_rate,
+        n_steps=8,
+        ent_coef=0.01,
+        vf_coef=0.5,
+        max_grad_norm=float("inf"),
+        normalize_advantage=True,
+        seed=0,
+        policy_kwargs=acktr.policy_kwargs,
+    )
+    a2c.policy.load_state_dict(acktr.policy.state_dict())
+    for _ in range(3):  # three updates: momentum, calibration and the value scale come into play
+        _collect_rollout(acktr)
+        a2c._setup_learn(1)
+        a2c.rollout_buffer = acktr.rollout_buffer
+        a2c.policy.observe_value_targets(a2c.rollout_buffer.returns)  # what ValueTargetScale does
+        for model in (acktr, a2c):  # the same batch order and the same sampled actions in the curvature pass
+            set_random_seed(1)
+            model.train()
+        for (name, p_acktr), p_a2c in zip(acktr.policy.named_parameters(), a2c.policy.parameters()):
+            torch.testing.assert_close(p_acktr, p_a2c, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert acktr.policy.trust_regions.log_bias == pytest.approx(a2c.policy.trust_regions.log_bias)
+    assert float(acktr.policy.value_scale) == pytest.approx(float(a2c.policy.value_scale))
+
+
+def _assert_same_state(actual: object, expected: object, where: str = "state") -> None:
+    """Nested dicts and lists of tensors and plain values are equal (tensors exactly)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same_state(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same_state(a, e, f"{where}[{index}]")
+    elif isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected), where
+    else:
+        assert actual == expected, where
+
+
+def _policy_state(model: OnPolicyAlgorithm) -> dict[str, object]:
+    policy = model.policy
+    return {
+        "log_bias": list(policy.trust_regions.log_bias),
+        "value_scale": float(policy.value_scale),
+        "value_target_moments": policy.value_target_moments.tolist(),
+        "optimizer": policy.optimizer.state_dict(),
+    }
+
+
+@pytest.mark.parametrize("algorithm", ["acktr", "a2c_plugin"])
+def test_save_and_load_round_trip_calibration_value_scale_and_statistics(algorithm: str, tmp_path: Path) -> None:
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    if algorithm == "acktr":
+        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0)
+        model.learn(160)
+        cls: type[OnPolicyAlgorithm] = agents.ACKTR
+    else:
+        model = A2C(agents.KroneckerActorCriticPolicy, env, n_steps=8, seed=0)
+        model.learn(160, callback=agents.ValueTargetScale())
+        cls = A2C
+    model.save(tmp_path / "model")
+    loaded = cls.load(tmp_path / "model", env=env)
+    saved, restored = _policy_state(model), _policy_state(loaded)
+    assert saved["log_bias"] != [0.0, 0.0] and saved["value_scale"] != 1.0
+    for key in ("log_bias", "value_scale", "value_target_moments"):
+        assert restored[key] == pytest.approx(saved[key]), key
+    _assert_same_state(restored["optimizer"], saved["optimizer"])
+    # The next update from the same batch is the same step.
+    _collect_rollout(model)
+    loaded._setup_learn(1)
+    loaded.rollout_buffer = model.rollout_buffer
+    for algo in (model, loaded):
+        if algorithm != "acktr":
+            algo.policy.observe_value_targets(algo.rollout_buffer.returns)
+        set_random_seed(1)
+        algo.train()
+    for p_model, p_loaded in zip(model.policy.parameters(), loaded.policy.parameters()):
+        torch.testing.assert_close(p_model, p_loaded, rtol=0, atol=0)
