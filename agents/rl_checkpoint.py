@@ -34,6 +34,17 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 from .run_folder import atomic_folder, temporary_path
 
 PREFIX = "checkpoint-"
+# What reading a damaged file raises (json.JSONDecodeError and UnicodeDecodeError are ValueErrors, listed to keep
+# other ValueErrors, as SB3's "spaces do not match", as they are).
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    KeyError,
+    EOFError,
+    pickle.UnpicklingError,
+    struct.error,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+)
 
 
 class CorruptedFileError(ValueError):
@@ -126,6 +137,10 @@ def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"no saved agent at {path}")
     try:
+        return algorithm.load(path, **kwargs)
+    except (*READ_ERRORS, RuntimeError, AssertionError, ValueError) as error:
+        failure = error  # diagnosed below, without the loader's advice (such as weights_only=False)
+    try:
         member = _damaged_member(path)
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         raise CorruptedFileError(
@@ -135,13 +150,13 @@ def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
         raise CorruptedFileError(
             f"{path} is corrupted: its member {member} cannot be read; restore the file from a backup or train again"
         )
-    try:
-        return algorithm.load(path, **kwargs)
-    except (KeyError, EOFError, pickle.UnpicklingError, struct.error) as error:
-        raise CorruptedFileError(
-            f"{path} is not a readable {algorithm.__name__} agent (corrupted, or saved by another algorithm): "
-            f"{type(error).__name__}: {error}"
-        ) from None
+    if isinstance(failure, ValueError) and not isinstance(failure, READ_ERRORS):
+        raise failure  # an intact file that does not fit the request, as SB3's "spaces do not match"
+    summary = str(failure).splitlines()[0][:200] if str(failure) else ""
+    raise CorruptedFileError(
+        f"{path} is not a readable {algorithm.__name__} agent (corrupted, or saved by another algorithm or "
+        f"version): {type(failure).__name__}: {summary}"
+    )
 
 
 # --- checkpoint folders -------------------------------------------------------------------------------------
