@@ -1,4 +1,5 @@
-"""RL benchmark: ACKTR (EKFAC and K-FAC) against SB3's A2C and PPO with rl-zoo hyperparameters.
+"""RL benchmark: ACKTR (EKFAC and K-FAC) against SB3's A2C and PPO and sb3-contrib's TRPO, with rl-zoo
+hyperparameters.
 
     python scripts/bench_rl.py                                   # every env, algorithm and seed (long)
     python scripts/bench_rl.py --envs CartPole-v1 --seeds 0 --workers 2
@@ -11,7 +12,8 @@ seeds reached; ratios to A2C become bounds when a median is beyond the budget), 
 last 10 episodes) and env steps per second. The table is printed as markdown and written
 to OUT/results.md, per-run records to OUT/runs.jsonl, learning curves to OUT/curves.png.
 
-ACKTR's hyperparameters come from configs/acktr.yml, A2C's and PPO's from configs/baselines.yml.
+ACKTR's hyperparameters come from configs/acktr.yml, A2C's, PPO's and TRPO's from configs/baselines.yml. TRPO
+needs sb3-contrib (``pip install sb3-contrib``); it is imported only when a TRPO run starts.
 """
 
 from __future__ import annotations
@@ -36,16 +38,29 @@ BENCHMARKS: dict[str, tuple[int, float]] = {
     "HalfCheetah-v5": (200_000, 1500.0),
     "Hopper-v5": (200_000, 1000.0),
 }
-ALGOS = ("acktr_ekfac", "acktr_kfac", "a2c", "ppo")
+ALGOS = ("acktr_ekfac", "acktr_kfac", "a2c", "ppo", "trpo")
 WINDOW = 10
 
 
-def baseline_config(algo: str, env_id: str) -> dict[str, Any]:
-    """A2C's or PPO's rl-zoo hyperparameters for ``env_id`` from configs/baselines.yml."""
+def baseline_config(algo: str, env_id: str) -> dict[str, Any] | None:
+    """A2C's, PPO's or TRPO's rl-zoo hyperparameters for ``env_id`` from configs/baselines.yml (``{}``: the
+    algorithm's defaults), or ``None`` when the file has no entry for the env."""
     import yaml
 
     with (ROOT / "configs" / "baselines.yml").open() as handle:
-        return dict((yaml.safe_load(handle)[algo] or {}).get(env_id) or {})
+        entries = yaml.safe_load(handle).get(algo) or {}
+    return None if env_id not in entries else dict(entries[env_id] or {})
+
+
+def trpo_class() -> type:
+    """sb3-contrib's TRPO, or an ImportError that says how to install it."""
+    try:
+        from sb3_contrib import TRPO
+    except ImportError as error:
+        raise ImportError(
+            "the TRPO baseline needs sb3-contrib: pip install sb3-contrib (or leave trpo out of --algos)"
+        ) from error
+    return TRPO
 
 
 def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict[str, Any]:
@@ -65,7 +80,9 @@ def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict
         cls: Any = ACKTR
     else:
         config = baseline_config(algo, env_id)
-        cls = {"a2c": A2C, "ppo": PPO}[algo]
+        if config is None:
+            raise ValueError(f"configs/baselines.yml has no {algo} entry for {env_id}")
+        cls = trpo_class() if algo == "trpo" else {"a2c": A2C, "ppo": PPO}[algo]
     env = make_env(env_id, n_envs=config.get("n_envs", 1), seed=seed, **env_options(config))
     policy, kwargs = model_arguments(config)
 

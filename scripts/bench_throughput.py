@@ -1,4 +1,5 @@
-"""Throughput benchmark: env steps per second of ACKTR (EKFAC, K-FAC), SB3's A2C and PPO, one run after another.
+"""Throughput benchmark: env steps per second of ACKTR (EKFAC, K-FAC), SB3's A2C and PPO and sb3-contrib's TRPO,
+one run after another.
 
     python scripts/bench_throughput.py                                # the RL benchmark's envs and ALE/Pong-v5
     python scripts/bench_throughput.py --envs ALE/Pong-v5 --steps 25600       # 6,400 Atari steps per run
@@ -7,8 +8,9 @@ scripts/bench_rl.py runs several trainings at once and long ones, so its steps-p
 else the machine was doing. This script trains each algorithm for a short, fixed number of env steps (whole
 updates, with ACKTR's eigendecompositions at their usual interval) one at a time, with the same hyperparameters as
 bench_rl.py (configs/acktr.yml, configs/baselines.yml), and reports env steps per second and the ratio to A2C on
-the same env. Atari learning runs need a GPU; on a CPU this is the Atari number there is. The markdown table is
-printed and written to OUT/throughput.md.
+the same env. A baseline without an entry for the env in configs/baselines.yml (TRPO on Atari) is left out. Atari
+learning runs need a GPU; on a CPU this is the Atari number there is. The markdown table is printed and written to
+OUT/throughput.md.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_rl import ALGOS, run_one  # noqa: E402
+from bench_rl import ALGOS, baseline_config, run_one  # noqa: E402
 
 ENVS = ("CartPole-v1", "Pendulum-v1", "HalfCheetah-v5", "Hopper-v5", "ALE/Pong-v5")
 
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     for env_id in args.envs:
         steps = args.steps // 4 if env_kind(env_id) == "atari" else args.steps
         for algo in args.algos:
+            if not algo.startswith("acktr") and baseline_config(algo, env_id) is None:
+                print(f"{env_id} {algo}: no entry in configs/baselines.yml, left out", flush=True)
+                continue
             record = run_one(algo, env_id, args.seed, steps, args.threads)
             rows.append((env_id, algo, record["timesteps"], record["seconds"]))
             print(f"{env_id} {algo}: {record['timesteps'] / record['seconds']:,.0f} env steps/s", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,10 @@ def test_table_gives_ratios_to_a2c_as_bounds_when_a_median_is_beyond_the_budget(
     assert bench.steps_ratio(float("inf"), float("inf"), 100_000) == ""
 
 
-@pytest.mark.parametrize("algo", ["acktr_ekfac", "acktr_kfac", "a2c", "ppo"])
+@pytest.mark.parametrize("algo", ["acktr_ekfac", "acktr_kfac", "a2c", "ppo", "trpo"])
 def test_each_algorithm_runs_with_its_config(algo: str) -> None:
+    if algo == "trpo":
+        pytest.importorskip("sb3_contrib", reason="the TRPO baseline needs sb3-contrib")
     bench = load_script("bench_rl")
     result = bench.run_one(algo, "CartPole-v1", seed=0, steps=2048, threads=1)
     assert result["episodes"] and result["seconds"] > 0
@@ -68,3 +71,14 @@ def test_throughput_table_gives_ratios_to_a2c_and_a_short_run_measures_every_alg
     assert throughput.main(args) == 0
     rows = (tmp_path / "throughput.md").read_text().splitlines()[2:]
     assert [row.split(" | ")[1] for row in rows] == ["a2c", "acktr_ekfac"] and rows[0].endswith("| 1.00 |")
+
+
+def test_missing_baseline_entries_and_a_missing_sb3_contrib_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_script("bench_rl")
+    assert bench.baseline_config("trpo", "ALE/Pong-v5") is None
+    assert bench.baseline_config("trpo", "HalfCheetah-v5")["target_kl"] == 0.04
+    with pytest.raises(ValueError, match="no trpo entry for ALE/Pong-v5"):
+        bench.run_one("trpo", "ALE/Pong-v5", seed=0, steps=10, threads=1)
+    monkeypatch.setitem(sys.modules, "sb3_contrib", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install sb3-contrib"):
+        bench.trpo_class()
