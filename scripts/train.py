@@ -97,14 +97,14 @@ def checkpoint(model: Any, run_dir: Path, identity: dict[str, Any]) -> Path:
         raise write_error(run_dir, error, intact_note(run_dir)) from error
 
 
-def intact_note(run_dir: Path) -> str:
-    """What is still usable in a run folder after a failed write."""
+def intact_note(run_dir: Path, remedy: str = "make the folder writable and ") -> str:
+    """What is still usable in a run folder after a failed write (or an interruption, with ``remedy=""``)."""
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return "No checkpoint was written yet."
     return (
-        f"The last complete checkpoint, {latest.name} (step {read_meta(latest)['steps']}), is intact: make the "
-        f"folder writable and continue with --log-dir {run_dir} --resume."
+        f"The last complete checkpoint, {latest.name} (step {read_meta(latest)['steps']}), is intact: "
+        f"{remedy}continue with --log-dir {run_dir} --resume."
     )
 
 
@@ -250,7 +250,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with RunLock(run_dir) as lock:
         if lock.took_over_from is not None:
             print(f"(took over the lock of {run_dir} left by PID {lock.took_over_from}, which is no longer running)")
-        return _run(args, run_dir, config, algorithm, policy, kwargs, identity)
+        try:
+            return _run(args, run_dir, config, algorithm, policy, kwargs, identity)
+        except KeyboardInterrupt:
+            print(f"\nInterrupted. {intact_note(run_dir, remedy='')}", file=sys.stderr)
+            raise
 
 
 def _run(

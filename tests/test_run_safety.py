@@ -375,7 +375,9 @@ def test_config_file_that_is_not_yaml_or_does_not_build_the_model_names_the_file
     assert not (tmp_path / "a").exists() and list((tmp_path / "b").iterdir()) == []
 
 
-def test_run_killed_before_its_first_update_can_be_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_killed_before_its_first_update_can_be_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     train = load_script("train")
     run = tmp_path / "run"
 
@@ -386,6 +388,7 @@ def test_run_killed_before_its_first_update_can_be_resumed(tmp_path: Path, monke
     with pytest.raises(KeyboardInterrupt):
         train.main([*SHORT, "--log-dir", str(run)])
     monkeypatch.undo()
+    assert "Interrupted. The last complete checkpoint, checkpoint-000000000000 (step 0)" in capsys.readouterr().err
     assert [steps for steps, _ in checkpoint_folders(run)] == [0]
     assert train.main(["--log-dir", str(run), "--resume", "--total-timesteps", "160"])["timesteps"] == 160
 
