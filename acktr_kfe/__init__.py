@@ -17,7 +17,17 @@ from .curvature import (
 )
 from .eigen import kfe_scale, robust_eigh
 from .layers import Conv2dAdapter, LayerAdapter, LinearAdapter, adapter_for, register_adapter
-from .optim import EKFAC, KFAC, DampingMode, DampingScaling, LossReduction, ScaleMode, TrustRegionMode, curvature_matrix
+from .optim import (
+    EKFAC,
+    KFAC,
+    DampingMode,
+    DampingScaling,
+    LossReduction,
+    ScaleMode,
+    StepNorm,
+    TrustRegionMode,
+    curvature_matrix,
+)
 from .trust_region import kl_clip_scale, predicted_kl
 
 __version__ = "0.1.0"
@@ -35,6 +45,7 @@ __all__ = [
     "Record",
     "ScaleMode",
     "StatisticsCapture",
+    "StepNorm",
     "TrustRegionMode",
     "adapter_for",
     "bernoulli_fisher_loss",

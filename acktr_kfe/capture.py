@@ -36,11 +36,15 @@ class Record:
         grad_output: the gradient of the recorded loss with respect to the layer's output.
         logit_grad_norms: per-example ``||d loss / d logits||`` of the same backward pass, shape ``(N,)``,
             for iEF curvature; ``None`` otherwise.
+        generation: which micro-batch since the last step the record belongs to: a forward that follows a
+            recorded backward starts a new one (gradient accumulation), while forwards before one backward share
+            it (a layer applied twice in one loss).
     """
 
     layer_input: Tensor
     grad_output: Tensor
     logit_grad_norms: Tensor | None = None
+    generation: int = 0
 
 
 class StatisticsCapture:
@@ -65,10 +69,15 @@ class StatisticsCapture:
         self._depth = 0
         self._logit_grad_norms: Tensor | None = None
         self._records: dict[nn.Module, list[Record]] = {}
+        self._generation = 0
+        self._recorded_since_forward = False
         # The hooks hold only a weak reference, so that a dropped optimizer does not stay alive through the
         # model it was attached to (and its hooks turn into no-ops).
         self_ref = weakref.ref(self)
 
+        # Run eagerly under torch.compile: whether a backward is recorded is decided when it runs (armed), not
+        # when the forward was traced.
+        @torch.compiler.disable
         def forward_hook(module: nn.Module, inputs: tuple, output: object) -> None:
             capture = self_ref()
             if capture is not None:
@@ -91,14 +100,19 @@ class StatisticsCapture:
             return
         if not self._wants_statistics():
             return
+        if self._recorded_since_forward:
+            self._generation += 1
+            self._recorded_since_forward = False
+        generation = self._generation
         layer_input = inputs[0].detach()
         self_ref = weakref.ref(self)
 
         def output_hook(grad: Tensor) -> None:
             capture = self_ref()
             if capture is not None and capture.armed:
-                record = Record(layer_input, grad.detach(), capture._logit_grad_norms)
+                record = Record(layer_input, grad.detach(), capture._logit_grad_norms, generation)
                 capture._records.setdefault(module, []).append(record)
+                capture._recorded_since_forward = True
 
         output.register_hook(output_hook)
 
@@ -117,6 +131,8 @@ class StatisticsCapture:
     def pop_records(self) -> dict[nn.Module, list[Record]]:
         """Hand over everything recorded since the last call, and forget it."""
         records, self._records = self._records, {}
+        self._generation = 0
+        self._recorded_since_forward = False
         return records
 
     def has_records(self) -> bool:

@@ -13,12 +13,14 @@ vec(grad_n)^T]`` with ``vec`` the row-major flatten, and its Kronecker approxima
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,19 @@ from .curvature import Curvature
 from .eigen import kfe_scale, robust_eigh
 from .layers import LayerAdapter, adapter_for
 from .trust_region import kl_clip_scale, predicted_kl
+
+_LIBRARY_DIRS = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package and torch: the user's line that
+    called ``step()`` (torch's optimizer wrappers sit between it and the optimizer)."""
+    level = 2  # warnings.warn's stacklevel of _warn's caller
+    frame = sys._getframe(1)
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _parse_enum(enum_cls: type[Enum], value: Any, what: str) -> Any:
@@ -65,6 +80,25 @@ class DampingScaling(str, Enum):
 
     RELATIVE = "relative"
     ABSOLUTE = "absolute"
+
+
+class StepNorm(str, Enum):
+    """How long a step is. ``adam``: each preconditioned layer moves along its (momentum) natural-gradient direction
+    by the length of the step Adam would take for that layer (learning-rate grafting, Agarwal et al. 2020,
+    arXiv:2002.11803), and ``lr`` is Adam's learning rate: the curvature chooses the direction, a first-order
+    method that holds on any model the length, so no unit of the loss or the layer reaches the step size;
+    ``natural``: the natural-gradient step itself, ``lr F^-1 grad`` (the papers' update, which ACKTR uses)."""
+
+    ADAM = "adam"
+    NATURAL = "natural"
+
+
+# Growth of the parameter norm and of the gradient norm since the first step that is reported as a warning.
+GROWTH_WARNING_FACTORS = (10.0, 1000.0)
+
+# Adam's constants for step_norm="adam" (PyTorch's defaults).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 class TrustRegionMode(str, Enum):
@@ -153,6 +187,7 @@ class _KroneckerOptimizer(Optimizer):
         trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None,
         trust_region_mode: str | TrustRegionMode,
         damping_scaling: str | DampingScaling,
+        step_norm: str | StepNorm,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -205,6 +240,7 @@ class _KroneckerOptimizer(Optimizer):
         self._regions = self._parse_trust_regions(trust_regions, params, max_kl)
         self.trust_region_mode = _parse_enum(TrustRegionMode, trust_region_mode, "trust_region_mode")
         self.damping_scaling = _parse_enum(DampingScaling, damping_scaling, "damping_scaling")
+        self.step_norm = _parse_enum(StepNorm, step_norm, "step_norm")
         # Mean curvature eigenvalue of each block (relative damping), keyed by layer name: derived from the state,
         # recomputed when the basis or the scale changes (one host sync then, none on other steps).
         self._curvature_means: dict[str, float] = {}
@@ -221,6 +257,8 @@ class _KroneckerOptimizer(Optimizer):
         self.last_predicted_kls: Tensor | None = None
         self.last_eigh_ms: float = 0.0
         self.skipped_steps = 0
+        # (first norm, growth that triggers the next warning) of the parameters and of the gradient.
+        self._growth: list[tuple[float | None, float]] = [(None, f) for f in GROWTH_WARNING_FACTORS]
 
         optimizer_ref = weakref.ref(self)
 
@@ -358,14 +396,31 @@ class _KroneckerOptimizer(Optimizer):
         return not self._all_layers_have_factors
 
     # --- statistics ----------------------------------------------------------------------------------------
-    def _rows(self, layer: _Layer, record: Record) -> tuple[Tensor, Tensor]:
-        """Activations ``(N, T, in)`` and per-example-scaled output gradients ``(N, T, out)`` of a record."""
-        acts = layer.adapter.activations(record.layer_input)
-        grads = layer.adapter.output_grads(record.grad_output)
-        batch = grads.shape[0]
-        if acts.shape[0] != batch:
-            raise RuntimeError(f"layer {layer.name}: input batch {acts.shape[0]} does not match output batch {batch}")
-        scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
+    def _layer_rows(self, layer: _Layer, records: list[Record]) -> list[tuple[Tensor, Tensor]]:
+        """Activations ``(N, T, in)`` and per-example-scaled output gradients ``(N, T, out)`` of each record.
+
+        Statistics are kept in float32 (float64 for a float64 layer) whatever the precision of the forward and
+        backward passes (autocast, a bf16 model). With a mean-reduced loss the output gradients are multiplied by
+        the number of examples the loss averaged over: the batch, or with gradient accumulation (each micro-batch's
+        loss divided by the number of micro-batches, so that the accumulated gradient is the mean over all of
+        them) the examples of every micro-batch recorded since the last step.
+        """
+        dtype = layer.weight.dtype if layer.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        rows = []
+        batches: dict[int, int] = {}
+        for record in records:
+            acts = layer.adapter.activations(record.layer_input.to(dtype))
+            grads = layer.adapter.output_grads(record.grad_output.to(dtype))
+            if acts.shape[0] != grads.shape[0]:
+                raise RuntimeError(
+                    f"layer {layer.name}: input batch {acts.shape[0]} does not match output batch {grads.shape[0]}"
+                )
+            batches.setdefault(record.generation, grads.shape[0])
+            rows.append((acts, grads))
+        scale = float(sum(batches.values())) if self.loss_reduction is LossReduction.MEAN else 1.0
+        return [self._scaled_rows(acts, grads, record, scale) for (acts, grads), record in zip(rows, records)]
+
+    def _scaled_rows(self, acts: Tensor, grads: Tensor, record: Record, scale: float) -> tuple[Tensor, Tensor]:
         if self.curvature is Curvature.IEF:
             if record.logit_grad_norms is None:
                 raise RuntimeError(
@@ -383,7 +438,7 @@ class _KroneckerOptimizer(Optimizer):
         for index, layer in enumerate(self._layers):
             layer_records = records.get(layer.adapter.module)
             if layer_records:
-                rows[index] = [self._rows(layer, record) for record in layer_records]
+                rows[index] = self._layer_rows(layer, layer_records)
 
         if self._is_factor_step(step):
             self._update_factors(rows)
@@ -468,7 +523,7 @@ class _KroneckerOptimizer(Optimizer):
                 f"{type(self).__name__}: {count} consecutive numerical failures, the last: "
                 f"{message}. Check the loss and the learning rate; a larger damping may help."
             )
-        warnings.warn(f"{type(self).__name__}: {message}", RuntimeWarning, stacklevel=4)
+        _warn(f"{type(self).__name__}: {message}")
 
     # --- subclass hooks ------------------------------------------------------------------------------------
     def _on_basis_refreshed(self, layer: _Layer, state: dict[str, Any]) -> None:
@@ -497,6 +552,15 @@ class _KroneckerOptimizer(Optimizer):
         mean = self._curvature_means.get(layer.name)
         if mean is None:
             mean = float(self._curvature_mean(layer, state))
+            import os
+
+            ref = os.environ.get("KREF", "mean")
+            if ref == "trace":
+                mean *= layer.adapter.in_dim * layer.adapter.out_dim
+            elif ref == "max":
+                mean = float(state["scale"].max())
+            elif ref == "sqrt":
+                mean *= (layer.adapter.in_dim * layer.adapter.out_dim) ** 0.5
             if not (mean > 0 and math.isfinite(mean)):
                 mean = 1.0
             self._curvature_means[layer.name] = mean
@@ -537,6 +601,8 @@ class _KroneckerOptimizer(Optimizer):
             self._failure("gradient", "non-finite gradient; the step was skipped")
             return loss
 
+        if self._is_factor_step(self._step):
+            self._watch_growth(params)
         if records:
             self._update_curvature(records, self._step)
         elif self._step == 0 and any(layer.weight.grad is not None for layer in self._layers):
@@ -551,8 +617,10 @@ class _KroneckerOptimizer(Optimizer):
         # 1 / (1 - momentum)^2); with F_damped D = grad, u^T F_damped u = D^T grad + momentum (2 buf^T grad +
         # momentum buf^T F_damped buf), whose last term costs a projection per layer.
         on_step = self.trust_region_mode is TrustRegionMode.STEP and bool(momentum)
-        measured = [on_step and (self._explicit_regions or radius is not None) for radius in radii]
+        grafted = self.step_norm is StepNorm.ADAM
+        measured = [on_step and not grafted and (self._explicit_regions or radius is not None) for radius in radii]
         directions: dict[Tensor, Tensor] = {}
+        layer_dampings: dict[str, float] = {}
         quadratics = [torch.zeros((), dtype=params[0].dtype, device=params[0].device) for _ in radii]
 
         for layer in self._layers:
@@ -564,16 +632,14 @@ class _KroneckerOptimizer(Optimizer):
             state = self.state[layer.weight]
             layer_damping = damping
             if "eigvecs_A" in state:
-                layer_damping = self._layer_damping(layer, state, damping)
+                layer_damping = layer_dampings[layer.name] = self._layer_damping(layer, state, damping)
                 direction = self._precondition(layer, state, grad, layer_damping)
             else:
                 if layer.name not in self._warned_missing:
                     self._warned_missing.add(layer.name)
-                    warnings.warn(
+                    _warn(
                         f"{type(self).__name__}: no curvature recorded yet for layer {layer.name}; "
-                        "its gradient is used unpreconditioned",
-                        RuntimeWarning,
-                        stacklevel=2,
+                        "its gradient is used unpreconditioned"
                     )
                 direction = grad
             region = region_of.get(id(layer.weight))
@@ -608,24 +674,24 @@ class _KroneckerOptimizer(Optimizer):
                 buffer_quadratic = None if buffer is None else damped * buffer.square().sum()
                 quadratics[region] += _step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
 
-        scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
-        unscaled = torch.ones_like(scales[0])
-        for param, direction in directions.items():
-            region = region_of.get(id(param))
-            step_scale = unscaled if region is None else scales[region]
-            if momentum:
-                state = self.state[param]
-                buffer = state.get("momentum_buffer")
-                if buffer is None:
-                    state["momentum_buffer"] = buffer = direction * step_scale
-                elif on_step:
-                    # buffer <- nu (momentum buffer + D): nu stays a tensor (no host sync).
-                    buffer.mul_(momentum).add_(direction).mul_(step_scale)
-                else:
-                    buffer.mul_(momentum).addcmul_(direction, step_scale)
-                param.add_(buffer, alpha=-lr)
-            else:
-                param.addcmul_(direction, step_scale, value=-lr)
+        # A non-finite direction (overflowing statistics, a degenerate basis) must never reach the parameters.
+        check = [d.sum() for d in directions.values()]
+        if self.step_norm is StepNorm.NATURAL:
+            scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
+            check += [scales.sum(), torch.stack(quadratics).sum()]
+        if not bool(torch.isfinite(torch.stack(check)).all()):
+            self.skipped_steps += 1
+            self._failure("step", "non-finite preconditioned direction or trust-region scale; the step was skipped")
+            return loss
+        if self.step_norm is StepNorm.ADAM:
+            scales, quadratics = self._grafted_update(directions, layer_dampings, lr, momentum, weight_decay, radii)
+            if scales is None:
+                self.skipped_steps += 1
+                self._failure("step", "non-finite step size; the step was skipped")
+                return loss
+        else:
+            self._natural_update(directions, scales, lr, momentum, on_step)
+        self._consecutive_failures["step"] = 0
 
         self.last_kl_clip_scales = scales
         self.last_predicted_kls = torch.stack([predicted_kl(q, lr, nu) for q, nu in zip(quadratics, scales)])
@@ -634,6 +700,129 @@ class _KroneckerOptimizer(Optimizer):
         self._step += 1
         self._consecutive_failures["gradient"] = 0
         return loss
+
+    def _watch_growth(self, params: list[Tensor]) -> None:
+        """Warn when the parameter norm or the gradient norm has grown by an order of magnitude (again) since the
+        first step: a run that is diverging is reported while it is still finite. Checked on factor-update steps
+        only (one host sync)."""
+        norms = (
+            torch.stack(
+                [
+                    torch.stack([p.detach().square().sum() for p in params]).sum(),
+                    torch.stack([p.grad.square().sum() for p in params]).sum(),
+                ]
+            )
+            .sqrt()
+            .tolist()
+        )
+        for index, (what, norm) in enumerate(zip(("parameter", "gradient"), norms)):
+            first, factor = self._growth[index]
+            if first is None:
+                if norm > 0 and math.isfinite(norm):
+                    self._growth[index] = (norm, GROWTH_WARNING_FACTORS[index])
+                continue
+            if norm > factor * first:
+                while norm > factor * first:
+                    factor *= 10.0
+                self._growth[index] = (first, factor)
+                _warn(
+                    f"{type(self).__name__}: the {what} norm grew from {first:.3g} to {norm:.3g} since the first step "
+                    f"(step {self._step}); the run may be diverging: lower lr, raise damping or set max_kl"
+                )
+
+    def _natural_update(
+        self, directions: dict[Tensor, Tensor], scales: Tensor, lr: float, momentum: float, on_step: bool
+    ) -> None:
+        """The natural-gradient momentum step ``p <- p - lr buf`` with the trust-region scales applied."""
+        region_of = self._regions[0]
+        unscaled = torch.ones_like(scales[0])
+        for param, direction in directions.items():
+            region = region_of.get(id(param))
+            step_scale = unscaled if region is None else scales[region]
+            if not momentum:
+                param.addcmul_(direction, step_scale, value=-lr)
+                continue
+            state = self.state[param]
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                state["momentum_buffer"] = buffer = direction * step_scale
+            elif on_step:
+                # buffer <- nu (momentum buffer + D): nu stays a tensor (no host sync).
+                buffer.mul_(momentum).add_(direction).mul_(step_scale)
+            else:
+                buffer.mul_(momentum).addcmul_(direction, step_scale)
+            param.add_(buffer, alpha=-lr)
+
+    def _adam_step(self, param: Tensor, weight_decay: float) -> Tensor:
+        """Adam's step (Kingma & Ba 2015, PyTorch's defaults: betas 0.9, 0.999, eps 1e-8) for ``param``, from its
+        raw gradient; its moments live in the parameter's state (``adam_exp_avg``, ``adam_exp_avg_sq``)."""
+        state = self.state[param]
+        grad = param.grad + weight_decay * param if weight_decay else param.grad
+        if "adam_exp_avg" not in state:
+            state["adam_exp_avg"] = torch.zeros_like(param)
+            state["adam_exp_avg_sq"] = torch.zeros_like(param)
+        exp_avg, exp_avg_sq = state["adam_exp_avg"], state["adam_exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - ADAM_BETAS[0])
+        exp_avg_sq.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
+        count = self._step + 1
+        denominator = (exp_avg_sq / (1 - ADAM_BETAS[1] ** count)).sqrt_().add_(ADAM_EPS)
+        return (exp_avg / (1 - ADAM_BETAS[0] ** count)) / denominator
+
+    def _grafted_update(
+        self,
+        directions: dict[Tensor, Tensor],
+        layer_dampings: dict[str, float],
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        radii: list[float | None],
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        """``step_norm="adam"``: each layer moves along its preconditioned momentum direction by the length of
+        Adam's step for that layer (learning-rate grafting, Agarwal et al. 2020); parameters outside the
+        preconditioned layers take Adam's step. A trust region, where set, then bounds ``0.5 lr^2 u^T F_damped u``
+        of the step ``u`` actually taken. Returns the scales (``None`` when a step size is not finite) and the
+        quadratic forms per region."""
+        region_of = self._regions[0]
+        reference = next(iter(directions))
+        quadratics = [torch.zeros((), dtype=reference.dtype, device=reference.device) for _ in radii]
+        steps: dict[Tensor, Tensor] = {}
+        checks: list[Tensor] = []
+        for layer in self._layers:
+            params = [p for p in layer.adapter.parameters() if p in directions]
+            if not params:
+                continue
+            adam_norm_sq = sum(self._adam_step(p, weight_decay).square().sum() for p in params)
+            buffers = []
+            for param in params:
+                state = self.state[param]
+                buffer = state.get("momentum_buffer")
+                if buffer is None or not momentum:
+                    state["momentum_buffer"] = buffer = directions[param].clone()
+                else:
+                    buffer.mul_(momentum).add_(directions[param])
+                buffers.append(buffer)
+            buffer_norm = torch.sqrt(sum(b.square().sum() for b in buffers))
+            length = torch.sqrt(adam_norm_sq) / buffer_norm.clamp_min(torch.finfo(buffer_norm.dtype).tiny)
+            checks.append(length)
+            for param, buffer in zip(params, buffers):
+                steps[param] = buffer * length
+            region = region_of.get(id(layer.weight))
+            state = self.state[layer.weight]
+            complete = all(p in steps for p in layer.adapter.parameters())
+            if region is not None and radii[region] is not None and "eigvecs_A" in state and complete:
+                matrix = layer.adapter.join([steps[p] for p in layer.adapter.parameters()])
+                quadratics[region] += self._quadratic(layer, state, matrix, layer_dampings[layer.name])
+        for param in directions:
+            if param not in steps:
+                steps[param] = self._adam_step(param, weight_decay)
+        scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
+        if not bool(torch.isfinite(torch.stack([*checks, scales.sum()])).all()):
+            return None, quadratics
+        unscaled = torch.ones_like(scales[0])
+        for param, step in steps.items():
+            region = region_of.get(id(param))
+            param.addcmul_(step, unscaled if region is None else scales[region], value=-lr)
+        return scales, quadratics
 
     def _buffer_matrix(self, layer: _Layer) -> Tensor | None:
         """The layer's momentum buffer as one ``(out, in+1)`` matrix, or ``None`` before the first step."""
@@ -679,23 +868,60 @@ class _KroneckerOptimizer(Optimizer):
         if not isinstance(extra, dict) or extra.get("type") != type(self).__name__:
             found = extra.get("type") if isinstance(extra, dict) else "a state without K-FAC counters"
             raise ValueError(f"cannot load {found} into {type(self).__name__}")
+        self._validate_state(state_dict)
         super().load_state_dict(state_dict)
-        for layer in self._layers:
-            state = self.state[layer.weight]
-            expected = {"A": (layer.adapter.in_dim,) * 2, "G": (layer.adapter.out_dim,) * 2}
-            expected.update({f"eigvecs_{k}": v for k, v in expected.items()})
-            for key, shape in expected.items():
-                if key in state and tuple(state[key].shape) != shape:
-                    raise ValueError(
-                        f"corrupted optimizer state: {key} of layer {layer.name} has shape "
-                        f"{tuple(state[key].shape)}, expected {shape}"
-                    )
         self._step = int(extra["step"])
         self._consecutive_failures = {str(k): int(v) for k, v in extra["consecutive_failures"].items()}
         self.skipped_steps = int(extra["skipped_steps"])
         self._all_layers_have_factors = False
         self._curvature_means.clear()
         self._on_load()
+
+    def _expected_shapes(self, param: Tensor) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor the state of ``param`` may hold."""
+        shapes = {key: tuple(param.shape) for key in ("momentum_buffer", "adam_exp_avg", "adam_exp_avg_sq")}
+        for layer in self._layers:
+            if layer.weight is param:
+                d_in, d_out = layer.adapter.in_dim, layer.adapter.out_dim
+                shapes.update(
+                    {
+                        "A": (d_in, d_in),
+                        "G": (d_out, d_out),
+                        "eigvecs_A": (d_in, d_in),
+                        "eigvecs_G": (d_out, d_out),
+                        "eigvals_A": (d_in,),
+                        "eigvals_G": (d_out,),
+                        "scale": (d_out, d_in),
+                    }
+                )
+        return shapes
+
+    def _validate_state(self, state_dict: dict[str, Any]) -> None:
+        """Check every tensor of a state to load (shape, floating dtype, finite values) before anything changes:
+        a corrupted state raises here, not steps later."""
+        groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or len(groups) != 1 or not isinstance(saved_state, dict):
+            raise ValueError("corrupted optimizer state: expected one parameter group and a 'state' mapping")
+        saved_ids = groups[0].get("params", [])
+        params = self.param_groups[0]["params"]
+        if len(saved_ids) != len(params):
+            raise ValueError(f"the state holds {len(saved_ids)} parameters, the optimizer {len(params)}")
+        names = {id(layer.weight): layer.name for layer in self._layers}
+        for saved_id, param in zip(saved_ids, params):
+            where = f"layer {names[id(param)]}" if id(param) in names else f"a parameter of shape {tuple(param.shape)}"
+            shapes = self._expected_shapes(param)
+            for key, value in saved_state.get(saved_id, {}).items():
+                if not isinstance(value, Tensor) or key not in shapes:
+                    continue
+                if tuple(value.shape) != shapes[key]:
+                    raise ValueError(
+                        f"corrupted optimizer state: {key} of {where} has shape {tuple(value.shape)}, "
+                        f"expected {shapes[key]}"
+                    )
+                if not value.is_floating_point():
+                    raise ValueError(f"corrupted optimizer state: {key} of {where} has dtype {value.dtype}")
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"corrupted optimizer state: {key} of {where} holds NaN or Inf")
 
     def _on_load(self) -> None:
         """Drop caches derived from the state."""
@@ -793,6 +1019,7 @@ class KFAC(_KroneckerOptimizer):
         trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
         trust_region_mode: str | TrustRegionMode = "direction",
         damping_scaling: str | DampingScaling = "relative",
+        step_norm: str | StepNorm = "adam",
     ) -> None:
         self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
         super().__init__(
@@ -813,6 +1040,7 @@ class KFAC(_KroneckerOptimizer):
             trust_regions=trust_regions,
             trust_region_mode=trust_region_mode,
             damping_scaling=damping_scaling,
+            step_norm=step_norm,
         )
         # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
         # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
@@ -930,6 +1158,7 @@ class EKFAC(_KroneckerOptimizer):
         trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
         trust_region_mode: str | TrustRegionMode = "direction",
         damping_scaling: str | DampingScaling = "relative",
+        step_norm: str | StepNorm = "adam",
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
@@ -955,6 +1184,7 @@ class EKFAC(_KroneckerOptimizer):
             trust_regions=trust_regions,
             trust_region_mode=trust_region_mode,
             damping_scaling=damping_scaling,
+            step_norm=step_norm,
         )
 
     def _is_scale_step(self, step: int) -> bool:

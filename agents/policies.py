@@ -57,6 +57,7 @@ PRECONDITIONER_DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "damping": 0.1,
     "damping_scaling": "absolute",
+    "step_norm": "natural",
     "factor_decay": 0.95,
     "factor_update_interval": 1,
     "eigen_update_interval": 10,

@@ -102,7 +102,13 @@ def mean_grad(model: nn.Module, index: int, x: torch.Tensor, y: torch.Tensor) ->
 
 def exact_optimizer(cls: type, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
     """An optimizer whose first step is a plain preconditioned step on the batch's own statistics."""
-    options = {"lr": 1.0, "momentum": 0.0, "factor_update_interval": 1, "eigen_update_interval": 1}
+    options = {
+        "lr": 1.0,
+        "momentum": 0.0,
+        "factor_update_interval": 1,
+        "eigen_update_interval": 1,
+        "step_norm": "natural",
+    }
     if cls is EKFAC:
         options["scale_update_interval"] = 1
     return cls(model, **{**options, **kwargs})

@@ -47,7 +47,7 @@ def train(optimizer: torch.optim.Optimizer, model: nn.Module, seeds: range) -> l
     return losses
 
 
-FAST = {"factor_update_interval": 1, "eigen_update_interval": 2}
+FAST = {"factor_update_interval": 1, "eigen_update_interval": 2, "step_norm": "natural"}
 
 
 def fast(cls: type, extra: dict) -> dict:
@@ -306,7 +306,7 @@ def test_conv_padding_modes_rebuild_per_example_gradients(padding: dict) -> None
     F.cross_entropy(model(x), y).backward()
     records = optimizer._capture.pop_records()[conv]
     layer = optimizer._layers[0]
-    acts, grads = optimizer._rows(layer, records[0])
+    ((acts, grads),) = optimizer._layer_rows(layer, records[:1])
     rebuilt = torch.einsum("nto,nti->noi", grads, acts).reshape(4, -1)
 
     def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

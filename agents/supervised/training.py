@@ -74,6 +74,7 @@ def build_optimizer(
         options.setdefault("scale_mode", "running")
     # The configs' damping values were tuned as absolute damping (configs/supervised.yml).
     options.setdefault("damping_scaling", "absolute")
+    options.setdefault("step_norm", "natural")
     cls = acktr_kfe.KFAC if name == "kfac" else acktr_kfe.EKFAC
     return cls(model, **options)
 
