@@ -13,6 +13,8 @@ vec(grad_n)^T]`` with ``vec`` the row-major flatten, and its Kronecker approxima
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import sys
 import time
 import warnings
@@ -33,7 +35,8 @@ from .eigen import kfe_scale, robust_eigh
 from .layers import LayerAdapter, adapter_for
 from .trust_region import kl_clip_scale, predicted_kl
 
-_LIBRARY_DIRS = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+# With a trailing separator: a user's acktr_kfe_runs/ or site-packages/torchvision/ is not the library.
+_LIBRARY_DIRS = tuple(str(Path(p).resolve().parent) + os.sep for p in (__file__, torch.__file__))
 
 
 def _warn(message: str) -> None:
@@ -45,6 +48,45 @@ def _warn(message: str) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def _sum_of_squares(tensor: Tensor) -> Tensor:
+    """``sum(tensor ** 2)`` in float32 or float64 (a float16 tensor's squares overflow from 256 on)."""
+    if tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.float()
+    return tensor.square().sum()
+
+
+_STATISTICS_KEYS = ("A", "G", "eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G", "scale")
+
+
+def _statistics_dtype(weight: Tensor) -> torch.dtype:
+    """The precision of a layer's statistics: its weight's, float32 for bfloat16 and float16 weights."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+_NON_NEGATIVE_KEYS = ("eigvals_A", "eigvals_G", "scale", "adam_exp_avg_sq")
+
+
+def _validate_counters(extra: dict[str, Any]) -> tuple[int, dict[str, int], int]:
+    """The step, consecutive-failure and skipped-step counters of a state to load, or ``ValueError`` naming the bad
+    one (checked before anything is loaded)."""
+
+    def count(value: Any, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"corrupted optimizer state: kronecker {name} is {value!r}, expected an integer >= 0")
+        return value
+
+    failures = extra.get("consecutive_failures")
+    if not isinstance(failures, dict):
+        raise ValueError(
+            f"corrupted optimizer state: kronecker consecutive_failures is {failures!r}, expected a mapping"
+        )
+    return (
+        count(extra.get("step"), "step"),
+        {str(k): count(v, f"consecutive_failures[{k!r}]") for k, v in failures.items()},
+        count(extra.get("skipped_steps"), "skipped_steps"),
+    )
 
 
 def _parse_enum(enum_cls: type[Enum], value: Any, what: str) -> Any:
@@ -72,11 +114,14 @@ class DampingMode(str, Enum):
 
 
 class DampingScaling(str, Enum):
-    """What ``damping`` is measured against. ``relative``: a fraction of each block's mean curvature eigenvalue
-    (``tr(F_block) / dim``), so that one value transfers across losses, layers and the course of training (the
-    curvature of a layer moves by orders of magnitude with the loss's units and with training; a fixed damping is
-    negligible for some blocks and dominant for others); ``absolute``: added as it is to the curvature's
-    eigenvalues (the papers' convention)."""
+    """What ``damping`` is measured against. ``relative``: a fraction of the Frobenius norm of each block's modeled
+    curvature (``||F_block||_F``, the 2-norm of its eigenvalues), so that one value transfers across losses, layers
+    and the course of training (the curvature of a layer moves by orders of magnitude with the loss's units and with
+    training; a fixed damping is negligible for some blocks and dominant for others). The norm is dominated by the
+    largest eigenvalues, so the directions a minibatch hardly sampled are not divided by a near-zero curvature (a
+    mean eigenvalue would be: a batch of 128 spans 128 of a layer's many directions). ``absolute``: added as it is
+    to the curvature's eigenvalues (the papers' convention). A ``fisher_diagonals`` parameter's damping is relative
+    to its diagonal value."""
 
     RELATIVE = "relative"
     ABSOLUTE = "absolute"
@@ -144,23 +189,28 @@ def _check_interval(value: Any, name: str) -> int:
     return value
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (Python's or NumPy's); a string, a tensor or a bool read from a config or a state is not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _validate_group(group: dict[str, Any]) -> None:
     lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
     damping, max_kl = group["damping"], group["max_kl"]
-    if isinstance(lr, Tensor) or not lr >= 0:
+    if not _is_number(lr) or not lr >= 0:
         raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
-    if not 0.0 <= momentum < 1.0:
+    if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"Invalid momentum: {momentum!r} (must be in [0, 1))")
-    if not weight_decay >= 0.0:
+    if not _is_number(weight_decay) or not weight_decay >= 0.0:
         raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
-    if not (damping > 0.0 and math.isfinite(damping)):
+    if not _is_number(damping) or not (damping > 0.0 and math.isfinite(damping)):
         raise ValueError(f"Invalid damping: {damping!r} (must be a finite float > 0)")
     check_radius(max_kl)
 
 
 def check_radius(max_kl: Any, name: str = "max_kl") -> None:
     """Raise ``ValueError`` unless ``max_kl`` is a finite float > 0 or ``None``."""
-    if max_kl is not None and not (max_kl > 0.0 and math.isfinite(max_kl)):
+    if max_kl is not None and not (_is_number(max_kl) and max_kl > 0.0 and math.isfinite(max_kl)):
         raise ValueError(f"Invalid {name}: {max_kl!r} (must be a finite float > 0, or None to disable)")
 
 
@@ -241,9 +291,9 @@ class _KroneckerOptimizer(Optimizer):
         self.trust_region_mode = _parse_enum(TrustRegionMode, trust_region_mode, "trust_region_mode")
         self.damping_scaling = _parse_enum(DampingScaling, damping_scaling, "damping_scaling")
         self.step_norm = _parse_enum(StepNorm, step_norm, "step_norm")
-        # Mean curvature eigenvalue of each block (relative damping), keyed by layer name: derived from the state,
+        # Frobenius norm of each block's curvature (relative damping), keyed by layer name: derived from the state,
         # recomputed when the basis or the scale changes (one host sync then, none on other steps).
-        self._curvature_means: dict[str, float] = {}
+        self._curvature_norms: dict[str, float] = {}
         self._explicit_regions = trust_regions is not None
         super().__init__(params, defaults)
 
@@ -405,7 +455,7 @@ class _KroneckerOptimizer(Optimizer):
         loss divided by the number of micro-batches, so that the accumulated gradient is the mean over all of
         them) the examples of every micro-batch recorded since the last step.
         """
-        dtype = layer.weight.dtype if layer.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = _statistics_dtype(layer.weight)
         rows = []
         batches: dict[int, int] = {}
         for record in records:
@@ -502,7 +552,7 @@ class _KroneckerOptimizer(Optimizer):
                         torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device),
                     )
                 state[f"eigvals_{key}"], state[f"eigvecs_{key}"] = result
-            self._curvature_means.pop(layer.name, None)
+            self._curvature_norms.pop(layer.name, None)
             self._on_basis_refreshed(layer, state)
         self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)
         if failed:
@@ -540,31 +590,24 @@ class _KroneckerOptimizer(Optimizer):
         Kronecker-factored eigenbasis (every mode's damped block is diagonal there)."""
         raise NotImplementedError
 
-    def _curvature_mean(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
-        """The mean eigenvalue of the block's modeled curvature, ``tr(F_block) / dim`` (a scalar tensor)."""
+    def _curvature_norm(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
+        """The Frobenius norm of the block's modeled curvature, ``||F_block||_F`` (a scalar tensor): the 2-norm of
+        its eigenvalues, dominated by the largest ones (the largest eigenvalue for a rank-one block, ``sqrt(dim)``
+        times the mean for a flat spectrum)."""
         raise NotImplementedError
 
     def _layer_damping(self, layer: _Layer, state: dict[str, Any], damping: float) -> float:
         """The damping added to this block's curvature: ``damping`` itself, or (relative) ``damping`` times the
-        block's mean curvature eigenvalue, 1 for a block whose curvature is zero."""
+        Frobenius norm of the block's curvature, 1 for a block whose curvature is zero."""
         if self.damping_scaling is DampingScaling.ABSOLUTE:
             return damping
-        mean = self._curvature_means.get(layer.name)
-        if mean is None:
-            mean = float(self._curvature_mean(layer, state))
-            import os
-
-            ref = os.environ.get("KREF", "mean")
-            if ref == "trace":
-                mean *= layer.adapter.in_dim * layer.adapter.out_dim
-            elif ref == "max":
-                mean = float(state["scale"].max())
-            elif ref == "sqrt":
-                mean *= (layer.adapter.in_dim * layer.adapter.out_dim) ** 0.5
-            if not (mean > 0 and math.isfinite(mean)):
-                mean = 1.0
-            self._curvature_means[layer.name] = mean
-        return damping * mean
+        norm = self._curvature_norms.get(layer.name)
+        if norm is None:
+            norm = float(self._curvature_norm(layer, state))
+            if not (norm > 0 and math.isfinite(norm)):
+                norm = 1.0
+            self._curvature_norms[layer.name] = norm
+        return damping * norm
 
     def _quadratic(self, layer: _Layer, state: dict[str, Any], matrix: Tensor, damping: float) -> Tensor:
         """``vec(M)^T F_damped vec(M)`` for a layer-shaped ``M``: the curvature the preconditioner inverts."""
@@ -592,17 +635,30 @@ class _KroneckerOptimizer(Optimizer):
         weight_decay, damping = group["weight_decay"], group["damping"]
 
         params = [p for p in group["params"] if p.grad is not None]
-        records = self._capture.pop_records()
+        popped = self._capture.pop_records()
         if not params:
             return loss
-        # A non-finite gradient must never reach the parameters (GUIDE section 3): one host sync decides.
-        if not bool(torch.isfinite(torch.stack([p.grad.sum() for p in params])).all()):
+        # A batch of no example (an empty last batch, a mask that kept nothing) records empty passes: there is
+        # nothing to learn from it, and nothing to reshape.
+        records = {m: [r for r in rs if r.grad_output.numel() > 0] for m, rs in popped.items()}
+        records = {m: rs for m, rs in records.items() if rs}
+        if popped and not records:
             self.skipped_steps += 1
-            self._failure("gradient", "non-finite gradient; the step was skipped")
+            _warn(f"{type(self).__name__}: the batch holds no example; the step was skipped")
+            return loss
+        # A non-finite gradient must never reach the parameters (GUIDE section 3), nor one whose squares overflow
+        # (finite entries near 1e20 in float32): Adam's second moment, the momentum norm and the trust region's
+        # quadratic form would keep an Inf. One host sync per step decides, and gives the growth check its norms.
+        param_squares = torch.stack([_sum_of_squares(p.detach()) for p in params]).sum()
+        grad_squares = torch.stack([_sum_of_squares(p.grad) for p in params]).sum()
+        param_squares, grad_squares = torch.stack([param_squares, grad_squares]).tolist()
+        self._watch_growth(math.sqrt(param_squares), math.sqrt(grad_squares))
+        if not math.isfinite(grad_squares):
+            self.skipped_steps += 1
+            self._failure("gradient", "non-finite gradient (or one whose squares overflow); the step was skipped")
             return loss
 
-        if self._is_factor_step(self._step):
-            self._watch_growth(params)
+        self._follow_weight_dtypes()
         if records:
             self._update_curvature(records, self._step)
         elif self._step == 0 and any(layer.weight.grad is not None for layer in self._layers):
@@ -627,6 +683,8 @@ class _KroneckerOptimizer(Optimizer):
             grad = layer.adapter.grad_matrix()
             if grad is None:
                 continue
+            # A bfloat16 / float16 layer: the curvature, the solve and the quadratic forms stay in float32.
+            grad = grad.to(_statistics_dtype(layer.weight))
             if weight_decay:
                 grad = grad + weight_decay * layer.adapter.param_matrix()
             state = self.state[layer.weight]
@@ -654,7 +712,8 @@ class _KroneckerOptimizer(Optimizer):
                     )
                 quadratics[region] += _step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
             for param, part in zip(layer.adapter.parameters(), layer.adapter.split(direction)):
-                directions[param] = part
+                if param.grad is not None:  # a bias frozen after construction stays where it is
+                    directions[param] = part
         for param in params:
             if param in directions:
                 continue
@@ -701,28 +760,39 @@ class _KroneckerOptimizer(Optimizer):
         self._consecutive_failures["gradient"] = 0
         return loss
 
-    def _watch_growth(self, params: list[Tensor]) -> None:
+    def _follow_weight_dtypes(self) -> None:
+        """Bring a layer's statistics to its weight's precision and device when the model was converted after they
+        were recorded (``model.double()``, ``.to(device)``); one comparison per layer and step."""
+        for layer in self._layers:
+            state = self.state.get(layer.weight)
+            if not state or "A" not in state:
+                continue
+            weight, dtype = layer.weight, _statistics_dtype(layer.weight)
+            if state["A"].dtype == dtype and state["A"].device == weight.device:
+                continue
+            for key in _STATISTICS_KEYS:
+                if key in state:
+                    state[key] = state[key].to(device=weight.device, dtype=dtype)
+            for param in layer.adapter.parameters():
+                for key in ("momentum_buffer", "adam_exp_avg", "adam_exp_avg_sq"):
+                    if key in self.state[param]:
+                        self.state[param][key] = self.state[param][key].to(param)
+            self._curvature_norms.pop(layer.name, None)
+            self._on_load()  # derived caches (K-FAC's damped inverses)
+
+    def _watch_growth(self, param_norm: float, grad_norm: float) -> None:
         """Warn when the parameter norm or the gradient norm has grown by an order of magnitude (again) since the
-        first step: a run that is diverging is reported while it is still finite. Checked on factor-update steps
-        only (one host sync)."""
-        norms = (
-            torch.stack(
-                [
-                    torch.stack([p.detach().square().sum() for p in params]).sum(),
-                    torch.stack([p.grad.square().sum() for p in params]).sum(),
-                ]
-            )
-            .sqrt()
-            .tolist()
-        )
-        for index, (what, norm) in enumerate(zip(("parameter", "gradient"), norms)):
+        first step: a run that is diverging is reported while it is still finite. Checked on every step, from the
+        norms of the step's one host sync."""
+        for index, (what, norm) in enumerate(zip(("parameter", "gradient"), (param_norm, grad_norm))):
             first, factor = self._growth[index]
             if first is None:
                 if norm > 0 and math.isfinite(norm):
                     self._growth[index] = (norm, GROWTH_WARNING_FACTORS[index])
                 continue
             if norm > factor * first:
-                while norm > factor * first:
+                # An overflowing norm (one bad batch) is reported without raising the next threshold to Inf.
+                while math.isfinite(norm) and norm > factor * first:
                     factor *= 10.0
                 self._growth[index] = (first, factor)
                 _warn(
@@ -753,17 +823,17 @@ class _KroneckerOptimizer(Optimizer):
                 buffer.mul_(momentum).addcmul_(direction, step_scale)
             param.add_(buffer, alpha=-lr)
 
-    def _adam_step(self, param: Tensor, weight_decay: float) -> Tensor:
+    def _adam_step(self, param: Tensor, weight_decay: float, pending: dict[Tensor, dict[str, Tensor]]) -> Tensor:
         """Adam's step (Kingma & Ba 2015, PyTorch's defaults: betas 0.9, 0.999, eps 1e-8) for ``param``, from its
-        raw gradient; its moments live in the parameter's state (``adam_exp_avg``, ``adam_exp_avg_sq``)."""
+        raw gradient. Its moments (``adam_exp_avg``, ``adam_exp_avg_sq`` in the parameter's state) are computed
+        out of place into ``pending``: they are stored only when the step is taken."""
         state = self.state[param]
         grad = param.grad + weight_decay * param if weight_decay else param.grad
-        if "adam_exp_avg" not in state:
-            state["adam_exp_avg"] = torch.zeros_like(param)
-            state["adam_exp_avg_sq"] = torch.zeros_like(param)
-        exp_avg, exp_avg_sq = state["adam_exp_avg"], state["adam_exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - ADAM_BETAS[0])
-        exp_avg_sq.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
+        exp_avg = state["adam_exp_avg"] if "adam_exp_avg" in state else torch.zeros_like(param)
+        exp_avg_sq = state["adam_exp_avg_sq"] if "adam_exp_avg_sq" in state else torch.zeros_like(param)
+        exp_avg = exp_avg.lerp(grad, 1 - ADAM_BETAS[0])
+        exp_avg_sq = exp_avg_sq.mul(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
+        pending.setdefault(param, {}).update(adam_exp_avg=exp_avg, adam_exp_avg_sq=exp_avg_sq)
         count = self._step + 1
         denominator = (exp_avg_sq / (1 - ADAM_BETAS[1] ** count)).sqrt_().add_(ADAM_EPS)
         return (exp_avg / (1 - ADAM_BETAS[0] ** count)) / denominator
@@ -787,23 +857,26 @@ class _KroneckerOptimizer(Optimizer):
         quadratics = [torch.zeros((), dtype=reference.dtype, device=reference.device) for _ in radii]
         steps: dict[Tensor, Tensor] = {}
         checks: list[Tensor] = []
+        # New moments and momentum buffers, stored only once every check has passed: a skipped step leaves them.
+        pending: dict[Tensor, dict[str, Tensor]] = {}
         for layer in self._layers:
             params = [p for p in layer.adapter.parameters() if p in directions]
             if not params:
                 continue
-            adam_norm_sq = sum(self._adam_step(p, weight_decay).square().sum() for p in params)
+            adam_norm_sq = sum(self._adam_step(p, weight_decay, pending).square().sum() for p in params)
             buffers = []
             for param in params:
-                state = self.state[param]
-                buffer = state.get("momentum_buffer")
+                buffer = self.state[param].get("momentum_buffer")
                 if buffer is None or not momentum:
-                    state["momentum_buffer"] = buffer = directions[param].clone()
+                    buffer = directions[param].clone()
                 else:
-                    buffer.mul_(momentum).add_(directions[param])
+                    buffer = buffer.mul(momentum).add_(directions[param])
+                pending[param]["momentum_buffer"] = buffer
                 buffers.append(buffer)
             buffer_norm = torch.sqrt(sum(b.square().sum() for b in buffers))
             length = torch.sqrt(adam_norm_sq) / buffer_norm.clamp_min(torch.finfo(buffer_norm.dtype).tiny)
-            checks.append(length)
+            # An overflowing Adam norm or buffer norm would make the length Inf or 0: both are failures.
+            checks += [adam_norm_sq, buffer_norm, length]
             for param, buffer in zip(params, buffers):
                 steps[param] = buffer * length
             region = region_of.get(id(layer.weight))
@@ -814,10 +887,12 @@ class _KroneckerOptimizer(Optimizer):
                 quadratics[region] += self._quadratic(layer, state, matrix, layer_dampings[layer.name])
         for param in directions:
             if param not in steps:
-                steps[param] = self._adam_step(param, weight_decay)
+                steps[param] = self._adam_step(param, weight_decay, pending)
         scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
         if not bool(torch.isfinite(torch.stack([*checks, scales.sum()])).all()):
             return None, quadratics
+        for param, entries in pending.items():
+            self.state[param].update(entries)
         unscaled = torch.ones_like(scales[0])
         for param, step in steps.items():
             region = region_of.get(id(param))
@@ -868,13 +943,12 @@ class _KroneckerOptimizer(Optimizer):
         if not isinstance(extra, dict) or extra.get("type") != type(self).__name__:
             found = extra.get("type") if isinstance(extra, dict) else "a state without K-FAC counters"
             raise ValueError(f"cannot load {found} into {type(self).__name__}")
+        step, failures, skipped = _validate_counters(extra)
         self._validate_state(state_dict)
         super().load_state_dict(state_dict)
-        self._step = int(extra["step"])
-        self._consecutive_failures = {str(k): int(v) for k, v in extra["consecutive_failures"].items()}
-        self.skipped_steps = int(extra["skipped_steps"])
+        self._step, self._consecutive_failures, self.skipped_steps = step, failures, skipped
         self._all_layers_have_factors = False
-        self._curvature_means.clear()
+        self._curvature_norms.clear()
         self._on_load()
 
     def _expected_shapes(self, param: Tensor) -> dict[str, tuple[int, ...]]:
@@ -902,6 +976,10 @@ class _KroneckerOptimizer(Optimizer):
         groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
         if not isinstance(groups, list) or len(groups) != 1 or not isinstance(saved_state, dict):
             raise ValueError("corrupted optimizer state: expected one parameter group and a 'state' mapping")
+        try:
+            _validate_group({**self.defaults, **{k: v for k, v in groups[0].items() if k != "params"}})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"corrupted optimizer state: param_groups: {error}") from None
         saved_ids = groups[0].get("params", [])
         params = self.param_groups[0]["params"]
         if len(saved_ids) != len(params):
@@ -911,8 +989,18 @@ class _KroneckerOptimizer(Optimizer):
             where = f"layer {names[id(param)]}" if id(param) in names else f"a parameter of shape {tuple(param.shape)}"
             shapes = self._expected_shapes(param)
             for key, value in saved_state.get(saved_id, {}).items():
-                if not isinstance(value, Tensor) or key not in shapes:
+                if key in ("factor_updates", "scale_updates"):
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                        raise ValueError(
+                            f"corrupted optimizer state: {key} of {where} is {value!r}, expected an integer >= 0"
+                        )
                     continue
+                if key not in shapes:
+                    continue
+                if not isinstance(value, Tensor):
+                    raise ValueError(
+                        f"corrupted optimizer state: {key} of {where} is a {type(value).__name__}, expected a tensor"
+                    )
                 if tuple(value.shape) != shapes[key]:
                     raise ValueError(
                         f"corrupted optimizer state: {key} of {where} has shape {tuple(value.shape)}, "
@@ -922,6 +1010,11 @@ class _KroneckerOptimizer(Optimizer):
                     raise ValueError(f"corrupted optimizer state: {key} of {where} has dtype {value.dtype}")
                 if not bool(torch.isfinite(value).all()):
                     raise ValueError(f"corrupted optimizer state: {key} of {where} holds NaN or Inf")
+                if key in _NON_NEGATIVE_KEYS and bool((value < 0).any()):
+                    raise ValueError(
+                        f"corrupted optimizer state: {key} of {where} holds negative values (curvature "
+                        "eigenvalues and second moments are >= 0)"
+                    )
 
     def _on_load(self) -> None:
         """Drop caches derived from the state."""
@@ -949,28 +1042,42 @@ class KFAC(_KroneckerOptimizer):
             A = Q_A diag(d_A) Q_A^T,  G = Q_G diag(d_G) Q_G^T          (robust eigh, float64 retry)
         every step:
             grad <- grad + weight_decay [W | b]
+            damping_scaling "relative" (default): lambda = damping ||G||_F ||A||_F;  "absolute": lambda = damping
             damping_mode "factored":  pi = sqrt((tr A / dim A) / (tr G / dim G))
                 D = (G + sqrt(lambda)/pi I)^-1 grad (A + pi sqrt(lambda) I)^-1
             damping_mode "eigen":
                 D = Q_G [ (Q_G^T grad Q_A) / (d_G d_A^T + lambda) ] Q_A^T
-            other parameters: D = grad (+ weight_decay p)
-            trust_region_mode "direction" (ACKTR paper):
-                nu = min(1, sqrt(2 max_kl / (lr^2 D^T grad)))          (1 without max_kl)
-                buf <- momentum buf + nu D;   p <- p - lr buf
-            trust_region_mode "step" (bounds the step taken, momentum included):
-                u = momentum buf + D
-                nu = min(1, sqrt(2 max_kl / (lr^2 u^T F_damped u)))
-                     u^T F_damped u = D^T grad + momentum (2 buf^T grad + momentum buf^T F_damped buf)
-                buf <- nu u;   p <- p - lr buf
+            step_norm "adam" (default; learning-rate grafting, Agarwal et al. 2020):
+                buf <- momentum buf + D
+                a = Adam's step for the layer's parameters (betas 0.9, 0.999, eps 1e-8, from grad)
+                u = (||a|| / ||buf||) buf                                  (the layer moves by Adam's length)
+                nu = min(1, sqrt(2 max_kl / (lr^2 u^T F_damped u)))        (1 without max_kl)
+                p <- p - lr nu u;   other parameters: p <- p - lr nu a
+            step_norm "natural" (the papers' step); other parameters: D = grad (+ weight_decay p)
+                trust_region_mode "step" (default; bounds the step taken, momentum included):
+                    u = momentum buf + D
+                    nu = min(1, sqrt(2 max_kl / (lr^2 u^T F_damped u)))
+                         u^T F_damped u = D^T grad + momentum (2 buf^T grad + momentum buf^T F_damped buf)
+                    buf <- nu u;   p <- p - lr buf
+                trust_region_mode "direction" (ACKTR paper):
+                    nu = min(1, sqrt(2 max_kl / (lr^2 D^T grad)))
+                    buf <- momentum buf + nu D;   p <- p - lr buf
+
+    The defaults (relative damping, Adam-length steps) make the step independent of the loss's units and bounded
+    on any model: ``KFAC(model)`` in the plain loop (README, docs/BENCHMARKS.md's drop-in table).
 
     Args:
-        model: the model; its Linear and Conv2d layers are preconditioned, other parameters take the same
-            momentum step with their raw gradient.
-        lr: learning rate, read from ``param_groups`` at every step (schedulers work).
+        model: the model; its Linear and Conv2d layers are preconditioned, other parameters take Adam's step
+            (``step_norm="adam"``) or the same momentum step with their raw gradient (``"natural"``).
+        lr: learning rate, read from ``param_groups`` at every step (schedulers work); Adam's learning rate with
+            ``step_norm="adam"``.
         momentum: heavy-ball momentum in ``[0, 1)``.
         weight_decay: L2 coefficient added to the gradient before preconditioning.
-        damping: Tikhonov damping ``lambda > 0`` (in ``param_groups``).
+        damping: Tikhonov damping ``> 0`` (in ``param_groups``), a fraction of each block's curvature norm or an
+            absolute value (``damping_scaling``).
         max_kl: ACKTR trust region; ``None`` disables it.
+        damping_scaling: ``"relative"`` or ``"absolute"`` (see :class:`DampingScaling`).
+        step_norm: ``"adam"`` or ``"natural"`` (see :class:`StepNorm`).
         factor_decay: running-average decay of A and G, in ``[0, 1)``.
         factor_update_interval: steps between factor updates.
         eigen_update_interval: steps between eigendecompositions (and damped inverses).
@@ -983,14 +1090,14 @@ class KFAC(_KroneckerOptimizer):
             Fisher is a known constant diagonal (a diagonal Gaussian policy's state-independent ``log_std``: 2).
             They step by ``grad / (value + damping)`` and count in the trust region; other parameters outside the
             layers take the raw gradient.
-        trust_region_mode: ``"direction"`` or ``"step"`` (see above).
+        trust_region_mode: ``"step"`` or ``"direction"`` (see above; the grafted step is always bounded as taken).
         trust_regions: separate trust regions, as ``[(parameters, max_kl or None), ...]`` (with ``max_kl=None``):
             each region's step is measured (``u^T F_damped u`` over its parameters) and scaled on its own, as
             ACKTR does for an actor and a critic without shared layers; a radius of ``None`` measures without
             scaling; parameters in no region take the unscaled step. ``None``: one region, every parameter,
             radius ``max_kl``.
         max_consecutive_failures: numerical failures in a row (non-finite gradients or statistics, failed
-            eigendecompositions) tolerated with a warning before a ``RuntimeError``.
+            eigendecompositions, non-finite steps) tolerated with a warning before a ``RuntimeError``.
 
     After each step, ``last_kl_clip_scale`` holds ``nu`` and ``last_predicted_kl`` the predicted KL
     ``0.5 (nu lr)^2 u^T F_damped u`` of the step taken (both tensors, no host sync; of the first region when there
@@ -1001,11 +1108,11 @@ class KFAC(_KroneckerOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.01,
+        lr: float = 1e-3,
         *,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 1e-3,
+        damping: float = 1e-2,
         max_kl: float | None = None,
         factor_decay: float = 0.95,
         factor_update_interval: int = 10,
@@ -1017,7 +1124,7 @@ class KFAC(_KroneckerOptimizer):
         max_consecutive_failures: int = 10,
         fisher_diagonals: Mapping[Tensor, float] | None = None,
         trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
-        trust_region_mode: str | TrustRegionMode = "direction",
+        trust_region_mode: str | TrustRegionMode = "step",
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
     ) -> None:
@@ -1089,8 +1196,9 @@ class KFAC(_KroneckerOptimizer):
         root = math.sqrt(damping)
         return torch.outer(vals_g + root / pi, vals_a + pi * root)
 
-    def _curvature_mean(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
-        return state["eigvals_G"].mean() * state["eigvals_A"].mean()
+    def _curvature_norm(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
+        # ||kron(G, A)||_F = ||G||_F ||A||_F.
+        return torch.linalg.vector_norm(state["eigvals_G"]) * torch.linalg.vector_norm(state["eigvals_A"])
 
     def _modeled_block(self, layer: _Layer) -> Tensor:
         state = self.state[layer.weight]
@@ -1116,33 +1224,34 @@ class EKFAC(_KroneckerOptimizer):
             scale_mode "running":   s <- scale_decay s + (1 - scale_decay) s_batch
                                     (the first estimate after a basis refresh replaces s)
         every step:
+            lambda = damping ||s||_2 (damping_scaling "relative", default) or damping ("absolute")
             D = U_G [ (U_G^T grad U_A) / (s + lambda) ] U_A^T
-            nu, momentum and weight decay as K-FAC
+            step length (step_norm), nu, momentum and weight decay as K-FAC
 
     Right after a basis refresh and before the first scale estimate in that basis, EKFAC models exactly the
     K-FAC block ``kron(G, A)`` (with eigenbasis damping).
 
     Args:
-        model, lr, momentum, weight_decay, damping, max_kl, factor_decay, factor_update_interval,
-        eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures, fisher_diagonals,
-        trust_regions, trust_region_mode: as :class:`KFAC`.
+        model, lr, momentum, weight_decay, damping, max_kl, damping_scaling, step_norm, factor_decay,
+        factor_update_interval, eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures,
+        fisher_diagonals, trust_regions, trust_region_mode: as :class:`KFAC`.
         scale_update_interval: steps between scale estimates.
+        scale_mode: ``"minibatch"`` or ``"running"``.
+        scale_decay: running-average decay of the scale (``running`` mode); defaults to ``factor_decay``.
 
     The default intervals (factors and scale every 20 steps, basis every 100) are twice K-FAC's factor interval:
     in EKFAC the factors only feed the eigenbasis, and the scale re-estimates the curvature in it. With them an
     EKFAC step costs about 2.3 SGD steps on the MNIST autoencoder at batch 1000 (docs/BENCHMARKS.md).
-        scale_mode: ``"minibatch"`` or ``"running"``.
-        scale_decay: running-average decay of the scale (``running`` mode); defaults to ``factor_decay``.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.01,
+        lr: float = 1e-3,
         *,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        damping: float = 1e-3,
+        damping: float = 1e-2,
         max_kl: float | None = None,
         factor_decay: float = 0.95,
         factor_update_interval: int = 20,
@@ -1156,7 +1265,7 @@ class EKFAC(_KroneckerOptimizer):
         max_consecutive_failures: int = 10,
         fisher_diagonals: Mapping[Tensor, float] | None = None,
         trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
-        trust_region_mode: str | TrustRegionMode = "direction",
+        trust_region_mode: str | TrustRegionMode = "step",
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
     ) -> None:
@@ -1220,7 +1329,7 @@ class EKFAC(_KroneckerOptimizer):
             else:
                 state["scale"].mul_(self.scale_decay).add_(estimate, alpha=1 - self.scale_decay)
             state["scale_updates"] += 1
-            self._curvature_means.pop(self._layers[index].name, None)
+            self._curvature_norms.pop(self._layers[index].name, None)
 
     def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
         vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
@@ -1230,8 +1339,8 @@ class EKFAC(_KroneckerOptimizer):
     def _damped_kfe_curvature(self, layer: _Layer, state: dict[str, Any], damping: float) -> Tensor:
         return state["scale"] + damping
 
-    def _curvature_mean(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
-        return state["scale"].mean()
+    def _curvature_norm(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
+        return torch.linalg.vector_norm(state["scale"])
 
     def _modeled_block(self, layer: _Layer) -> Tensor:
         state = self.state[layer.weight]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import acktr_kfe
 from acktr_kfe import EKFAC, KFAC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +78,134 @@ def test_layer_applied_twice_in_one_loss_is_not_taken_for_accumulation(cls: type
     F.cross_entropy(head(torch.cat([model(x), model(x.flip(0))], 1)), y).backward()
     records = optimizer._capture.pop_records()
     assert {record.generation for record in records[model[0]]} == {0}
+
+
+def plain_loop(optimizer: torch.optim.Optimizer, model: nn.Module, steps: int, loss_scale: float = 1.0) -> list[float]:
+    """The README's first loop: zero_grad, loss.backward(), step(); returns the unscaled losses."""
+    losses = []
+    for step in range(steps):
+        x, y = data(seed=step)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        (loss_scale * loss).backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_default_step_does_not_depend_on_the_units_of_the_loss(cls: type) -> None:
+    """Relative damping and Adam-length steps: a loss multiplied by 0.01 or 100 trains along the same path."""
+    paths = []
+    for scale in (1e-2, 1.0, 1e2):
+        model = mlp().double()
+        optimizer = cls(model)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            x, y = torch.randn(32, 6, generator=generator).double(), torch.randint(0, 4, (32,), generator=generator)
+            optimizer.zero_grad()
+            (scale * F.cross_entropy(model(x), y)).backward()
+            optimizer.step()
+        paths.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    # Adam's epsilon (1e-8) is the only quantity with units left: it is negligible against these gradients.
+    torch.testing.assert_close(paths[0], paths[1], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(paths[2], paths[1], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_bf16_autocast_trains_with_statistics_kept_in_float32(cls: type) -> None:
+    model = mlp()
+    optimizer = cls(model, curvature="fisher")
+    for step in range(12):
+        x, y = data(seed=step)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            optimizer.curvature_backward(acktr_kfe.softmax_fisher_loss(logits), retain_graph=True)
+            loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+    state = optimizer.state[model[0].weight]
+    assert state["A"].dtype == state["G"].dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert optimizer.steps == 12
+
+
+@pytest.mark.parametrize("curvature", ["empirical", "fisher", "gauss_newton", "ief"])
+def test_compiled_model_records_curvature_for_every_source(curvature: str) -> None:
+    model = mlp()
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = EKFAC(model, curvature=curvature, factor_update_interval=1, scale_update_interval=1)
+    for step in range(3):
+        x, y = data(seed=step)
+        optimizer.zero_grad()
+        logits = compiled(x)
+        loss = F.cross_entropy(logits, y)
+        if curvature == "fisher":
+            optimizer.curvature_backward(acktr_kfe.softmax_fisher_loss(logits), retain_graph=True)
+        elif curvature == "gauss_newton":
+            optimizer.curvature_backward(acktr_kfe.gauss_newton_loss(logits.sum(1)), retain_graph=True)
+        if curvature == "ief":
+            optimizer.curvature_backward(loss, logits=logits, accumulate_grad=True)
+        else:
+            loss.backward()
+        optimizer.step()
+    assert optimizer.steps == 3
+    assert "scale" in optimizer.state[model[2].weight]
+
+
+def test_warning_points_at_the_users_line() -> None:
+    model = mlp()
+    optimizer = EKFAC(model)
+    F.cross_entropy(model(data()[0]), data()[1]).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient") as caught:
+        optimizer.step()
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()
+
+
+def test_growing_parameter_norm_is_reported_while_still_finite() -> None:
+    model = mlp()
+    optimizer = EKFAC(model, lr=50.0, step_norm="natural", factor_update_interval=1)
+    for _ in range(30):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plain_loop(optimizer, model, 1)
+        if any("parameter norm grew" in str(w.message) for w in caught):
+            break
+    else:
+        pytest.fail("no growth warning in 30 diverging steps")
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "non-finite before the warning"
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_defaults_train_a_classifier_below_adam_without_diverging(cls: type) -> None:
+    """The short version of scripts/bench_dropin.py: every default, the plain loop, against Adam's defaults."""
+    generator = torch.Generator().manual_seed(0)
+    # Correlated inputs of scales from 0.03 to 10 (a rotation of independent features), labels from a tanh teacher.
+    rotation, _ = torch.linalg.qr(torch.randn(20, 20, generator=generator))
+    latent = torch.randn(2048, 20, generator=generator)
+    inputs = (latent * torch.logspace(-1.5, 1, 20)) @ rotation
+    labels = (
+        torch.tanh(latent @ torch.randn(20, 32, generator=generator)) @ torch.randn(32, 3, generator=generator)
+    ).argmax(1)
+
+    def run(make_optimizer) -> float:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+        optimizer = make_optimizer(model)
+        batches = torch.Generator().manual_seed(2)
+        losses = []
+        for _ in range(200):
+            index = torch.randint(2048, (64,), generator=batches)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(inputs[index]), labels[index])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        return sum(losses[-20:]) / 20
+
+    adam = run(lambda model: torch.optim.Adam(model.parameters()))
+    kronecker = run(cls)
+    assert kronecker < adam

@@ -158,7 +158,7 @@ def damped_block(optimizer: KFAC | EKFAC, layer: nn.Linear) -> torch.Tensor:
     damping = optimizer.param_groups[0]["damping"]
     if optimizer.damping_scaling.value == "relative":
         modeled = curvature_matrix(optimizer, layer)
-        damping = damping * modeled.trace() / modeled.shape[0]
+        damping = damping * torch.linalg.matrix_norm(modeled)
     if isinstance(optimizer, KFAC) and optimizer.damping_mode.value == "factored":
         state = optimizer.state[layer.weight]
         vals_a, vecs_a, vals_g, vecs_g = (state[k] for k in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G"))

@@ -72,9 +72,11 @@ def build_optimizer(
         return torch.optim.Adam(model.parameters(), **options)
     if name == "ekfac_ra":
         options.setdefault("scale_mode", "running")
-    # The configs' damping values were tuned as absolute damping (configs/supervised.yml).
+    # The configs' settings were tuned with absolute damping, the natural step and the trust region on the new
+    # direction (configs/supervised.yml).
     options.setdefault("damping_scaling", "absolute")
     options.setdefault("step_norm", "natural")
+    options.setdefault("trust_region_mode", "direction")
     cls = acktr_kfe.KFAC if name == "kfac" else acktr_kfe.EKFAC
     return cls(model, **options)
 
