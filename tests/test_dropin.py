@@ -209,3 +209,29 @@ def test_defaults_train_a_classifier_below_adam_without_diverging(cls: type) -> 
     adam = run(lambda model: torch.optim.Adam(model.parameters()))
     kronecker = run(cls)
     assert kronecker < adam
+
+
+def test_fp16_autocast_with_a_grad_scaler_follows_the_float32_run() -> None:
+    """GradScaler multiplies the recorded output gradients by its scale; the default step (relative damping,
+    Adam-length) does not depend on that factor, so the fp16 run follows the float32 one."""
+
+    def run(mixed: bool) -> torch.Tensor:
+        model = mlp()
+        optimizer = EKFAC(model, factor_update_interval=1, scale_update_interval=1, eigen_update_interval=5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14) if mixed else None
+        for step in range(40):
+            x, y = data(seed=step)
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16, enabled=mixed):
+                loss = F.cross_entropy(model(x), y)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        assert optimizer.steps == 40
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    torch.testing.assert_close(run(True), run(False), rtol=0.0, atol=1e-2)
