@@ -1,6 +1,7 @@
 """A short EKFAC training run: the MNIST deep autoencoder with EKFAC and with Adam, the same steps and seed.
 
-Prints both training losses and times, writes TensorBoard logs and a PNG of loss against steps under --log-dir.
+Prints both training losses and times, writes TensorBoard logs and a PNG of loss against steps under --log-dir
+(a new numbered folder beside it when it already holds a run).
 Without the MNIST files it trains on a synthetic low-rank image set and says so.
 
     python scripts/quickstart.py                      # about two minutes on a 2-core CPU
@@ -57,6 +58,18 @@ def train(name: str, images: torch.Tensor, steps: int, batch: int, seed: int, wr
     return losses, time.perf_counter() - start
 
 
+def fresh_folder(folder: Path) -> Path:
+    """``folder`` if it does not exist or is empty, else the first free ``folder_2``, ``folder_3``, ...: a rerun of
+    the quickstart never mixes its curves and plot with an earlier run's."""
+    candidate, number = folder, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        number += 1
+        candidate = folder.with_name(f"{folder.name}_{number}")
+    if candidate != folder:
+        print(f"{folder} holds an earlier run; writing to {candidate}")
+    return candidate
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets" / "mnist")
@@ -83,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    args.log_dir.mkdir(parents=True, exist_ok=True)
+    args.log_dir = fresh_folder(args.log_dir)
+    args.log_dir.mkdir(parents=True)
     writer = SummaryWriter(str(args.log_dir))
     print(f"Deep autoencoder on {source}, batch {args.batch_size}, {args.steps} steps, seed {args.seed}")
     results = {name: train(name, images, args.steps, args.batch_size, args.seed, writer) for name in ("ekfac", "adam")}

@@ -132,3 +132,17 @@ def test_evaluate_reports_missing_and_corrupted_agents(tmp_path: Path) -> None:
     broken.write_bytes(b"not a zip archive")
     with pytest.raises(ValueError, match=r"broken\.zip is corrupted: it is not a readable zip archive"):
         evaluate.main(["--model", str(broken), "--env", "CartPole-v1"])
+
+
+def test_quickstart_rerun_writes_a_new_numbered_folder_and_leaves_the_earlier_run(tmp_path: Path) -> None:
+    quickstart = load_script("quickstart")
+    first = tmp_path / "quickstart"
+    assert quickstart.fresh_folder(first) == first
+    first.mkdir()
+    (first / "loss.png").write_bytes(b"earlier run")
+    second = quickstart.fresh_folder(first)
+    assert second == tmp_path / "quickstart_2"
+    second.mkdir()
+    (second / "loss.png").write_bytes(b"second run")
+    assert quickstart.fresh_folder(first) == tmp_path / "quickstart_3"
+    assert (first / "loss.png").read_bytes() == b"earlier run"
