@@ -50,7 +50,7 @@ class ACKTR(OnPolicyAlgorithm):
     batch. Each update, on the whole rollout (``n_steps * n_envs`` transitions):
 
     1. n-step returns (``gae_lambda=1``) or GAE advantages, as SB3's A2C; the returns update the policy's running
-       value scale ``sigma`` (root mean square of the targets).
+       value scale ``sigma`` (root mean square of the targets), the observations its observation normalization.
     2. A curvature pass (inside ``policy.evaluate_actions``): the Fisher of the policy, from actions *sampled from
        the current policy* (``-log pi(a_sampled | s)``), plus the Gauss-Newton matrix of the critic (an output
        gradient of 1 per state on the value in units of ``sigma``) scaled by ``vf_fisher_coef``. Layers shared by
@@ -129,11 +129,11 @@ class ACKTR(OnPolicyAlgorithm):
         n_steps: int = 20,
         gamma: float = 0.99,
         gae_lambda: float = 1.0,
-        ent_coef: float = 0.01,
+        ent_coef: float = 0.0,
         vf_coef: float = 0.5,
         vf_fisher_coef: float = 1.0,
         max_kl: float | None = 0.001,
-        vf_max_kl: float | None = 0.1,
+        vf_max_kl: float | None = 0.003,
         calibrate_kl: bool = True,
         damping: float = 0.1,
         momentum: float = 0.9,
@@ -225,7 +225,7 @@ class ACKTR(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         optimizer = self.policy.optimizer
         self._update_learning_rate(optimizer)
-        self.policy.observe_value_targets(self.rollout_buffer.returns)
+        self.policy.observe_rollout(self.rollout_buffer)
 
         for rollout_data in self.rollout_buffer.get(batch_size=None):
             actions = rollout_data.actions

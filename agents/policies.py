@@ -20,8 +20,14 @@ is a thin SB3 algorithm over it, as SB3's A2C is over ``ActorCriticPolicy``:
   is a KL in nats that means the same at every reward scale; and the value loss's gradient reaches the network
   divided by ``sigma**2``, as if the loss were taken on targets divided by ``sigma``.
 
-ACKTR feeds the value targets itself. Under SB3's A2C and PPO, pass ``callback=ValueTargetScale()`` to ``learn`` to
-do the same (without it ``sigma`` stays 1: the critic's region is then in reward units). SB3's gradient-norm
+- optionally (``normalize_observations``, flat ``Box`` observations) the observation scale: the running mean and
+  variance of the observations of every rollout, which the policy subtracts and divides by before its layers (as
+  SB3's VecNormalize, inside the policy and saved with it), so the network's inputs do not depend on the
+  observation's units either.
+
+ACKTR feeds each rollout to the policy itself (:meth:`KroneckerActorCriticPolicy.observe_rollout`). Under SB3's A2C
+and PPO, pass ``callback=ValueTargetScale()`` to ``learn`` to do the same (without it ``sigma`` stays 1 and the
+observations pass unnormalized: the critic's region is then in reward units, as SB3's own loss is). SB3's gradient-norm
 clipping acts on the raw gradient before ``optimizer.step()`` preconditions it, so it scales the natural-gradient
 step uniformly instead of undoing it.
 """
@@ -34,11 +40,14 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
-from stable_baselines3.common.type_aliases import Schedule
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 import acktr_kfe
 
@@ -50,6 +59,10 @@ GAUSSIAN_LOG_STD_FISHER = 2.0
 # sets the scale), and the smallest scale (all-zero targets).
 VALUE_SCALE_DECAY = 0.9
 MIN_VALUE_SCALE = 1e-6
+# Observation normalization: normalized observations are clipped to this range (as SB3's VecNormalize), and a
+# variance below the floor is taken as the floor (a constant observation component).
+OBSERVATION_CLIP = 10.0
+MIN_OBSERVATION_VARIANCE = 1e-8
 PRECONDITIONERS = ("ekfac", "kfac")
 
 # The preconditioner's settings, the same for ACKTR and the plug-in (preconditioner_kwargs override them).
@@ -109,8 +122,9 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     running bias of the quadratic model. The last measurement is in ``last_measured_kl`` and
     ``last_measured_vf_kl``.
 
-    State: the calibration (buffer ``kl_log_bias``) and the value scale (buffers ``value_scale`` and
-    ``value_target_moments``) are saved and loaded with the parameters; the preconditioner's statistics with
+    State: the calibration (buffer ``kl_log_bias``), the value scale (buffers ``value_scale`` and
+    ``value_target_moments``) and the observation statistics (``observation_mean``, ``observation_var``,
+    ``observation_count``) are saved and loaded with the parameters; the preconditioner's statistics with
     ``policy.optimizer`` (SB3 saves both).
 
     Args:
@@ -124,6 +138,10 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         calibrate_kl: calibrate the radii against the measured KL.
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass (the critic's Gaussian has
             standard deviation ``sigma / vf_fisher_coef``).
+        normalize_observations: normalize flat ``Box`` observations by their running mean and variance (updated
+            by :meth:`observe_rollout`); ignored for images and ``Dict`` observations. Off by default: it helped
+            on HalfCheetah-v5 and hurt on CartPole-v1 (the statistics move the policy outside its trust region),
+            so configs/acktr.yml turns it on for the MuJoCo family only.
         Other arguments: as ``ActorCriticPolicy`` (``optimizer_class`` and ``optimizer_kwargs`` are ignored).
     """
 
@@ -133,9 +151,10 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         preconditioner: str = "ekfac",
         preconditioner_kwargs: dict[str, Any] | None = None,
         max_kl: float | None = 0.001,
-        vf_max_kl: float | None = 0.1,
+        vf_max_kl: float | None = 0.003,
         calibrate_kl: bool = True,
         vf_fisher_coef: float = 1.0,
+        normalize_observations: bool = False,
         **kwargs: Any,
     ) -> None:
         if preconditioner not in PRECONDITIONERS:
@@ -152,20 +171,25 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.preconditioner_kwargs = dict(preconditioner_kwargs or {})
         self.max_kl, self.vf_max_kl, self.calibrate_kl = max_kl, vf_max_kl, calibrate_kl
         self.vf_fisher_coef = vf_fisher_coef
+        self.normalize_observations = normalize_observations
         self.last_measured_kl = self.last_measured_vf_kl = float("nan")
         self._pending: tuple[th.Tensor, Any, th.Tensor] | None = None
         super().__init__(*args, **kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)
-        self.trust_regions = ActorCriticTrustRegions(
-            self, self.max_kl, self.vf_max_kl, self.vf_fisher_coef, self.calibrate_kl
-        )
         # The running log(measured / predicted KL) per region, saved with the parameters (padded to two regions).
         self.register_buffer("kl_log_bias", th.zeros(2, dtype=th.float64))
         # sigma, and the running (bias-uncorrected) mean of the squared value targets with its total weight.
         self.register_buffer("value_scale", th.ones((), dtype=th.float32))
         self.register_buffer("value_target_moments", th.zeros(2, dtype=th.float64))
+        shape = self.observation_space.shape if self._normalizes_observations else ()
+        self.register_buffer("observation_mean", th.zeros(shape, dtype=th.float64))
+        self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
+        self.register_buffer("observation_count", th.zeros((), dtype=th.float64))
+        self.trust_regions = ActorCriticTrustRegions(
+            self, self.max_kl, self.vf_max_kl, self.vf_fisher_coef, self.calibrate_kl
+        )
         extra = EKFAC_DEFAULTS if self.preconditioner == "ekfac" else KFAC_DEFAULTS
         options = {
             **PRECONDITIONER_DEFAULTS,
@@ -196,8 +220,40 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             vf_max_kl=self.vf_max_kl,
             calibrate_kl=self.calibrate_kl,
             vf_fisher_coef=self.vf_fisher_coef,
+            normalize_observations=self.normalize_observations,
         )
         return data
+
+    @property
+    def _normalizes_observations(self) -> bool:
+        space = self.observation_space
+        return self.normalize_observations and isinstance(space, spaces.Box) and not is_image_space(space)
+
+    # -- what a rollout teaches the policy -----------------------------------------------------------------------
+
+    def observe_rollout(self, rollout_buffer: RolloutBuffer) -> None:
+        """Fold a collected rollout into the policy's running statistics before it is trained on: the value
+        targets (returns) into the value scale, the observations into the observation normalization."""
+        self.observe_value_targets(rollout_buffer.returns)
+        if self._normalizes_observations:
+            self.observe_observations(rollout_buffer.observations)
+
+    @th.no_grad()
+    def observe_observations(self, observations: th.Tensor | np.ndarray) -> None:
+        """Merge a batch of observations (leading dimensions are batch) into the running mean and variance."""
+        batch = th.as_tensor(np.asarray(observations), dtype=th.float64).reshape(-1, *self.observation_mean.shape)
+        count = float(batch.shape[0])
+        if count == 0:
+            return
+        mean, var = batch.mean(0), batch.var(0, unbiased=False)
+        total = self.observation_count + count
+        delta = mean - self.observation_mean
+        # Parallel merge of two (mean, variance, count) summaries (Chan et al.).
+        m2 = self.observation_var * self.observation_count + var * count
+        m2 += delta.square() * self.observation_count * count / total
+        self.observation_mean += delta * count / total
+        self.observation_var.copy_(m2 / total)
+        self.observation_count.copy_(total)
 
     # -- the value scale ------------------------------------------------------------------------------------------
 
@@ -224,6 +280,29 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
 
     # -- forward passes ------------------------------------------------------------------------------------------
 
+    def normalize_observation(self, obs: PyTorchObs) -> PyTorchObs:
+        """``obs`` normalized by the running statistics (clipped to +-10), or as it is when the policy does not
+        normalize observations or has observed none yet."""
+        if not (self._normalizes_observations and bool(self.observation_count > 0)):
+            return obs
+        std = self.observation_var.clamp_min(MIN_OBSERVATION_VARIANCE).sqrt()
+        normalized = ((obs.double() - self.observation_mean) / std).clamp(-OBSERVATION_CLIP, OBSERVATION_CLIP)
+        return normalized.to(obs.dtype if obs.is_floating_point() else th.float32)
+
+    # SB3 reaches the features three ways: ``self.extract_features`` (forward, and evaluate_actions through
+    # actor_critic_forward) and ``BasePolicy.extract_features`` directly (predict_values, get_distribution); each
+    # entry point normalizes once.
+
+    def extract_features(  # type: ignore[override]
+        self, obs: PyTorchObs, features_extractor: Any = None
+    ) -> th.Tensor | tuple[th.Tensor, th.Tensor]:
+        """SB3's features, of the normalized observations."""
+        return super().extract_features(self.normalize_observation(obs), features_extractor)
+
+    def get_distribution(self, obs: PyTorchObs) -> Distribution:
+        """The action distribution at ``obs`` (normalized first), as SB3's."""
+        return super().get_distribution(self.normalize_observation(obs))
+
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """Actions, values (reward units) and log-probabilities, as SB3's."""
         actions, normalized, log_prob = super().forward(obs, deterministic)
@@ -231,7 +310,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
 
     def predict_values(self, obs: th.Tensor) -> th.Tensor:
         """The state values ``(N, 1)`` in reward units."""
-        return super().predict_values(obs) * self.value_scale
+        return super().predict_values(self.normalize_observation(obs)) * self.value_scale
 
     def evaluate_actions(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """Values (reward units), log-probabilities and entropy, as SB3's; in training, also the curvature pass,
@@ -276,12 +355,20 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # A state saved before the calibration or the value scale were (no such buffers) loads with the
-        # calibration starting afresh and a value scale of 1 (the critic's outputs were in reward units).
+        # A state saved before the calibration, the value scale or the observation statistics were (no such
+        # buffers) loads with the calibration starting afresh, a value scale of 1 (the critic's outputs were in
+        # reward units) and observations unnormalized.
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        fresh = {"kl_log_bias": 0.0, "value_scale": 1.0, "value_target_moments": 0.0}
+        fresh = {
+            "kl_log_bias": 0.0,
+            "value_scale": 1.0,
+            "value_target_moments": 0.0,
+            "observation_mean": 0.0,
+            "observation_var": 1.0,
+            "observation_count": 0.0,
+        }
         for name, value in fresh.items():
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
@@ -308,9 +395,9 @@ class KroneckerMultiInputActorCriticPolicy(KroneckerActorCriticPolicy):
 
 
 class ValueTargetScale(BaseCallback):
-    """Feeds each rollout's value targets to a :class:`KroneckerActorCriticPolicy` under SB3's A2C or PPO (ACKTR
-    does it itself): ``model.learn(n, callback=ValueTargetScale())`` makes the critic's trust region
-    reward-scale free there too."""
+    """Feeds each rollout to a :class:`KroneckerActorCriticPolicy` under SB3's A2C or PPO (ACKTR does it itself):
+    ``model.learn(n, callback=ValueTargetScale())`` makes the critic's trust region reward-scale free there too,
+    and normalizes the observations."""
 
     def _on_step(self) -> bool:
         return True
@@ -319,4 +406,4 @@ class ValueTargetScale(BaseCallback):
         policy = self.model.policy
         if not isinstance(policy, KroneckerActorCriticPolicy):
             raise TypeError(f"ValueTargetScale needs a KroneckerActorCriticPolicy, not {type(policy).__name__}")
-        policy.observe_value_targets(self.model.rollout_buffer.returns)
+        policy.observe_rollout(self.model.rollout_buffer)

@@ -173,7 +173,7 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
         _collect_rollout(acktr)
         a2c._setup_learn(1)
         a2c.rollout_buffer = acktr.rollout_buffer
-        a2c.policy.observe_value_targets(a2c.rollout_buffer.returns)  # what ValueTargetScale does
+        a2c.policy.observe_rollout(a2c.rollout_buffer)  # what ValueTargetScale does
         for model in (acktr, a2c):  # the same batch order and the same sampled actions in the curvature pass
             set_random_seed(1)
             model.train()
@@ -233,8 +233,38 @@ def test_save_and_load_round_trip_calibration_value_scale_and_statistics(algorit
     loaded.rollout_buffer = model.rollout_buffer
     for algo in (model, loaded):
         if algorithm != "acktr":
-            algo.policy.observe_value_targets(algo.rollout_buffer.returns)
+            algo.policy.observe_rollout(algo.rollout_buffer)
         set_random_seed(1)
         algo.train()
     for p_model, p_loaded in zip(model.policy.parameters(), loaded.policy.parameters()):
         torch.testing.assert_close(p_model, p_loaded, rtol=0, atol=0)
+
+
+def test_observation_normalization_keeps_running_moments_and_normalizes_the_inputs(tmp_path: Path) -> None:
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, policy_kwargs={"normalize_observations": True})
+    policy = model.policy
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 5.0, size=(n, 3)) for n in (7, 20, 1)]
+    for batch in batches:
+        policy.observe_observations(batch)
+    stacked = np.concatenate(batches)
+    np.testing.assert_allclose(policy.observation_mean.numpy(), stacked.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(policy.observation_var.numpy(), stacked.var(0), rtol=1e-12)
+    seen: list[torch.Tensor] = []
+    for extractor in (policy.pi_features_extractor, policy.vf_features_extractor):
+        extractor.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    obs = torch.as_tensor(stacked[:4], dtype=torch.float32)
+    expected = (stacked[:4] - stacked.mean(0)) / stacked.std(0)
+    # Every way SB3 reaches the features: forward, predict_values, get_distribution (predict), evaluate_actions.
+    policy(obs)
+    policy.predict_values(obs)
+    policy.get_distribution(obs)
+    policy.evaluate_actions(obs, torch.zeros(4, 1))
+    assert len(seen) >= 6
+    for inputs in seen:
+        np.testing.assert_allclose(inputs.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    model.save(tmp_path / "model")
+    loaded = agents.ACKTR.load(tmp_path / "model", env=env)
+    assert torch.equal(loaded.policy.observation_var, policy.observation_var)
+    assert loaded.policy.normalize_observations
