@@ -6,6 +6,7 @@
 See :class:`KFAC`, :class:`EKFAC`, :class:`Curvature` and :func:`curvature_matrix`.
 """
 
+from . import exact
 from .capture import Record, StatisticsCapture
 from .curvature import (
     Curvature,
@@ -50,6 +51,7 @@ __all__ = [
     "adapter_for",
     "bernoulli_fisher_loss",
     "curvature_matrix",
+    "exact",
     "gauss_newton_loss",
     "gaussian_fisher_loss",
     "kfe_scale",
