@@ -4,6 +4,8 @@
 >>> loss = criterion(model(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
 
 See :class:`KFAC`, :class:`EKFAC`, :class:`Curvature` and :func:`curvature_matrix`.
+:mod:`acktr_kfe.exact` has the exact iEF, EF and SF optimizers for small models, and :func:`approximation_quality`
+measures how close any optimizer's update is to the exact natural gradient (Wu et al. 2024).
 """
 
 from . import exact
@@ -29,6 +31,7 @@ from .optim import (
     TrustRegionMode,
     curvature_matrix,
 )
+from .quality import ApproximationQuality, approximation_quality, fisher_vector_product, parameter_change
 from .trust_region import kl_clip_scale, predicted_kl
 
 __version__ = "0.1.0"
@@ -36,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EKFAC",
     "KFAC",
+    "ApproximationQuality",
     "Conv2dAdapter",
     "Curvature",
     "DampingMode",
@@ -49,13 +53,16 @@ __all__ = [
     "StepNorm",
     "TrustRegionMode",
     "adapter_for",
+    "approximation_quality",
     "bernoulli_fisher_loss",
     "curvature_matrix",
     "exact",
+    "fisher_vector_product",
     "gauss_newton_loss",
     "gaussian_fisher_loss",
     "kfe_scale",
     "kl_clip_scale",
+    "parameter_change",
     "predicted_kl",
     "register_adapter",
     "regression_fisher_loss",
