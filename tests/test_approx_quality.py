@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,19 @@ def test_natural_gradient_gamma_refuses_large_models() -> None:
     batch = (torch.randn(4, 100), torch.randint(60, (4,)))
     with pytest.raises(ValueError, match="6060 x 6060"):
         natural_gradient_gamma(model, F.cross_entropy, batch)
+
+
+def test_script_quick_mode_writes_csv_plot_and_table(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "approx_quality.py"), "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("gamma.csv", "gamma.png", "gamma.md"):
+        assert (tmp_path / name).is_file(), result.stdout
+    table = (tmp_path / "gamma.md").read_text()
+    for method in ("sgd", "adam", "ef", "sf", "ief", "kfac-empirical", "ekfac-ief"):
+        assert f"| {method} |" in table
