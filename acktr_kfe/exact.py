@@ -139,7 +139,7 @@ class PerExampleGradients:
         """The mean diagonal of ``d^2 l_n / d z_n^2`` of each example, shape ``(N,)``."""
 
         def diagonal_mean(z: Tensor, y: Tensor) -> Tensor:
-            hessian = torch.func.hessian(lambda w: self.loss_fn(w.unsqueeze(0), y.unsqueeze(0)))(z)
+            hessian = torch.func.jacrev(grad(lambda w: self.loss_fn(w.unsqueeze(0), y.unsqueeze(0))))(z)
             flat = hessian.reshape(z.numel(), z.numel())
             return flat.diagonal().mean()
 

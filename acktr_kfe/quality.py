@@ -50,7 +50,7 @@ class ApproximationQuality:
         gamma: ``sqrt(D^T F D) / |D^T g|`` of the update.
         gamma_sgd: the same for ``D = g``.
         gamma_natural: ``1 / sqrt(g^T F^+ g)``, the natural gradient's (lowest possible) gamma, when computed
-            (``natural_gradient=True``), else ``None``.
+            (``natural_gradient``; see :func:`natural_gradient_gamma`), else ``None``.
         curvature: ``D^T F D``.
         alignment: ``D^T g`` (negative for a descent step read as a parameter change).
     """
@@ -156,12 +156,43 @@ def _gamma(curvature: float, alignment: float) -> float:
     return math.sqrt(curvature) / abs(alignment) if alignment != 0 else math.inf
 
 
-def natural_gradient_gamma(model: nn.Module, loss_fn: LossFn, batch: Sequence[Tensor]) -> float:
-    """``1 / sqrt(g^T F^+ g)``, the lowest gamma on the batch, from a dense Fisher (tiny models only, P <= 5000).
+def natural_gradient_gamma(
+    model: nn.Module, loss_fn: LossFn, batch: Sequence[Tensor], *, method: str = "output"
+) -> float:
+    """The natural gradient's gamma, ``1 / sqrt(g^T F^+ g)``: the lowest gamma any update reaches on the batch.
 
-    The natural gradient ``F^+ g`` is solved in float64 by least squares on the dense ``F`` built column by column
-    from Fisher-vector products.
+    Args:
+        method: ``"output"`` (any model size): ``g^T F^+ g`` is replaced by ``(1/N) sum_n r_n^T H_n^+ r_n`` with
+            ``r_n = d l_n / d z_n`` and ``H_n = d^2 l_n / d z_n^2`` of each example's own loss (C x C). That is
+            ``g^T F^+ g`` exactly when the stacked output Jacobian (N C x P) has full row rank (N C <= P, generic
+            weights) and an upper bound on it otherwise, so the gamma returned is a lower bound on every update's
+            gamma, attained by the natural gradient in the full-rank case. ``loss_fn`` must be a mean of
+            per-example losses. ``"dense"`` (tiny models, P <= 5000): ``F`` formed column by column from
+            Fisher-vector products and ``F^+ g`` solved by least squares in float64; exact for any rank.
     """
+    if method == "dense":
+        return _dense_natural_gradient_gamma(model, loss_fn, batch)
+    if method != "output":
+        raise ValueError(f"Invalid method: {method!r}. Valid values: 'output', 'dense'")
+    inputs, targets = batch
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    with torch.no_grad():
+        outputs = torch.func.functional_call(model, buffers, (inputs,)).detach()
+
+    def example_loss(z: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(z.unsqueeze(0), y.unsqueeze(0))
+
+    residuals = torch.func.vmap(torch.func.grad(example_loss))(outputs, targets)
+    hessians = torch.func.vmap(torch.func.jacrev(torch.func.grad(example_loss)))(outputs, targets)
+    n = outputs.shape[0]
+    size = outputs[0].numel()
+    r = residuals.reshape(n, size, 1).double()
+    solved = torch.linalg.lstsq(hessians.reshape(n, size, size).double(), r, driver="gelsd").solution
+    value = float((r * solved).sum()) / n
+    return 1.0 / math.sqrt(value) if value > 0 else math.inf
+
+
+def _dense_natural_gradient_gamma(model: nn.Module, loss_fn: LossFn, batch: Sequence[Tensor]) -> float:
     state = _Batch(model, loss_fn, batch)
     sizes = [p.numel() for p in state.params]
     total = sum(sizes)
@@ -209,7 +240,7 @@ def approximation_quality(
     batch: Sequence[Tensor],
     update: Sequence[Tensor],
     *,
-    natural_gradient: bool = False,
+    natural_gradient: bool | str = False,
 ) -> ApproximationQuality:
     """The iEF paper's indicator of ``update`` on ``batch``, relative to SGD's (Wu et al. 2024, arXiv:2406.06420).
 
@@ -222,7 +253,9 @@ def approximation_quality(
         update: one tensor per parameter, shaped and ordered like ``model.parameters()`` (or one per trainable
             parameter); entries of frozen parameters are ignored. Any scale and sign: a parameter change
             ``new - old`` read from an optimizer step works.
-        natural_gradient: also compute the natural gradient's gamma from a dense Fisher (tiny models only).
+        natural_gradient: also compute the natural gradient's gamma (:func:`natural_gradient_gamma`): ``True`` or
+            ``"output"`` for the output-space form (any size; a lower bound, exact when the output Jacobian has
+            full row rank), ``"dense"`` for the dense Fisher (tiny models).
 
     Returns:
         :class:`ApproximationQuality`; ``relative = gamma(update) / gamma(g)`` with ``gamma(D) =
@@ -234,7 +267,10 @@ def approximation_quality(
     alignment = _dot(direction, state.gradient)
     gamma_sgd = _gamma(state.quadratic(state.gradient), _dot(state.gradient, state.gradient))
     gamma = _gamma(curvature, alignment)
-    natural = natural_gradient_gamma(model, loss_fn, batch) if natural_gradient else None
+    natural = None
+    if natural_gradient:
+        method = "output" if natural_gradient is True else str(natural_gradient)
+        natural = natural_gradient_gamma(model, loss_fn, batch, method=method)
     return ApproximationQuality(
         relative=gamma / gamma_sgd if gamma_sgd > 0 else math.inf,
         gamma=gamma,

@@ -11,11 +11,15 @@ of every method on that batch, at those parameters, is scored with ``acktr_kfe.a
 relative to SGD's (1 = SGD, lower = closer to the natural gradient; the exact natural gradient is the lowest).
 All methods are scored at the same parameters on the same batches.
 
-Methods: ``sgd`` (the batch gradient: 1 by definition, a check), ``adam`` (the trajectory's own step), ``ef``,
+Methods: ``natural-gradient`` (the lowest gamma any update can reach on the batch, ``1 / sqrt(g^T F^+ g)``,
+from ``acktr_kfe.quality.natural_gradient_gamma``'s output-space form: exact when the N C x P output Jacobian has
+full row rank, a lower bound otherwise; scored with ``sgd``), ``sgd`` (the batch gradient: 1 by definition, a
+check), ``adam`` (the trajectory's own step), ``ef``,
 ``sf``, ``ief`` (acktr_kfe.exact, absolute damping --exact-damping on the per-example scale), and
 ``kfac-<curvature>`` / ``ekfac-<curvature>`` for curvature empirical, fisher and ief: the library's optimizers
 with their default damping (relative 1e-2), factor and eigenbasis intervals, but ``step_norm="natural"`` and no
-momentum, so that the update scored is the preconditioned gradient ``F_hat^-1 g`` itself; and ``ekfac-default``,
+momentum, so that the update scored is the preconditioned gradient ``F_hat^-1 g`` itself (--kronecker-interval 1
+refreshes their curvature every step, to separate the curvature's quality from its staleness); and ``ekfac-default``,
 ``EKFAC(model)`` with every default (empirical curvature, Adam-length steps by layer, momentum 0.9), the step a
 drop-in user takes.
 
@@ -59,6 +63,7 @@ CURVATURES = ("empirical", "fisher", "ief")
 KRONECKER = (*(f"{kind}-{c}" for kind in ("kfac", "ekfac") for c in CURVATURES), "ekfac-default")
 EXACT = ("ef", "sf", "ief")
 METHODS = ("sgd", "adam", *EXACT, *KRONECKER)
+NATURAL = "natural-gradient"
 
 
 @dataclass
@@ -134,13 +139,19 @@ def load_tasks(names: list[str], data_dir: Path, hidden: int, quick: bool) -> li
     return tasks
 
 
-def kronecker_optimizer(method: str, model: nn.Module) -> torch.optim.Optimizer:
-    """The K-FAC / EKFAC variant named ``method`` on ``model``."""
+def kronecker_optimizer(method: str, model: nn.Module, interval: int | None) -> torch.optim.Optimizer:
+    """The K-FAC / EKFAC variant named ``method`` on ``model``; ``interval`` replaces the factor, eigenbasis and
+    (EKFAC) scale update intervals of every variant but ``ekfac-default`` (``None``: the library's defaults)."""
     kind, curvature = method.split("-", 1)
     if curvature == "default":
         return acktr_kfe.EKFAC(model)
+    intervals = {}
+    if interval is not None:
+        intervals = {"factor_update_interval": interval, "eigen_update_interval": interval}
+        if kind == "ekfac":
+            intervals["scale_update_interval"] = interval
     cls = acktr_kfe.KFAC if kind == "kfac" else acktr_kfe.EKFAC
-    return cls(model, lr=1e-3, momentum=0.0, step_norm="natural", curvature=curvature)
+    return cls(model, lr=1e-3, momentum=0.0, step_norm="natural", curvature=curvature, **intervals)
 
 
 def kronecker_step(method: str, optimizer, model: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
@@ -184,7 +195,7 @@ def run_task(task: Task, args: argparse.Namespace, methods: list[str]) -> tuple[
     for method in methods:
         if method in KRONECKER:
             copy_ = copy.deepcopy(model)
-            shadows[method] = (copy_, kronecker_optimizer(method, copy_))
+            shadows[method] = (copy_, kronecker_optimizer(method, copy_, args.kronecker_interval))
     generator = torch.Generator().manual_seed(args.seed + 1)
     rows: list[dict] = []
     sweep: list[dict] = []
@@ -241,19 +252,26 @@ def run_task(task: Task, args: argparse.Namespace, methods: list[str]) -> tuple[
             load_parameters(model, theta)
             for method in methods:
                 update, milliseconds = updates[method]
-                quality = acktr_kfe.approximation_quality(model, F.cross_entropy, batch, update)
-                rows.append(
-                    {
-                        "task": task.name,
-                        "method": method,
-                        "step": step,
-                        "relative": quality.relative,
-                        "gamma": quality.gamma,
-                        "gamma_sgd": quality.gamma_sgd,
-                        "loss": trajectory_loss,
-                        "ms": milliseconds,
-                    }
+                natural = method == "sgd"  # the natural gradient's gamma once per step, beside SGD's
+                quality = acktr_kfe.approximation_quality(
+                    model, F.cross_entropy, batch, update, natural_gradient=natural
                 )
+                row = {
+                    "task": task.name,
+                    "method": method,
+                    "step": step,
+                    "relative": quality.relative,
+                    "gamma": quality.gamma,
+                    "gamma_sgd": quality.gamma_sgd,
+                    "loss": trajectory_loss,
+                    "ms": milliseconds,
+                }
+                rows.append(row)
+                if natural:
+                    bound = quality.gamma_natural
+                    rows.append(
+                        {**row, "method": NATURAL, "relative": quality.relative_natural, "gamma": bound, "ms": math.nan}
+                    )
             load_parameters(model, after)
             line = "  ".join(
                 f"{r['method']} {r['relative']:.3g}" for r in rows if r["step"] == step and r["task"] == task.name
@@ -331,7 +349,8 @@ def markdown(rows: list[dict], sweep: list[dict], header: str) -> str:
             mine = [r for r in rows if r["task"] == task and r["method"] == method]
             values = [r["relative"] for r in mine]
             cells.append(f"{statistics.median(values):.3g} ({values[0]:.3g} -> {values[-1]:.3g})")
-            cells.append(f"{statistics.median(r['ms'] for r in mine):.1f}")
+            times = [r["ms"] for r in mine if math.isfinite(r["ms"])]
+            cells.append(f"{statistics.median(times):.1f}" if times else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if sweep:
         dampings = sorted({r["damping"] for r in sweep})
@@ -361,6 +380,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=100, help="MNIST MLP hidden units")
     parser.add_argument("--trajectory-lr", type=float, default=1e-3, help="Adam's learning rate on the trajectory")
     parser.add_argument("--exact-damping", type=float, default=1e-4, help="EF/SF/iEF damping (per-example scale)")
+    parser.add_argument(
+        "--kronecker-interval",
+        type=int,
+        default=None,
+        help="K-FAC/EKFAC factor, eigenbasis and scale update interval (default: the library's 10/20, 100, 20)",
+    )
     parser.add_argument("--damping-sweep", action="store_true", help="score EF/SF/iEF across --sweep-dampings")
     parser.add_argument("--sweep-dampings", type=float, nargs="+", default=[1e-8, 1e-6, 1e-4, 1e-2, 1.0])
     parser.add_argument(
@@ -413,6 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"Command: `{command.strip()}`; {seconds:.0f} s on {platform.machine()} with {args.threads} torch "
         f"thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}. Data: "
         + "; ".join(f"{t.name}: {t.source}" for t in tasks)
+        + f". K-FAC/EKFAC update intervals: {args.kronecker_interval or 'library defaults'}"
         + f". Trajectory: Adam lr {args.trajectory_lr}, batch {args.batch_size}, {args.steps} steps, scored every "
         f"{args.every}; exact methods' damping {args.exact_damping:g}."
     )

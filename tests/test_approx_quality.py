@@ -98,6 +98,22 @@ def test_gamma_of_exact_natural_gradient_is_smallest_among_random_directions_and
     assert best.relative <= close.relative < best.relative * 1.01
 
 
+@pytest.mark.parametrize("head", ["classification", "regression"])
+@pytest.mark.parametrize("examples", [6, 30])
+def test_output_space_natural_gradient_gamma_is_exact_at_full_rank_and_a_lower_bound_otherwise(
+    head: str, examples: int
+) -> None:
+    # P = 43 (classification) or 42 (regression); N C = 18 or 12 (full row rank) and 90 or 60 (rank deficient).
+    model, loss_fn, batch = problem(head, examples=examples)
+    dense = natural_gradient_gamma(model, loss_fn, batch, method="dense")
+    output = natural_gradient_gamma(model, loss_fn, batch, method="output")
+    classes = model(batch[0]).shape[1]
+    if examples * classes <= sum(p.numel() for p in model.parameters()):
+        assert output == pytest.approx(dense, rel=1e-7)
+    else:
+        assert output < dense
+
+
 @pytest.mark.parametrize("scale", [1e-4, 3.7, -1.0, -250.0])
 def test_gamma_is_invariant_to_the_updates_scale_and_sign(scale: float) -> None:
     model, loss_fn, batch = problem("classification")
@@ -155,7 +171,7 @@ def test_kfac_with_exact_gauss_newton_on_a_linear_model_matches_the_natural_grad
     with torch.no_grad():
         for p, b in zip(model.parameters(), before):
             p.copy_(b)
-    quality = acktr_kfe.approximation_quality(model, half_squared_error, batch, change, natural_gradient=True)
+    quality = acktr_kfe.approximation_quality(model, half_squared_error, batch, change, natural_gradient="dense")
     assert quality.relative == pytest.approx(quality.relative_natural, rel=1e-6)
     assert quality.relative < 1.0
 
@@ -171,7 +187,7 @@ def test_quality_of_one_kronecker_step_read_from_the_parameter_change(optimizer_
     with torch.no_grad():
         for p, b in zip(model.parameters(), before):
             p.copy_(b)
-    quality = acktr_kfe.approximation_quality(model, loss_fn, batch, change, natural_gradient=True)
+    quality = acktr_kfe.approximation_quality(model, loss_fn, batch, change, natural_gradient="dense")
     assert math.isfinite(quality.relative) and quality.relative > 0
     assert quality.alignment < 0  # a descent step, read as new - old
     assert quality.relative >= quality.relative_natural * (1 - 1e-9)
@@ -215,7 +231,9 @@ def test_natural_gradient_gamma_refuses_large_models() -> None:
     model = nn.Linear(100, 60)
     batch = (torch.randn(4, 100), torch.randint(60, (4,)))
     with pytest.raises(ValueError, match="6060 x 6060"):
-        natural_gradient_gamma(model, F.cross_entropy, batch)
+        natural_gradient_gamma(model, F.cross_entropy, batch, method="dense")
+    with pytest.raises(ValueError, match="Valid values: 'output', 'dense'"):
+        natural_gradient_gamma(model, F.cross_entropy, batch, method="exact")
 
 
 def test_script_quick_mode_writes_csv_plot_and_table(tmp_path: Path) -> None:
