@@ -235,3 +235,19 @@ def test_fp16_autocast_with_a_grad_scaler_follows_the_float32_run() -> None:
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     torch.testing.assert_close(run(True), run(False), rtol=0.0, atol=1e-2)
+
+
+def test_bench_dropin_writes_a_table_and_a_plot(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_dropin", ROOT / "scripts" / "bench_dropin.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(
+        ["--tasks", "regression", "--steps", "5", "--optimizers", "adam", "ekfac", "--out", str(tmp_path)]
+    )
+    assert set(results["regression"]) == {"adam", "ekfac"}
+    assert results["regression"]["ekfac"]["diverged_at"] is None
+    table = (tmp_path / "results.md").read_text()
+    assert "| regression | 5 |" in table
+    assert (tmp_path / "loss.png").stat().st_size > 0
