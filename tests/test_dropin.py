@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -242,6 +243,7 @@ def test_bench_dropin_writes_a_table_and_a_plot(tmp_path: Path) -> None:
 
     spec = importlib.util.spec_from_file_location("bench_dropin", ROOT / "scripts" / "bench_dropin.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_dropin"] = bench  # its dataclass looks the module up
     spec.loader.exec_module(bench)
     results = bench.main(
         ["--tasks", "regression", "--steps", "5", "--optimizers", "adam", "ekfac", "--out", str(tmp_path)]
