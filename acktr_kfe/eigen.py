@@ -8,6 +8,8 @@ keep its last good basis (GUIDE section 3).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -67,3 +69,38 @@ def kfe_scale(activations: Tensor, grads: Tensor, basis_a: Tensor, basis_g: Tens
         per_example = torch.bmm(grads_kfe[start : start + chunk].transpose(1, 2), acts_kfe[start : start + chunk])
         total += per_example.square().sum(0)
     return total
+
+
+def warm_eigh(
+    matrix: Tensor, values: Tensor, vectors: Tensor, iterations: int = 1
+) -> tuple[Tensor, Tensor, float] | None:
+    """Refresh an eigenbasis of a slowly moving symmetric PSD matrix without a full eigendecomposition.
+
+    Starting from the previous basis ``vectors``, ``iterations`` steps of subspace (power) iteration with a QR,
+    ``Q <- qr(matrix @ Q)``, rotate it toward the matrix's current eigenvectors; the eigenvalues are estimated as the
+    diagonal of ``Q^T matrix Q`` (the refresh SOAP, Vyas et al. 2024, and Eschenhagen et al. 2025 use for Shampoo's
+    factors). The QR runs on the columns sorted by the previous eigenvalues ``values``, largest first (as subspace
+    iteration needs: each column is orthogonalized against the more dominant ones), and the columns are returned in
+    their previous order (so that an EKFAC scale indexed by them still applies). The drift returned is the
+    off-diagonal mass ``||offdiag(Q^T M Q)||_F / ||Q^T M Q||_F``: 0 when ``Q`` diagonalizes the matrix exactly, the
+    caller's criterion for falling back to :func:`robust_eigh`.
+
+    Returns:
+        ``(eigenvalues (d,), eigenvectors (d, d), drift)``, or ``None`` for a non-finite input or result.
+    """
+    symmetric = 0.5 * (matrix + matrix.transpose(0, 1))
+    if not bool(torch.isfinite(symmetric).all()):
+        return None
+    order = torch.argsort(values, descending=True)
+    basis = vectors.to(symmetric.dtype)[:, order]
+    for _ in range(iterations):
+        basis, _ = torch.linalg.qr(symmetric @ basis)
+    basis = basis[:, torch.argsort(order)]
+    projected = basis.transpose(0, 1) @ symmetric @ basis
+    diagonal = projected.diagonal()
+    total = torch.linalg.matrix_norm(projected)
+    off_diagonal = torch.sqrt((total.square() - diagonal.square().sum()).clamp_min(0))
+    drift = float(off_diagonal / total.clamp_min(torch.finfo(total.dtype).tiny))
+    if not (bool(torch.isfinite(basis).all()) and math.isfinite(drift)):
+        return None
+    return diagonal.clamp_min(0), basis, drift

@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
-from .eigen import kfe_scale, robust_eigh
+from .eigen import kfe_scale, robust_eigh, warm_eigh
 from .layers import LayerAdapter, adapter_for
 from .trust_region import kl_clip_scale, predicted_kl
 
@@ -238,6 +238,7 @@ class _KroneckerOptimizer(Optimizer):
         trust_region_mode: str | TrustRegionMode,
         damping_scaling: str | DampingScaling,
         step_norm: str | StepNorm,
+        refresh_tolerance: float | None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -291,6 +292,11 @@ class _KroneckerOptimizer(Optimizer):
         self.trust_region_mode = _parse_enum(TrustRegionMode, trust_region_mode, "trust_region_mode")
         self.damping_scaling = _parse_enum(DampingScaling, damping_scaling, "damping_scaling")
         self.step_norm = _parse_enum(StepNorm, step_norm, "step_norm")
+        if refresh_tolerance is not None and not (0.0 < refresh_tolerance < 1.0):
+            raise ValueError(f"Invalid refresh_tolerance: {refresh_tolerance!r} (must be in (0, 1), or None)")
+        self.refresh_tolerance = refresh_tolerance
+        # Basis refreshes by kind (diagnostics of refresh_tolerance): full eigendecompositions and warm refreshes.
+        self.refresh_counts = {"full": 0, "warm": 0}
         # Frobenius norm of each block's curvature (relative damping), keyed by layer name: derived from the state,
         # recomputed when the basis or the scale changes (one host sync then, none on other steps).
         self._curvature_norms: dict[str, float] = {}
@@ -540,6 +546,13 @@ class _KroneckerOptimizer(Optimizer):
         for layer in layers:
             state = self.state[layer.weight]
             for key in ("A", "G"):
+                if self.refresh_tolerance is not None and f"eigvecs_{key}" in state:
+                    warm = warm_eigh(state[key], state[f"eigvals_{key}"], state[f"eigvecs_{key}"])
+                    if warm is not None and warm[2] <= self.refresh_tolerance:
+                        state[f"eigvals_{key}"], state[f"eigvecs_{key}"] = warm[0], warm[1]
+                        self.refresh_counts["warm"] += 1
+                        continue
+                self.refresh_counts["full"] += 1
                 result = robust_eigh(state[key])
                 if result is None:
                     failed.append(f"{key} of layer {layer.name}")
@@ -1078,6 +1091,11 @@ class KFAC(_KroneckerOptimizer):
         max_kl: ACKTR trust region; ``None`` disables it.
         damping_scaling: ``"relative"`` or ``"absolute"`` (see :class:`DampingScaling`).
         step_norm: ``"adam"`` or ``"natural"`` (see :class:`StepNorm`).
+        refresh_tolerance: ``None`` (default): every basis refresh is a full eigendecomposition. A value in
+            ``(0, 1)``: a refresh first rotates the previous basis by one step of subspace iteration
+            (:func:`acktr_kfe.eigen.warm_eigh`, a matrix product and a QR) and keeps it when the off-diagonal mass
+            of the factor in it, ``||offdiag(Q^T A Q)||_F / ||Q^T A Q||_F``, is at most this tolerance; otherwise,
+            and for the first basis, a full eigendecomposition. ``refresh_counts`` counts both kinds.
         factor_decay: running-average decay of A and G, in ``[0, 1)``.
         factor_update_interval: steps between factor updates.
         eigen_update_interval: steps between eigendecompositions (and damped inverses).
@@ -1127,6 +1145,7 @@ class KFAC(_KroneckerOptimizer):
         trust_region_mode: str | TrustRegionMode = "step",
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
+        refresh_tolerance: float | None = None,
     ) -> None:
         self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
         super().__init__(
@@ -1148,6 +1167,7 @@ class KFAC(_KroneckerOptimizer):
             trust_region_mode=trust_region_mode,
             damping_scaling=damping_scaling,
             step_norm=step_norm,
+            refresh_tolerance=refresh_tolerance,
         )
         # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
         # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
@@ -1232,7 +1252,7 @@ class EKFAC(_KroneckerOptimizer):
     K-FAC block ``kron(G, A)`` (with eigenbasis damping).
 
     Args:
-        model, lr, momentum, weight_decay, damping, max_kl, damping_scaling, step_norm, factor_decay,
+        model, lr, momentum, weight_decay, damping, max_kl, damping_scaling, step_norm, refresh_tolerance, factor_decay,
         factor_update_interval, eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures,
         fisher_diagonals, trust_regions, trust_region_mode: as :class:`KFAC`.
         scale_update_interval: steps between scale estimates.
@@ -1268,6 +1288,7 @@ class EKFAC(_KroneckerOptimizer):
         trust_region_mode: str | TrustRegionMode = "step",
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
+        refresh_tolerance: float | None = None,
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
@@ -1294,6 +1315,7 @@ class EKFAC(_KroneckerOptimizer):
             trust_region_mode=trust_region_mode,
             damping_scaling=damping_scaling,
             step_norm=step_norm,
+            refresh_tolerance=refresh_tolerance,
         )
 
     def _is_scale_step(self, step: int) -> bool:

@@ -1,0 +1,99 @@
+"""The warm-started basis refresh (``refresh_tolerance``): subspace iteration from the previous eigenbasis."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acktr_kfe import EKFAC, KFAC
+from acktr_kfe.eigen import robust_eigh, warm_eigh
+
+from .test_exact_reference import KINDS, TRACKED, exact_block, make_data, make_model, one_step
+
+
+def off_diagonal_mass(matrix: torch.Tensor, basis: torch.Tensor) -> float:
+    projected = basis.T @ matrix @ basis
+    return float((projected - torch.diag(projected.diagonal())).norm() / projected.norm())
+
+
+def spread_factor(seed: int, d: int = 60, n: int = 400) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n, d, generator=generator, dtype=torch.float64) * torch.logspace(-2, 1, d, dtype=torch.float64)
+    return rows.T @ rows / n
+
+
+@pytest.mark.parametrize("step", [0.01, 0.05, 0.2])
+def test_warm_refresh_diagonalizes_a_slowly_moving_factor_better_than_the_stale_basis(step: float) -> None:
+    old = spread_factor(0)
+    values, vectors = robust_eigh(old)
+    new = (1 - step) * old + step * spread_factor(1)
+    stale = off_diagonal_mass(new, vectors)
+    refreshed_values, refreshed, drift = warm_eigh(new, values, vectors)
+    # The drift reported is the off-diagonal mass of the factor in the refreshed basis, and one subspace iteration
+    # at least halves the stale basis's; the basis stays orthonormal and the eigenvalues are its Rayleigh quotients.
+    assert drift == pytest.approx(off_diagonal_mass(new, refreshed), rel=1e-6)
+    assert drift < 0.6 * stale
+    assert drift < 0.5 * step
+    torch.testing.assert_close(refreshed.T @ refreshed, torch.eye(60, dtype=torch.float64))
+    torch.testing.assert_close(refreshed_values, (refreshed.T @ new @ refreshed).diagonal().clamp_min(0))
+
+
+def test_warm_refresh_keeps_the_order_of_the_columns() -> None:
+    old = spread_factor(0)
+    values, vectors = robust_eigh(old)
+    _, refreshed, _ = warm_eigh(0.98 * old + 0.02 * spread_factor(1), values, vectors)
+    # The dominant eigenvectors (the last columns, ascending order) stay where they were, up to sign.
+    alignment = (refreshed[:, -10:] * vectors[:, -10:]).sum(0).abs()
+    assert bool((alignment > 0.95).all()), alignment
+
+
+def test_warm_refresh_of_a_non_finite_factor_returns_none() -> None:
+    values, vectors = robust_eigh(spread_factor(0))
+    broken = spread_factor(1)
+    broken[0, 0] = float("nan")
+    assert warm_eigh(broken, values, vectors) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ekfac_with_warm_refresh_keeps_the_ekfac_theorem_against_the_exact_block(kind: str) -> None:
+    """George et al. 2018: in any basis, the EKFAC scale is the Frobenius-optimal diagonal; here the basis comes
+    from warm refreshes, and EKFAC stays closer to the exact block than K-FAC's eigenvalues in that basis."""
+    model = make_model(kind, bias=True)
+    optimizer = EKFAC(
+        model,
+        lr=1e-3,
+        momentum=0.0,
+        factor_update_interval=1,
+        eigen_update_interval=1,
+        scale_update_interval=1,
+        refresh_tolerance=0.5,
+    )
+    for seed in range(4):
+        x, y = make_data(kind, seed=40 + seed, n=16)
+        one_step(optimizer, model, x, y)
+    assert optimizer.refresh_counts["warm"] > 0
+    x, y = make_data(kind, seed=99, n=16)
+    blocks = {i: exact_block(model, i, x, y) for i in TRACKED}
+    one_step(optimizer, model, x, y)
+    for i in TRACKED:
+        state = optimizer.state[model[i].weight]
+        basis = torch.kron(state["eigvecs_G"], state["eigvecs_A"])
+        exact_diagonal = (basis.T @ blocks[i] @ basis).diagonal()
+        torch.testing.assert_close(state["scale"].reshape(-1), exact_diagonal)
+        ekfac = (basis * state["scale"].reshape(-1)) @ basis.T
+        kfac = (basis * torch.outer(state["eigvals_G"], state["eigvals_A"]).reshape(-1)) @ basis.T
+        assert (blocks[i] - ekfac).norm() <= (blocks[i] - kfac).norm() + 1e-12
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_refresh_tolerance_falls_back_to_a_full_eigendecomposition_when_the_basis_drifted(cls: type) -> None:
+    model = make_model("linear", bias=True)
+    options = {"factor_update_interval": 1, "eigen_update_interval": 1, "refresh_tolerance": 1e-9}
+    optimizer = cls(model, **options)
+    for seed in range(3):
+        one_step(optimizer, model, *make_data("linear", seed=seed))
+    # A tolerance no refresh meets: every refresh is full, as without the option.
+    assert optimizer.refresh_counts["warm"] == 0
+    assert optimizer.refresh_counts["full"] == 3 * 2 * len(TRACKED)
+    with pytest.raises(ValueError, match=r"Invalid refresh_tolerance: 1\.5"):
+        cls(model, refresh_tolerance=1.5)
