@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -239,6 +240,7 @@ class _KroneckerOptimizer(Optimizer):
         damping_scaling: str | DampingScaling,
         step_norm: str | StepNorm,
         refresh_tolerance: float | None,
+        statistics_fraction: float,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -295,6 +297,9 @@ class _KroneckerOptimizer(Optimizer):
         if refresh_tolerance is not None and not (0.0 < refresh_tolerance < 1.0):
             raise ValueError(f"Invalid refresh_tolerance: {refresh_tolerance!r} (must be in (0, 1), or None)")
         self.refresh_tolerance = refresh_tolerance
+        if isinstance(statistics_fraction, bool) or not (0.0 < statistics_fraction <= 1.0):
+            raise ValueError(f"Invalid statistics_fraction: {statistics_fraction!r} (must be in (0, 1])")
+        self.statistics_fraction = float(statistics_fraction)
         # Basis refreshes by kind (diagnostics of refresh_tolerance): full eigendecompositions and warm refreshes.
         self.refresh_counts = {"full": 0, "warm": 0}
         # Frobenius norm of each block's curvature (relative damping), keyed by layer name: derived from the state,
@@ -464,17 +469,37 @@ class _KroneckerOptimizer(Optimizer):
         dtype = _statistics_dtype(layer.weight)
         rows = []
         batches: dict[int, int] = {}
-        for record in records:
+        for position, record in enumerate(records):
+            batches.setdefault(record.generation, record.grad_output.shape[0])
+            record = self._subsample(layer, record, position)
             acts = layer.adapter.activations(record.layer_input.to(dtype))
             grads = layer.adapter.output_grads(record.grad_output.to(dtype))
             if acts.shape[0] != grads.shape[0]:
                 raise RuntimeError(
                     f"layer {layer.name}: input batch {acts.shape[0]} does not match output batch {grads.shape[0]}"
                 )
-            batches.setdefault(record.generation, grads.shape[0])
             rows.append((acts, grads))
         scale = float(sum(batches.values())) if self.loss_reduction is LossReduction.MEAN else 1.0
         return [self._scaled_rows(acts, grads, record, scale) for (acts, grads), record in zip(rows, records)]
+
+    def _subsample(self, layer: _Layer, record: Record, position: int) -> Record:
+        """The record restricted to a random ``statistics_fraction`` of its examples (all of them at 1). The subset
+        is drawn from a generator seeded by the step, the layer and the record, so a resumed run draws the same."""
+        batch = record.grad_output.shape[0]
+        keep = max(1, round(self.statistics_fraction * batch))
+        if keep >= batch or record.layer_input.shape[0] != batch:
+            return record
+        device = record.grad_output.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(zlib.crc32(f"{self._step}/{layer.name}/{position}".encode()))
+        index = torch.randperm(batch, generator=generator, device=device)[:keep]
+        norms = record.logit_grad_norms
+        return Record(
+            record.layer_input[index],
+            record.grad_output[index],
+            None if norms is None else norms[index],
+            record.generation,
+        )
 
     def _scaled_rows(self, acts: Tensor, grads: Tensor, record: Record, scale: float) -> tuple[Tensor, Tensor]:
         if self.curvature is Curvature.IEF:
@@ -1096,6 +1121,9 @@ class KFAC(_KroneckerOptimizer):
             (:func:`acktr_kfe.eigen.warm_eigh`, a matrix product and a QR) and keeps it when the off-diagonal mass
             of the factor in it, ``||offdiag(Q^T A Q)||_F / ||Q^T A Q||_F``, is at most this tolerance; otherwise,
             and for the first basis, a full eigendecomposition. ``refresh_counts`` counts both kinds.
+        statistics_fraction: the fraction of each recorded batch's examples that feeds the factors and the EKFAC
+            scale, drawn at random on each statistics step (the ACKTR paper and kfac-jax estimate the curvature on
+            part of the batch); 1 uses every example. The gradient always uses the whole batch.
         factor_decay: running-average decay of A and G, in ``[0, 1)``.
         factor_update_interval: steps between factor updates.
         eigen_update_interval: steps between eigendecompositions (and damped inverses).
@@ -1146,6 +1174,7 @@ class KFAC(_KroneckerOptimizer):
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
         refresh_tolerance: float | None = None,
+        statistics_fraction: float = 1.0,
     ) -> None:
         self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
         super().__init__(
@@ -1168,6 +1197,7 @@ class KFAC(_KroneckerOptimizer):
             damping_scaling=damping_scaling,
             step_norm=step_norm,
             refresh_tolerance=refresh_tolerance,
+            statistics_fraction=statistics_fraction,
         )
         # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
         # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
@@ -1252,7 +1282,8 @@ class EKFAC(_KroneckerOptimizer):
     K-FAC block ``kron(G, A)`` (with eigenbasis damping).
 
     Args:
-        model, lr, momentum, weight_decay, damping, max_kl, damping_scaling, step_norm, refresh_tolerance, factor_decay,
+        model, lr, momentum, weight_decay, damping, max_kl, damping_scaling, step_norm, refresh_tolerance,
+        statistics_fraction, factor_decay,
         factor_update_interval, eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures,
         fisher_diagonals, trust_regions, trust_region_mode: as :class:`KFAC`.
         scale_update_interval: steps between scale estimates.
@@ -1289,6 +1320,7 @@ class EKFAC(_KroneckerOptimizer):
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
         refresh_tolerance: float | None = None,
+        statistics_fraction: float = 1.0,
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
@@ -1316,6 +1348,7 @@ class EKFAC(_KroneckerOptimizer):
             damping_scaling=damping_scaling,
             step_norm=step_norm,
             refresh_tolerance=refresh_tolerance,
+            statistics_fraction=statistics_fraction,
         )
 
     def _is_scale_step(self, step: int) -> bool:
