@@ -139,9 +139,16 @@ def load_tasks(names: list[str], data_dir: Path, hidden: int, quick: bool) -> li
     return tasks
 
 
-def kronecker_optimizer(method: str, model: nn.Module, interval: int | None) -> torch.optim.Optimizer:
+def kronecker_optimizer(
+    method: str,
+    model: nn.Module,
+    interval: int | None,
+    factor_decay: float | None = None,
+    damping: float | None = None,
+) -> torch.optim.Optimizer:
     """The K-FAC / EKFAC variant named ``method`` on ``model``; ``interval`` replaces the factor, eigenbasis and
-    (EKFAC) scale update intervals of every variant but ``ekfac-default`` (``None``: the library's defaults)."""
+    (EKFAC) scale update intervals, ``factor_decay`` the factors' running-average decay and ``damping`` the
+    (relative) damping of every variant but ``ekfac-default`` (``None``: the library's defaults)."""
     kind, curvature = method.split("-", 1)
     if curvature == "default":
         return acktr_kfe.EKFAC(model)
@@ -150,6 +157,10 @@ def kronecker_optimizer(method: str, model: nn.Module, interval: int | None) -> 
         intervals = {"factor_update_interval": interval, "eigen_update_interval": interval}
         if kind == "ekfac":
             intervals["scale_update_interval"] = interval
+    if factor_decay is not None:
+        intervals["factor_decay"] = factor_decay
+    if damping is not None:
+        intervals["damping"] = damping
     cls = acktr_kfe.KFAC if kind == "kfac" else acktr_kfe.EKFAC
     return cls(model, lr=1e-3, momentum=0.0, step_norm="natural", curvature=curvature, **intervals)
 
@@ -195,7 +206,12 @@ def run_task(task: Task, args: argparse.Namespace, methods: list[str]) -> tuple[
     for method in methods:
         if method in KRONECKER:
             copy_ = copy.deepcopy(model)
-            shadows[method] = (copy_, kronecker_optimizer(method, copy_, args.kronecker_interval))
+            shadows[method] = (
+                copy_,
+                kronecker_optimizer(
+                    method, copy_, args.kronecker_interval, args.kronecker_factor_decay, args.kronecker_damping
+                ),
+            )
     generator = torch.Generator().manual_seed(args.seed + 1)
     rows: list[dict] = []
     sweep: list[dict] = []
@@ -295,11 +311,13 @@ def plot(rows: list[dict], sweep: list[dict], out_dir: Path) -> None:
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = plt.get_cmap("tab20")
     for axis, task in zip(axes[0], tasks):
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for index, method in enumerate(methods):
             points = [(r["step"], r["relative"]) for r in rows if r["task"] == task and r["method"] == method]
             style = "--" if method.startswith("kfac") else (":" if method.startswith("ekfac") else "-")
-            axis.plot(*zip(*points), style, marker=".", label=method)
+            axis.plot(*zip(*points), style, marker=".", color=colors(index % 20), label=method)
         axis.set_yscale("log")
         axis.set_title(task)
         axis.set_xlabel("training step (Adam trajectory)")
@@ -386,6 +404,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="K-FAC/EKFAC factor, eigenbasis and scale update interval (default: the library's 10/20, 100, 20)",
     )
+    parser.add_argument(
+        "--kronecker-factor-decay",
+        type=float,
+        default=None,
+        help="K-FAC/EKFAC factor running-average decay (default: the library's 0.95; 0: the current batch only)",
+    )
+    parser.add_argument(
+        "--kronecker-damping",
+        type=float,
+        default=None,
+        help="K-FAC/EKFAC damping, relative to each block's curvature norm (default: the library's 1e-2)",
+    )
     parser.add_argument("--damping-sweep", action="store_true", help="score EF/SF/iEF across --sweep-dampings")
     parser.add_argument("--sweep-dampings", type=float, nargs="+", default=[1e-8, 1e-6, 1e-4, 1e-2, 1.0])
     parser.add_argument(
@@ -438,7 +468,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"Command: `{command.strip()}`; {seconds:.0f} s on {platform.machine()} with {args.threads} torch "
         f"thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}. Data: "
         + "; ".join(f"{t.name}: {t.source}" for t in tasks)
-        + f". K-FAC/EKFAC update intervals: {args.kronecker_interval or 'library defaults'}"
+        + f". K-FAC/EKFAC update intervals: {args.kronecker_interval or 'library defaults'}, factor decay: "
+        + f"{'library default' if args.kronecker_factor_decay is None else args.kronecker_factor_decay}, damping: "
+        + f"{'library default' if args.kronecker_damping is None else args.kronecker_damping}"
         + f". Trajectory: Adam lr {args.trajectory_lr}, batch {args.batch_size}, {args.steps} steps, scored every "
         f"{args.every}; exact methods' damping {args.exact_damping:g}."
     )
