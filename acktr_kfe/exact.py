@@ -28,8 +28,10 @@ Conventions (the library's; README, "Using the preconditioners"):
 
   As ``lam -> 0`` the iEF update is the minimum-norm ``D`` with ``grad_n^T D = ||d l_n / d z_n||^2`` for every n:
   each example's loss falls, to first order, as much as under a unit gradient step on its own output. For a scalar
-  squared-error head with N <= P this is the Gauss-Newton step ``(J_f^T J_f)^+ J_f^T r`` (``J_f`` the output
-  Jacobian, ``r`` the residuals). Every solve is in float64.
+  head with the loss ``0.5 (f - y)^2`` and N <= P (``J_f`` of full row rank) this is the Gauss-Newton step
+  ``(J_f^T J_f)^+ J_f^T r`` (``J_f`` the output Jacobian, ``r`` the residuals); a loss ``c (f - y)^2``
+  (``F.mse_loss``: c = 1) gives ``2c`` times that step. The per-example gradients are taken in the parameters'
+  dtype; every solve is in float64.
 
 - Memory: ``J`` holds ``N * P`` numbers (twice, once in the parameters' dtype and once in float64).
   ``max_elements`` (default ``2**26``, 512 MiB in float64) bounds ``N * P``; a larger batch or model raises a
@@ -259,8 +261,8 @@ class IEF(_ExactOptimizer):
         buf <- momentum buf + D + weight_decay p;   p <- p - lr buf
 
     See :mod:`acktr_kfe.exact` for the scale of ``J`` and the damping convention (``damping`` is added to the
-    per-example-scale curvature). As ``damping -> 0`` the iEF step of a scalar squared-error model with N <= P
-    is its Gauss-Newton step.
+    per-example-scale curvature). As ``damping -> 0`` the iEF step of a scalar ``0.5 * squared error`` model with
+    N <= P is its Gauss-Newton step.
 
     Args:
         model: the model; its parameters with ``requires_grad`` are updated.
