@@ -187,6 +187,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.register_buffer("observation_mean", th.zeros(shape, dtype=th.float64))
         self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
         self.register_buffer("observation_count", th.zeros((), dtype=th.float64))
+        self._observations_seen = False  # observation_count > 0, kept on the host (no device sync per forward)
         self.trust_regions = ActorCriticTrustRegions(
             self, self.max_kl, self.vf_max_kl, self.vf_fisher_coef, self.calibrate_kl
         )
@@ -254,6 +255,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.observation_mean += delta * count / total
         self.observation_var.copy_(m2 / total)
         self.observation_count.copy_(total)
+        self._observations_seen = True
 
     # -- the value scale ------------------------------------------------------------------------------------------
 
@@ -283,7 +285,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     def normalize_observation(self, obs: PyTorchObs) -> PyTorchObs:
         """``obs`` normalized by the running statistics (clipped to +-10), or as it is when the policy does not
         normalize observations or has observed none yet."""
-        if not (self._normalizes_observations and bool(self.observation_count > 0)):
+        if not (self._normalizes_observations and self._observations_seen):
             return obs
         std = self.observation_var.clamp_min(MIN_OBSERVATION_VARIANCE).sqrt()
         normalized = ((obs.double() - self.observation_mean) / std).clamp(-OBSERVATION_CLIP, OBSERVATION_CLIP)
@@ -375,6 +377,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
                 getattr(self, name).fill_(value)
         bias = self.trust_regions.log_bias
         bias[:] = self.kl_log_bias[: len(bias)].tolist()
+        self._observations_seen = bool(self.observation_count > 0)
 
 
 class KroneckerActorCriticCnnPolicy(KroneckerActorCriticPolicy):
