@@ -74,6 +74,9 @@ class ACKTR(OnPolicyAlgorithm):
     After each update the policy measures the KL on the batch (one forward pass) and keeps a running average of
     ``log(measured / predicted)`` per region; the next update's radius is the target divided by that bias.
 
+    Observations (flat ``Box`` spaces) are normalized inside the policy by their running mean and variance
+    (``policy_kwargs={"normalize_observations": False}`` turns it off, e.g. behind VecNormalize).
+
     A diagonal Gaussian policy's state-independent ``log_std`` (no layer owns it) takes its exact natural-gradient
     step: its per-example Fisher is 2 per action dimension.
 
