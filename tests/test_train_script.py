@@ -90,7 +90,7 @@ def test_config_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rat'\].*Valid keys: .*learning_rate"):
         resolve_config(path, "CartPole-v1", ACKTR)
     resolved = resolve_config(ROOT / "configs" / "acktr.yml", "CartPole-v1", ACKTR)
-    assert resolved["total_timesteps"] == 50_000 and resolved["policy"] == "MlpPolicy"
+    assert resolved["total_timesteps"] == 100_000 and resolved["policy"] == "MlpPolicy"
     assert resolve_config(ROOT / "configs" / "acktr.yml", "ALE/Pong-v5", ACKTR)["policy"] == "CnnPolicy"
 
 
