@@ -179,15 +179,9 @@ class ACKTR(OnPolicyAlgorithm):
         repeated = sorted(set(policy_kwargs) & set(_POLICY_ARGUMENTS))
         if repeated:
             raise ValueError(f"pass {repeated} to ACKTR itself, not in policy_kwargs")
-        policy_kwargs.update({name: arguments[name] for name in _POLICY_ARGUMENTS})
-        preconditioner_kwargs = dict(policy_kwargs.get("preconditioner_kwargs") or {})
-        repeated = sorted(set(preconditioner_kwargs) & set(_PRECONDITIONER_ARGUMENTS))
+        repeated = sorted(set(policy_kwargs.get("preconditioner_kwargs") or {}) & set(_PRECONDITIONER_ARGUMENTS))
         if repeated:
             raise ValueError(f"pass {repeated} to ACKTR itself, not in policy_kwargs['preconditioner_kwargs']")
-        preconditioner_kwargs.update({name: arguments[name] for name in _PRECONDITIONER_ARGUMENTS})
-        if preconditioner != "ekfac":
-            del preconditioner_kwargs["scale_update_interval"]
-        policy_kwargs["preconditioner_kwargs"] = preconditioner_kwargs
         super().__init__(
             policy,
             env,
@@ -217,6 +211,22 @@ class ACKTR(OnPolicyAlgorithm):
         self.normalize_advantage = normalize_advantage
         if _init_setup_model:
             self._setup_model()
+
+    def _setup_model(self) -> None:
+        # ACKTR's own arguments reach the policy here, not through self.policy_kwargs, so that the saved
+        # policy_kwargs are the user's and ``ACKTR.load(path, policy_kwargs=...)`` passes SB3's equality check.
+        user_kwargs = self.policy_kwargs
+        policy_kwargs = {**user_kwargs, **{name: getattr(self, name) for name in _POLICY_ARGUMENTS}}
+        preconditioner_kwargs = dict(user_kwargs.get("preconditioner_kwargs") or {})
+        preconditioner_kwargs.update({name: getattr(self, name) for name in _PRECONDITIONER_ARGUMENTS})
+        if self.preconditioner != "ekfac":
+            del preconditioner_kwargs["scale_update_interval"]
+        policy_kwargs["preconditioner_kwargs"] = preconditioner_kwargs
+        self.policy_kwargs = policy_kwargs
+        try:
+            super()._setup_model()
+        finally:
+            self.policy_kwargs = user_kwargs
 
     @property
     def shared_layers(self) -> bool:

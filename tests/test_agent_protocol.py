@@ -268,3 +268,23 @@ def test_observation_normalization_keeps_running_moments_and_normalizes_the_inpu
     loaded = agents.ACKTR.load(tmp_path / "model", env=env)
     assert torch.equal(loaded.policy.observation_var, policy.observation_var)
     assert loaded.policy.normalize_observations
+
+
+def test_acktr_loads_with_the_policy_kwargs_it_was_built_with(tmp_path: Path) -> None:
+    # SB3's load refuses policy_kwargs that differ from the saved ones (its test_save_load_env_cnn loads so): ACKTR
+    # keeps its own arguments out of the saved policy_kwargs and still builds the policy with them.
+    env = make_vec_env("Pendulum-v1", n_envs=1, seed=0)
+    kwargs = {"policy_kwargs": {"net_arch": [16]}}
+    model = agents.ACKTR(
+        "MlpPolicy", env, n_steps=4, seed=0, max_kl=0.002, preconditioner="kfac", damping=0.2, **kwargs
+    )
+    assert model.policy_kwargs == {"net_arch": [16]}
+    assert model.policy.max_kl == 0.002 and model.policy.preconditioner == "kfac"
+    assert model.policy.optimizer.param_groups[0]["damping"] == 0.2
+    model.learn(8)
+    model.save(tmp_path / "model")
+    loaded = agents.ACKTR.load(tmp_path / "model", env=env, **kwargs)
+    assert loaded.policy.max_kl == 0.002 and loaded.policy.preconditioner == "kfac"
+    assert loaded.policy.optimizer.param_groups[0]["damping"] == 0.2
+    assert loaded.policy.net_arch == [16]
+    loaded.learn(8)
