@@ -711,8 +711,9 @@ class _KroneckerOptimizer(Optimizer):
         # 1 / (1 - momentum)^2); with F_damped D = grad, u^T F_damped u = D^T grad + momentum (2 buf^T grad +
         # momentum buf^T F_damped buf), whose last term costs a projection per layer.
         on_step = self.trust_region_mode is TrustRegionMode.STEP and bool(momentum)
+        # With step_norm="adam" the regions measure the grafted step itself (_grafted_update), not these forms.
         grafted = self.step_norm is StepNorm.ADAM
-        measured = [on_step and not grafted and (self._explicit_regions or radius is not None) for radius in radii]
+        measured = [on_step and (self._explicit_regions or radius is not None) for radius in radii]
         directions: dict[Tensor, Tensor] = {}
         layer_dampings: dict[str, float] = {}
         quadratics = [torch.zeros((), dtype=params[0].dtype, device=params[0].device) for _ in radii]
@@ -739,7 +740,7 @@ class _KroneckerOptimizer(Optimizer):
                     )
                 direction = grad
             region = region_of.get(id(layer.weight))
-            if region is not None:
+            if region is not None and not grafted:
                 buffer = self._buffer_matrix(layer) if measured[region] else None
                 buffer_quadratic = None
                 if buffer is not None:
@@ -766,7 +767,7 @@ class _KroneckerOptimizer(Optimizer):
             damped = diagonal * (1 + damping) if self.damping_scaling is DampingScaling.RELATIVE else diagonal + damping
             directions[param] = direction = grad / damped
             region = region_of.get(id(param))
-            if region is not None:
+            if region is not None and not grafted:
                 buffer = self.state[param].get("momentum_buffer") if measured[region] else None
                 buffer_quadratic = None if buffer is None else damped * buffer.square().sum()
                 quadratics[region] += _step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
