@@ -1,0 +1,191 @@
+"""Data parallel on torch.distributed: 2 processes with gloo on CPU, each a subprocess with a hard timeout.
+
+Each launch starts one process per rank running a program of tests/distributed_workers.py with torchrun's
+variables (a free port on 127.0.0.1), waits for all of them at most ``timeout`` seconds, kills what is left, and
+returns each rank's exit code, output and saved results. Launches are shared between the tests that read them
+(module-scoped fixtures), since each costs a torch import per process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from acktr_kfe import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RankOutcome:
+    returncode: int | None  # None: killed at the launch's timeout
+    output: str
+    result: dict[str, Any] | None
+
+
+def launch(
+    program: str,
+    out_dir: Path,
+    world_size: int = 2,
+    timeout: float = 60.0,
+    dist_timeout: float = 30.0,
+    wait_for: int | None = None,
+) -> list[RankOutcome]:
+    """Run ``program`` in ``world_size`` processes; never longer than ``timeout`` seconds.
+
+    ``wait_for``: once ranks ``0 .. wait_for - 1`` have exited, kill the others (default: wait for all).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DIST_TIMEOUT": str(dist_timeout),
+            "OMP_NUM_THREADS": "1",
+        }
+        log = (out_dir / f"rank{rank}.log").open("w")
+        command = [sys.executable, "-m", "tests.distributed_workers", program, str(out_dir)]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        processes.append((process, log))
+    deadline = time.monotonic() + timeout
+    outcomes = []
+    wait_for = world_size if wait_for is None else wait_for
+    for rank, (process, log) in enumerate(processes):
+        try:
+            left = deadline - time.monotonic() if rank < wait_for else 0.0
+            returncode: int | None = process.wait(timeout=max(0.1, left))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            returncode = None
+        log.close()
+        path = out_dir / f"rank{rank}.pt"
+        result = torch.load(path, weights_only=False) if path.is_file() else None
+        outcomes.append(RankOutcome(returncode, (out_dir / f"rank{rank}.log").read_text(), result))
+    return outcomes
+
+
+def results_of(outcomes: list[RankOutcome]) -> list[dict[str, Any]]:
+    """Each rank's results, after checking that every rank finished cleanly (with its output otherwise)."""
+    for rank, outcome in enumerate(outcomes):
+        assert outcome.returncode == 0 and outcome.result is not None, f"rank {rank}:\n{outcome.output}"
+    return [outcome.result for outcome in outcomes]  # type: ignore[misc]
+
+
+# --- single-process behaviour ------------------------------------------------------------------------------------
+
+
+def test_helpers_do_nothing_without_a_process_group() -> None:
+    tensor = torch.arange(4.0)
+    distributed.traffic.reset()
+    assert not distributed.is_active()
+    assert distributed.all_reduce_mean([tensor]) == 0
+    assert distributed.broadcast_from_owners([[tensor]], [0]) == 0
+    assert distributed.agree_any(True) and not distributed.agree_any(False)
+    assert torch.equal(tensor, torch.arange(4.0))
+    assert distributed.traffic.total() == 0
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+
+
+def test_assignment_is_deterministic_and_balances_costs() -> None:
+    costs = [1000.0, 8.0, 500.0, 490.0, 27.0, 1.0, 300.0]
+    owners = distributed.assign_by_cost(costs, 2)
+    assert owners == distributed.assign_by_cost(list(costs), 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    # LPT: 1000 | 500 + 490, then 300, 27, 8, 1 each to the lighter rank: 1036 | 1290 (here also the optimum).
+    assert owners[0] != owners[2] and owners[2] == owners[3] == owners[6]
+    assert sorted(loads) == [1036.0, 1290.0]
+    assert max(loads) <= 4 / 3 * max(sum(costs) / 2, max(costs))
+    # More ranks than items: each item alone; equal costs go round-robin from rank 0.
+    assert sorted(distributed.assign_by_cost([3.0, 2.0, 1.0], 4)) == [0, 1, 2]
+    assert distributed.assign_by_cost([1.0] * 4, 2) == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="ranks"):
+        distributed.assign_by_cost([1.0], 0)
+
+
+# --- two processes -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helper_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return results_of(launch("helpers", tmp_path_factory.mktemp("helpers")))
+
+
+def test_bucketed_all_reduce_gives_every_rank_the_mean(helper_results: list[dict[str, Any]]) -> None:
+    first, second = helper_results
+    for index, (a, b) in enumerate(zip(first["local"], second["local"])):
+        mean = (a + b) / 2
+        assert first["reduced"][index].dtype == a.dtype
+        torch.testing.assert_close(first["reduced"][index], mean)
+        torch.testing.assert_close(second["reduced"][index], mean)
+    # 35 + 300 float32 and 8 float32 after the float64 tensor: split by size (1 KiB) and by dtype.
+    assert first["calls"] >= 3
+    assert first["sent"] == sum(t.numel() * t.element_size() for t in first["local"])
+
+
+def test_broadcast_gives_every_rank_the_owners_results(helper_results: list[dict[str, Any]]) -> None:
+    first, second = helper_results
+    owners = first["owners"]
+    assert owners == second["owners"] and set(owners) == {0, 1}
+    for index, owner in enumerate(owners):
+        for rank_results in (first, second):
+            vector, matrix = rank_results["items"][index]
+            torch.testing.assert_close(vector, torch.full((3,), 10.0 * index + owner))
+            torch.testing.assert_close(matrix, torch.full((2, 2), float(owner), dtype=torch.float64))
+
+
+def test_agreement_is_true_on_every_rank_when_one_rank_flags(helper_results: list[dict[str, Any]]) -> None:
+    for rank_results in helper_results:
+        assert rank_results["agreed_true"] is True
+        assert rank_results["agreed_false"] is False
+
+
+def test_gradient_averaging_gives_the_mean_gradient(helper_results: list[dict[str, Any]]) -> None:
+    # d(sum(W x))/dW = 4 x^T rows of value rank + 1: the mean over ranks 1 and 2 is 1.5 * 4.
+    for rank_results in helper_results:
+        torch.testing.assert_close(rank_results["weight_grad"], torch.full((2, 3), 6.0))
+
+
+def test_a_rank_that_dies_makes_the_other_raise_a_clear_error(tmp_path: Path) -> None:
+    started = time.monotonic()
+    outcomes = launch("peer_dies", tmp_path, timeout=60.0, dist_timeout=20.0)
+    assert time.monotonic() - started < 60.0
+    assert outcomes[1].returncode == 3
+    survivor = outcomes[0].result
+    assert survivor is not None, outcomes[0].output
+    assert survivor["type"] == "DistributedError"
+    assert survivor["error"].startswith("rank 0 of 2: all_reduce of statistics failed: another rank died")
+    assert survivor["seconds"] < 20.0
+
+
+def test_a_rank_that_hangs_makes_the_other_raise_at_the_timeout(tmp_path: Path) -> None:
+    outcomes = launch("peer_hangs", tmp_path, timeout=40.0, dist_timeout=3.0, wait_for=1)
+    survivor = outcomes[0].result
+    assert survivor is not None, outcomes[0].output
+    assert survivor["type"] == "DistributedError"
+    assert "rank 0 of 2: all_reduce (MAX) of the skip decision failed" in survivor["error"]
+    assert "timeout of 3 s" in survivor["error"]
+    assert 2.5 < survivor["seconds"] < 15.0
+    assert outcomes[1].returncode is None  # still asleep: killed by the launcher
