@@ -42,6 +42,7 @@ __all__ = [
     "is_active",
     "is_wrapped_by_ddp",
     "rank",
+    "shutdown",
     "torchrun_world_size",
     "traffic",
     "world_size",
@@ -168,6 +169,14 @@ def init_from_environment(
     _timeout = timeout
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return rank(), world_size()
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if one is initialized (at the end of a script; safe to call always)."""
+    global _timeout
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _timeout = None
 
 
 def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> Iterator[list[Tensor]]:

@@ -9,6 +9,9 @@ Settings per task and optimizer come from configs/supervised.yml; flags override
 (per-epoch evaluation loss and accuracy), TensorBoard logs (tb/) and the resolved settings (config.yml); a run
 whose loss turns NaN keeps its logs up to that step and adds diverged.json. A run never writes into a folder
 that already holds files: give a fresh --log-dir for each run.
+Data parallel: torchrun --nproc_per_node N scripts/supervised.py ... trains on N processes (gloo on CPU, NCCL with
+--device cuda, one GPU per process) with the model in DistributedDataParallel; --batch-size is per process, each
+step uses N * batch-size examples, and only rank 0 writes the run folder (config.yml records world_size).
 Data: --data-dir holds the MNIST IDX files (mnist/ below it is found too) or the CIFAR-10 python batches
 (cifar-10-batches-py/); get them with scripts/download_data.py.
 """
@@ -23,6 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from acktr_kfe import distributed  # noqa: E402
 from agents.run_folder import RunFolderError  # noqa: E402
 from agents.supervised.data import DatasetFilesMissingError  # noqa: E402
 from agents.supervised.runner import TASKS, TrainingDivergedError, train_run  # noqa: E402
@@ -51,6 +57,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None, help="stop once training took this long")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--dist-timeout", type=float, default=600.0, help="under torchrun: seconds a rank waits for a hung peer"
+    )
 
 
 def run_options(args: argparse.Namespace) -> dict:
@@ -88,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = run_options(args)
+    try:
+        return _main(args, options)
+    finally:
+        distributed.shutdown()
+
+
+def _main(args: argparse.Namespace, options: dict) -> int:
+    try:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        rank, _ = distributed.init_from_environment(device, timeout=args.dist_timeout)
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     log_dir = args.log_dir or ROOT / "runs" / "supervised" / args.task / f"{args.optimizer}_seed{args.seed}"
     try:
         summary = train_run(
@@ -107,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetFilesMissingError, ValueError, FileNotFoundError, RunFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    except RuntimeError as error:  # a collective failed: a peer died or hung (DDP's own all-reduces included)
+        if not distributed.is_active():
+            raise
+        prefix = "" if isinstance(error, distributed.DistributedError) else f"rank {rank}: "
+        print(f"error: {prefix}{error}", file=sys.stderr)
+        return 3
+    if rank == 0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -7,7 +7,14 @@ accuracy), TensorBoard logs in ``tb/`` and the resolved settings in ``config.yml
 only (data batches, forward, curvature and backward passes, optimizer steps), not the evaluations.
 
 A run never writes into a folder that already holds files, and locks its folder while it runs
-(``agents.run_folder``). A run whose loss turns NaN or infinite keeps what it logged up to that step, writes
+(``agents.run_folder``).
+
+Data parallel (``torchrun --nproc_per_node N scripts/supervised.py``, a process group initialized before
+``train_run``): the model is wrapped in ``DistributedDataParallel``, the batch size is per rank, and each step every
+rank takes its own slice of one shuffled global batch of ``N * batch_size`` examples (the same order on every rank),
+so a step sees the batch a single process would see with ``N`` times the batch size. The logged loss is the mean
+over the ranks. Only rank 0 writes the folder (``config.yml`` records ``world_size``), shows progress and
+evaluates. A run whose loss turns NaN or infinite keeps what it logged up to that step, writes
 ``diverged.json`` (step, epoch, loss) and raises ``TrainingDivergedError``.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +36,9 @@ import yaml
 from torch import Tensor, nn
 
 import acktr_kfe
+from acktr_kfe import distributed
 
-from ..run_folder import RunLock, atomic_write_text, refuse_existing_run, write_error
+from ..run_folder import RunFolderError, RunLock, atomic_write_text, refuse_existing_run, write_error
 from .data import augment_cifar, load_cifar10
 from .models import VGG11, MNISTAutoencoder, ResNet34, autoencoder_loss
 from .training import build_optimizer, load_autoencoder_images, task_config, training_step
@@ -173,6 +182,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _across_ranks(loss: float, stop: bool) -> tuple[float, bool]:
+    """The mean of ``loss`` over the ranks and whether ``stop`` holds on any (one all-reduce; as is alone)."""
+    if not distributed.is_active():
+        return loss, stop
+    values = torch.tensor([loss, float(stop)], dtype=torch.float64)
+    distributed.all_reduce_mean([values], what="the step's loss")
+    return float(values[0]), bool(values[1] > 0)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor, batch_size: int) -> dict[str, float]:
     """Mean loss (and accuracy for classification) over a dataset, in eval mode."""
@@ -218,7 +236,8 @@ def train_run(
     """Train one optimizer on one task; write the CSVs, TensorBoard logs and config; return a summary.
 
     ``epochs`` and ``batch_size`` default to the task's config; ``lr`` and ``damping`` override the optimizer's.
-    ``max_seconds`` stops the run once its training wall-clock exceeds it (at the end of a step). ``data`` skips
+    ``max_seconds`` stops the run once its training wall-clock exceeds it (at the end of a step; on any rank, for
+    all of them). ``data`` skips
     loading (``load_task_data``'s tuple). ``width`` narrows the CIFAR models (channels of the first convolution,
     64 in the papers' models) for quick runs. ``log_dir`` must not hold files yet (``log_dir_flag`` is the option
     named in the refusal).
@@ -256,6 +275,8 @@ def train_run(
     if width is not None and (task.dataset != "cifar10" or width < 1):
         raise ValueError(f"Invalid width: {width!r} (an integer >= 1, for the CIFAR-10 models only)")
     torch_device = resolve_device(device)
+    if torch_device.type == "cuda" and distributed.is_active() and torch_device.index is None:
+        torch_device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     torch.manual_seed(seed)
     model = (task.build_model() if width is None else task.build_model(width=width)).to(torch_device)
     try:
@@ -263,20 +284,40 @@ def train_run(
     except TypeError as error:  # an option of the wrong type or name in the settings file
         raise ValueError(f"{source}, {task_name}.optimizers.{optimizer_name}: {error}") from None
     train_x, train_y, eval_x, eval_y = data if data is not None else load_task_data(task, data_dir)
-    if len(train_x) < batch_size:
-        raise ValueError(f"batch size {batch_size} exceeds the {len(train_x)} training examples")
+    ranks = distributed.world_size()
+    if len(train_x) < batch_size * ranks:
+        per_rank = f" per rank, times {ranks} ranks," if ranks > 1 else ""
+        raise ValueError(f"batch size {batch_size}{per_rank} exceeds the {len(train_x)} training examples")
 
     log_dir = Path(log_dir)
-    refuse_existing_run(log_dir, flag=log_dir_flag)
-    with RunLock(log_dir):
-        refuse_existing_run(log_dir, flag=log_dir_flag)  # again, now that the folder is ours
-        try:
-            return _train(
-                task, optimizer_name, optimizer, model, torch_device, log_dir, epochs, batch_size, seed, augment,
-                width, max_seconds, progress, (train_x, train_y, eval_x, eval_y),
-            )  # fmt: skip
-        except OSError as error:
-            raise write_error(log_dir, error, "The run's logs up to the failed write are in it.") from error
+    writes = distributed.rank() == 0
+    lock = RunLock(log_dir)
+    try:
+        if writes:
+            refuse_existing_run(log_dir, flag=log_dir_flag)
+            lock.acquire()
+            refuse_existing_run(log_dir, flag=log_dir_flag)  # again, now that the folder is ours
+    except RunFolderError:
+        lock.release()
+        distributed.agree_any(True, what="the run folder's check")  # the other ranks stop too
+        raise
+    if distributed.agree_any(False, what="the run folder's check"):
+        raise RunFolderError(f"rank 0 could not use the run folder {log_dir} (its message says why)")
+    if ranks > 1:
+        # The optimizer keeps hooking the inner modules; DDP averages the gradients in the backward.
+        device_ids = None if torch_device.type == "cpu" else [torch_device]
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if distributed.rank():
+            torch.manual_seed(seed + 1000 * distributed.rank())  # distinct Fisher samples per rank
+    try:
+        return _train(
+            task, optimizer_name, optimizer, model, torch_device, log_dir, epochs, batch_size, seed, augment,
+            width, max_seconds, progress, (train_x, train_y, eval_x, eval_y),
+        )  # fmt: skip
+    except OSError as error:
+        raise write_error(log_dir, error, "The run's logs up to the failed write are in it.") from error
+    finally:
+        lock.release()
 
 
 def _train(
@@ -301,12 +342,16 @@ def _train(
 
     task_name = task.name
     train_x, train_y, eval_x, eval_y = data
+    rank, ranks = distributed.rank(), distributed.world_size()
+    writes = rank == 0  # only rank 0 writes the folder, shows progress and evaluates
+    inner = model.module if distributed.is_wrapped_by_ddp(model) else model
     settings = {
         "task": task_name,
         "optimizer": optimizer_name,
         "optimizer_options": {k: v for k, v in optimizer.defaults.items() if isinstance(v, int | float | str)},
         "epochs": epochs,
         "batch_size": batch_size,
+        "world_size": ranks,
         "device": str(torch_device),
         "seed": seed,
         "augment": augment,
@@ -314,25 +359,31 @@ def _train(
         "train_examples": len(train_x),
         "eval_examples": len(eval_x),
     }
-    atomic_write_text(log_dir / "config.yml", yaml.safe_dump(settings, sort_keys=False))
-    writer = SummaryWriter(str(log_dir / "tb"))
+    if writes:
+        atomic_write_text(log_dir / "config.yml", yaml.safe_dump(settings, sort_keys=False))
+    writer = SummaryWriter(str(log_dir / "tb")) if writes else None
+    # The same order on every rank; each step, rank r takes slice r of a global batch of ranks * batch_size.
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(train_x) // batch_size
+    global_batch = batch_size * ranks
+    steps_per_epoch = len(train_x) // global_batch
 
     step, clock, stopped = 0, 0.0, False
     epoch_rows: list[dict[str, float]] = []
     diverged: TrainingDivergedError | None = None
-    with (log_dir / "steps.csv").open("w", newline="") as steps_file:
+    with (log_dir / "steps.csv").open("w", newline="") if writes else open(os.devnull, "w") as steps_file:
         steps_csv = csv.writer(steps_file)
         steps_csv.writerow(["step", "epoch", "loss", "wall_clock_s"])
-        bar = tqdm(total=epochs * steps_per_epoch, desc=f"{task_name} {optimizer_name}", disable=not progress)
+        bar = tqdm(
+            total=epochs * steps_per_epoch, desc=f"{task_name} {optimizer_name}", disable=not (progress and writes)
+        )
         for epoch in range(1, epochs + 1):
             model.train()
             order = torch.randperm(len(train_x), generator=generator)
             epoch_losses = []
             for index in range(steps_per_epoch):
                 started = time.perf_counter()
-                batch = order[index * batch_size : (index + 1) * batch_size]
+                start = index * global_batch + rank * batch_size
+                batch = order[start : start + batch_size]
                 x, y = train_x[batch], train_y[batch]
                 if augment and task.dataset == "cifar10":
                     x = augment_cifar(x, generator)
@@ -340,31 +391,38 @@ def _train(
                 value = training_step(model, optimizer, x, y, task.loss, task.fisher_loss)
                 clock += time.perf_counter() - started
                 step += 1
+                # Every rank logs the loss of the global batch and stops when any rank's clock says so.
+                value, stop = _across_ranks(value, max_seconds is not None and clock >= max_seconds)
                 if not math.isfinite(value):
                     diverged = TrainingDivergedError(task_name, optimizer_name, step, epoch, value, log_dir)
                     break
                 epoch_losses.append(value)
                 steps_csv.writerow([step, epoch, f"{value:.6g}", f"{clock:.4f}"])
                 steps_file.flush()
-                writer.add_scalar("train/loss", value, step)
-                writer.add_scalar("train/loss_vs_seconds", value, int(clock * 1000))
+                if writer is not None:
+                    writer.add_scalar("train/loss", value, step)
+                    writer.add_scalar("train/loss_vs_seconds", value, int(clock * 1000))
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4g}")
-                if max_seconds is not None and clock >= max_seconds:
+                if stop:
                     stopped = True
                     break
             if diverged is not None:
                 break
-            metrics = evaluate(model, task, eval_x, eval_y, max(batch_size, 1000))
             row = {"epoch": epoch, "wall_clock_s": clock, "train_loss": sum(epoch_losses) / len(epoch_losses)}
-            row.update(metrics)
+            if writes:  # the inner model: DDP's forward would wait for the other ranks
+                row.update(evaluate(inner, task, eval_x, eval_y, max(batch_size, 1000)))
             epoch_rows.append(row)
             for key, value in row.items():
-                if key != "epoch":
+                if key != "epoch" and writer is not None:
                     writer.add_scalar(f"epoch/{key}", value, epoch)
             if stopped:
                 break
         bar.close()
+    if writer is None:  # ranks other than 0 write nothing
+        if diverged is not None:
+            raise diverged
+        return {"task": task_name, "optimizer": optimizer_name, "steps": step, "wall_clock_s": clock, "rank": rank}
     writer.close()
     with (log_dir / "epochs.csv").open("w", newline="") as epochs_file:
         fields = ["epoch", "wall_clock_s", "train_loss", "eval_loss"]
@@ -382,6 +440,7 @@ def _train(
         "steps": step,
         "wall_clock_s": clock,
         "seconds_per_epoch": clock / (step / steps_per_epoch),
+        "world_size": ranks,
         "final_train_loss": epoch_rows[-1]["train_loss"],
         **{k: v for k, v in epoch_rows[-1].items() if k.startswith("eval_")},
         "log_dir": str(log_dir),
