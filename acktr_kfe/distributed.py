@@ -179,6 +179,13 @@ def shutdown() -> None:
     _timeout = None
 
 
+def _communication_device(tensor: Tensor) -> torch.device:
+    """Where a collective on ``tensor`` runs: CUDA for NCCL (a CPU tensor goes to this rank's GPU), else as is."""
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> Iterator[list[Tensor]]:
     """Consecutive groups of tensors of one dtype and device, each under ``bucket_bytes`` (a larger tensor alone)."""
     bucket: list[Tensor] = []
@@ -218,13 +225,14 @@ def all_reduce_mean(
     sent = 0
     for bucket in _buckets(list(tensors), bucket_bytes):
         flat = torch.cat([t.detach().reshape(-1) for t in bucket]) if len(bucket) > 1 else bucket[0].detach().clone()
+        flat = flat.to(_communication_device(flat))
         with _collective(f"all_reduce of {what}"):
             dist.all_reduce(flat.view(-1), op=dist.ReduceOp.SUM)
         flat.div_(size)
         offset = 0
         for tensor in bucket:
             count = tensor.numel()
-            tensor.detach().copy_(flat.view(-1)[offset : offset + count].view_as(tensor))
+            tensor.detach().copy_(flat.view(-1)[offset : offset + count].view_as(tensor), non_blocking=False)
             offset += count
         nbytes = flat.numel() * flat.element_size()
         traffic.add(f"all_reduce:{what}", nbytes)
@@ -290,6 +298,7 @@ def broadcast_from_owners(
         tensors = [t for item, o in zip(items, owners) if o == owner for t in item]
         for bucket in _buckets(tensors, bucket_bytes):
             flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+            flat = flat.to(_communication_device(flat))
             with _collective(f"broadcast of {what} from rank {owner}"):
                 dist.broadcast(flat, src=owner)
             if me != owner:
@@ -317,18 +326,18 @@ def average_gradients(parameters: Iterable[Tensor], *, bucket_bytes: int = DEFAU
     return all_reduce_mean(grads, bucket_bytes=bucket_bytes, what="gradients")
 
 
-def agree_any(flag: bool | Tensor, device: torch.device | str = "cpu", what: str = "a skip decision") -> bool:
+def agree_any(flag: bool | Tensor, what: str = "a skip decision") -> bool:
     """Whether ``flag`` holds on any rank (an all-reduce with MAX), so that every rank takes the same decision.
 
     Args:
         flag: this rank's decision (a bool, or a tensor that is nonzero for True).
-        device: where the one-element tensor lives (the process group's device: CUDA for NCCL).
         what: what is decided, for error messages.
     """
     value = bool(flag) if not isinstance(flag, Tensor) else bool(flag.detach().ne(0).any())
     if not is_active():
         return value
-    tensor = torch.tensor([1.0 if value else 0.0], device=device)
+    tensor = torch.tensor([1.0 if value else 0.0])
+    tensor = tensor.to(_communication_device(tensor))
     with _collective(f"all_reduce (MAX) of {what}"):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     traffic.add("all_reduce:agreement", tensor.element_size())

@@ -12,6 +12,13 @@ checkpoints between updates (checkpoint-<steps>/: model, VecNormalize statistics
 written as one folder renamed into place), the final model (model.zip, and vecnormalize.pkl for normalized
 environments) and the evaluation (results.json). A new run never writes into a folder that holds files, and one
 folder is used by one process at a time (docs/FAILURE_BEHAVIOUR.md).
+
+Data parallel: ``torchrun --nproc_per_node N scripts/train.py ...`` trains one model on N processes (gloo on CPU,
+NCCL with --device cuda, one GPU per process). Every count of the config is per process: each rank steps its own
+``n_envs`` environments for ``total_timesteps`` steps, rank r with environment seed ``seed + 1000 r`` (rank 0's are
+those of a single-process run); the gradients and the preconditioner's statistics are averaged across ranks every
+update, so the ranks keep identical parameters. Only rank 0 writes the run folder (config.yml records
+``world_size``), checkpoints and evaluates. --resume continues single-process runs only.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -35,6 +43,7 @@ from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.utils import set_random_seed  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 
+from acktr_kfe import distributed  # noqa: E402
 from agents.rl_checkpoint import (  # noqa: E402
     CorruptedFileError,
     latest_checkpoint,
@@ -45,6 +54,7 @@ from agents.rl_checkpoint import (  # noqa: E402
 )
 from agents.rl_config import (  # noqa: E402
     ALGORITHMS,
+    CHOICES,
     env_options,
     model_arguments,
     resolve_config,
@@ -62,6 +72,8 @@ from agents.run_folder import (  # noqa: E402
 from envs import env_kind, make_env  # noqa: E402
 
 DEFAULTS = {"env": "CartPole-v1", "algo": "acktr", "seed": 0}
+# Under torchrun, rank r's environments and action sampling are seeded with seed + RANK_SEED_STRIDE * r.
+RANK_SEED_STRIDE = 1000
 # What makes a run the run it is: resuming with another value refuses.
 IDENTITY = ("env", "algo", "preconditioner", "seed")
 
@@ -87,6 +99,26 @@ class UpdateBoundaryCheckpoint(BaseCallback):
 
     def _on_step(self) -> bool:
         return True
+
+
+class SynchronizedNormalization(BaseCallback):
+    """Under torchrun: after each rollout, every rank's VecNormalize statistics (observations and returns) become
+    their combination over the ranks (means and second moments averaged), so that all ranks normalize alike."""
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        normalize = self.model.get_vec_normalize_env()
+        if normalize is None or not distributed.is_active():
+            return
+        for stats in (normalize.obs_rms, normalize.ret_rms):
+            mean = np.asarray(stats.mean, dtype=np.float64)
+            second = np.asarray(stats.var, dtype=np.float64) + np.square(mean)
+            moments = [torch.tensor(mean), torch.tensor(second)]
+            distributed.all_reduce_mean(moments, what="VecNormalize statistics")
+            stats.mean = moments[0].numpy().reshape(np.shape(stats.mean))
+            stats.var = np.maximum(moments[1].numpy() - np.square(moments[0].numpy()), 0.0).reshape(np.shape(stats.var))
 
 
 def checkpoint(model: Any, run_dir: Path, identity: dict[str, Any]) -> Path:
@@ -125,7 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--env", default=None, help="gymnasium id (default: CartPole-v1, or the resumed run's)")
     parser.add_argument("--config", type=Path, default=None, help="YAML file (default: configs/<algo>.yml)")
     parser.add_argument("--algo", choices=sorted(ALGORITHMS), default=None, help="(default: acktr, or the run's)")
-    parser.add_argument("--preconditioner", choices=["ekfac", "kfac"], default=None)
+    parser.add_argument("--preconditioner", choices=list(CHOICES["preconditioner"]), default=None)
     parser.add_argument("--seed", type=int, default=None, help="(default: 0, or the resumed run's)")
     parser.add_argument("--total-timesteps", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -133,6 +165,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
     parser.add_argument("--checkpoint-every", type=int, default=10_000, help="environment steps between saves")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for MLPs)")
+    parser.add_argument(
+        "--dist-timeout", type=float, default=600.0, help="under torchrun: seconds a rank waits for a hung peer"
+    )
     args = parser.parse_args(argv)
     if args.total_timesteps is not None and args.total_timesteps < 1:
         parser.error(f"--total-timesteps must be >= 1, got {args.total_timesteps}")
@@ -214,7 +249,7 @@ def resumed_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         )
     for key in ("env", "algo", "seed"):
         setattr(args, key, saved[key])
-    config = {key: value for key, value in saved.items() if key not in ("env", "algo", "seed")}
+    config = {key: value for key, value in saved.items() if key not in ("env", "algo", "seed", "world_size")}
     config = validate_config(config, path)
     if args.total_timesteps is not None:
         config["total_timesteps"] = args.total_timesteps
@@ -231,6 +266,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         FileNotFoundError, ValueError: a missing checkpoint or config, an unknown env id, an invalid value.
     """
     args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, ranks = distributed.init_from_environment(device, timeout=args.dist_timeout)
+    try:
+        return _main(args, rank, ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _main(args: argparse.Namespace, rank: int, ranks: int) -> dict[str, Any]:
+    """``main`` once the process group (under torchrun) is up."""
+    if args.resume and ranks > 1:
+        raise ValueError("--resume continues a run in one process; run it without torchrun")
+    if ranks > 1 and args.device != "cpu" and torch.cuda.is_available():
+        args.device = f"cuda:{torch.cuda.current_device()}"  # this rank's GPU (LOCAL_RANK)
     run_dir = args.log_dir or default_run_dir(args)
     if args.resume:
         config = resumed_config(args, run_dir)
@@ -242,10 +291,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     algorithm = ALGORITHMS[args.algo]
     if config is None:
         config = build_config(args, algorithm)
-        refuse_existing_run(run_dir, flag="--log-dir", resume_hint=f"To continue it: --log-dir {run_dir} --resume.")
+        refused = None
+        try:
+            if rank == 0:
+                hint = f"To continue it: --log-dir {run_dir} --resume."
+                refuse_existing_run(run_dir, flag="--log-dir", resume_hint=hint)
+        except RunFolderError as error:
+            refused = error
+        if distributed.agree_any(refused is not None, what="the run folder's check"):  # every rank stops
+            raise refused or RunFolderError(f"rank 0 could not use the run folder {run_dir} (its message says why)")
     torch.set_num_threads(args.threads)
     policy, kwargs = model_arguments(config)
     identity = {"env": args.env, "algo": args.algo, "preconditioner": preconditioner_of(config, args.algo)}
+    if rank > 0:
+        return _run_follower(args, rank, config, algorithm, policy, kwargs)
 
     with RunLock(run_dir) as lock:
         if lock.took_over_from is not None:
@@ -309,8 +368,9 @@ def _run(
                 f"{type(error).__name__}: {error}"
             ) from None
 
+    _start_in_step(model)
     # Only now, with the model built or loaded, does the folder change.
-    saved = {"env": args.env, "algo": args.algo, "seed": args.seed, **config}
+    saved = {"env": args.env, "algo": args.algo, "seed": args.seed, **config, "world_size": distributed.world_size()}
     command = shlex.join([sys.executable, *sys.argv]) + "\n"
     try:
         atomic_write_text(run_dir / "config.yml", yaml.safe_dump(saved))
@@ -338,7 +398,13 @@ def _run(
         if remaining:
             model.learn(
                 remaining,
-                callback=CallbackList([UpdateBoundaryCheckpoint(run_dir, args.checkpoint_every, identity), progress]),
+                callback=CallbackList(
+                    [
+                        SynchronizedNormalization(),
+                        UpdateBoundaryCheckpoint(run_dir, args.checkpoint_every, identity),
+                        progress,
+                    ]
+                ),
                 log_interval=1,  # every update reaches TensorBoard: the learning curves of scripts/plot.py
                 reset_num_timesteps=not args.resume,  # a resume continues the same TensorBoard folder and steps
                 tb_log_name=args.algo,
@@ -365,6 +431,7 @@ def _run(
         "algo": args.algo,
         "seed": args.seed,
         "timesteps": int(model.num_timesteps),
+        "world_size": distributed.world_size(),
         "eval_episodes": config["eval_episodes"],
         "mean_return": float(mean),
         "std_return": float(std),
@@ -378,6 +445,32 @@ def _run(
         f"{std:.1f} over {config['eval_episodes']} evaluation episodes. Run folder: {run_dir}"
     )
     return results
+
+
+def _start_in_step(model: Any) -> None:
+    """Under torchrun: every rank starts from rank 0's parameters and buffers (policy and optimizer state)."""
+    if not distributed.is_active():
+        return
+    state = [t for t in model.policy.state_dict().values() if isinstance(t, torch.Tensor)]
+    distributed.broadcast_from_owners([state], [0], what="the initial policy")
+
+
+def _run_follower(
+    args: argparse.Namespace, rank: int, config: dict[str, Any], algorithm: type, policy: Any, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """A rank other than 0 under torchrun: its own environments (seed + 1000 rank), the same updates, no files."""
+    seed = args.seed + RANK_SEED_STRIDE * rank
+    env = make_env(args.env, n_envs=config["n_envs"], seed=seed, **env_options(config))
+    set_random_seed(args.seed)
+    try:
+        # Built with rank 0's seed (the same initial parameters), then reseeded for its own environments.
+        model = algorithm(policy, env, seed=args.seed, device=args.device, **kwargs)
+        model.set_random_seed(seed)
+        _start_in_step(model)
+        model.learn(config["total_timesteps"], callback=SynchronizedNormalization(), log_interval=1_000_000)
+    finally:
+        env.close()
+    return {"rank": rank, "timesteps": int(model.num_timesteps)}
 
 
 if __name__ == "__main__":
