@@ -50,6 +50,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 import acktr_kfe
+from acktr_kfe import distributed
 
 from .trust_region import ActorCriticTrustRegions, actor_critic_forward, detached
 
@@ -247,6 +248,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         if count == 0:
             return
         mean, var = batch.mean(0), batch.var(0, unbiased=False)
+        # Data parallel (torchrun): the moments of every rank's batch, so that all ranks normalize alike.
+        mean, var, count = distributed.combine_moments(mean, var, count, what="observation statistics")
         total = self.observation_count + count
         delta = mean - self.observation_mean
         # Parallel merge of two (mean, variance, count) summaries (Chan et al.).
@@ -266,7 +269,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         targets = th.as_tensor(np.asarray(targets), dtype=th.float64)
         moments = self.value_target_moments
         moments.mul_(VALUE_SCALE_DECAY).add_(
-            th.stack([targets.square().mean(), th.ones((), dtype=th.float64)]) * (1 - VALUE_SCALE_DECAY)
+            th.stack([distributed.mean_over_ranks(targets.square().mean()), th.ones((), dtype=th.float64)])
+            * (1 - VALUE_SCALE_DECAY)
         )
         new_scale = max(math.sqrt(float(moments[0] / moments[1])), MIN_VALUE_SCALE)
         ratio = float(self.value_scale) / new_scale
@@ -336,6 +340,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         with th.no_grad():
             distribution, values = actor_critic_forward(self, obs)
             policy_kl, vf_kl = self.trust_regions.measure(old_distribution, old_values, distribution, values)
+            # Data parallel (torchrun): the KL over every rank's batch, so that all ranks calibrate alike.
+            policy_kl, vf_kl = distributed.mean_over_ranks(th.stack([policy_kl.double(), vf_kl.double()])).unbind()
         self.last_measured_kl, self.last_measured_vf_kl = policy_kl.item(), vf_kl.item()
         self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)
 
