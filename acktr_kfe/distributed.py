@@ -38,9 +38,11 @@ __all__ = [
     "assign_by_cost",
     "average_gradients",
     "broadcast_from_owners",
+    "combine_moments",
     "init_from_environment",
     "is_active",
     "is_wrapped_by_ddp",
+    "mean_over_ranks",
     "rank",
     "shutdown",
     "torchrun_world_size",
@@ -238,6 +240,29 @@ def all_reduce_mean(
         traffic.add(f"all_reduce:{what}", nbytes)
         sent += nbytes
     return sent
+
+
+def mean_over_ranks(tensor: Tensor, what: str = "a statistic") -> Tensor:
+    """A copy of ``tensor`` averaged over the ranks (``tensor`` itself when not distributed)."""
+    if not is_active():
+        return tensor
+    result = tensor.detach().clone()
+    all_reduce_mean([result], what=what)
+    return result
+
+
+def combine_moments(
+    mean: Tensor, var: Tensor, count: float, what: str = "batch moments"
+) -> tuple[Tensor, Tensor, float]:
+    """The mean, (biased) variance and count of the union of every rank's batch, from each batch's own.
+
+    Every rank's batch must hold ``count`` examples (one all-reduce of the means and second moments).
+    """
+    if not is_active():
+        return mean, var, count
+    moments = [mean.detach().clone(), (var + mean.square()).detach()]
+    all_reduce_mean(moments, what=what)
+    return moments[0], (moments[1] - moments[0].square()).clamp_min(0), count * world_size()
 
 
 def assign_by_cost(costs: Sequence[float], ranks: int | None = None) -> list[int]:
