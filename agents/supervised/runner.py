@@ -279,6 +279,11 @@ def train_run(
         torch_device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     torch.manual_seed(seed)
     model = (task.build_model() if width is None else task.build_model(width=width)).to(torch_device)
+    if distributed.is_active():
+        # DDP averages the gradients in the backward; the optimizer, built from the wrapper, hooks the inner
+        # modules, sees that the gradients are averaged, and averages its statistics itself.
+        device_ids = None if torch_device.type == "cpu" else [torch_device]
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     try:
         optimizer = build_optimizer(optimizer_name, model, task_name, config_path, lr=lr, damping=damping)
     except TypeError as error:  # an option of the wrong type or name in the settings file
@@ -303,12 +308,8 @@ def train_run(
         raise
     if distributed.agree_any(False, what="the run folder's check"):
         raise RunFolderError(f"rank 0 could not use the run folder {log_dir} (its message says why)")
-    if ranks > 1:
-        # The optimizer keeps hooking the inner modules; DDP averages the gradients in the backward.
-        device_ids = None if torch_device.type == "cpu" else [torch_device]
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        if distributed.rank():
-            torch.manual_seed(seed + 1000 * distributed.rank())  # distinct Fisher samples per rank
+    if distributed.rank():
+        torch.manual_seed(seed + 1000 * distributed.rank())  # distinct Fisher samples per rank
     try:
         return _train(
             task, optimizer_name, optimizer, model, torch_device, log_dir, epochs, batch_size, seed, augment,
