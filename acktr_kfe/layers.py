@@ -1,6 +1,6 @@
 """Layer adapters: how a module's hooked input and output gradient become Kronecker-factor rows.
 
-Convention (GUIDE section 2): a layer with weight ``W`` (out x in) and bias ``b`` is one matrix
+Convention (docs/DESIGN.md, section 2): a layer with weight ``W`` (out x in) and bias ``b`` is one matrix
 ``W_hat = [W | b]`` (out x in+1) acting on the homogeneous input ``a_hat = [a; 1]``. Its parameters are ordered
 as ``W_hat.flatten()`` (row-major), so the gradient of one example at one location is ``g a_hat^T`` and the
 Kronecker approximation of the curvature block is ``kron(G, A)``.
@@ -8,6 +8,10 @@ Kronecker approximation of the curvature block is ``kron(G, A)``.
 Every adapter returns activations as ``(N, T, in[+1])`` and output gradients as ``(N, T, out)``: ``N`` examples,
 ``T`` locations per example (1 for a Linear layer on a plain batch, the output positions for a convolution,
 the flattened extra dimensions for a Linear layer applied to sequences).
+
+``nn.Embedding`` is the exception: its rows are the token indices ``(N, T)`` (integers) and the output gradients
+``(N, T, embedding_dim)``, its matrix view is the weight itself, and its curvature is a diagonal block
+(:class:`acktr_kfe.blocks.EmbeddingDiagonalBlock`), not a Kronecker product.
 
 A new module type is supported by subclassing :class:`LayerAdapter` and calling :func:`register_adapter`.
 """
@@ -151,6 +155,47 @@ class Conv2dAdapter(LayerAdapter):
         return grad_output.flatten(2).transpose(1, 2)
 
 
+class EmbeddingAdapter(LayerAdapter):
+    """``nn.Embedding``: inputs of token indices ``(*)``, outputs ``(*, embedding_dim)``.
+
+    The first input dimension holds the examples and the others are locations: an input ``(N, L)`` is ``N``
+    sequences of ``L`` tokens, a 1-D input ``(N,)`` is ``N`` examples of one token each (unlike ``nn.Linear``, whose
+    1-D input is one example). The matrix view is the weight ``(num_embeddings, embedding_dim)`` (no bias), so
+    ``out_dim`` is the vocabulary and ``in_dim`` the embedding width. A sparse embedding (``sparse=True``) is
+    refused: its sparse gradient cannot be preconditioned or stepped by this optimizer.
+    """
+
+    @staticmethod
+    def validate(module: nn.Module) -> None:
+        if module.sparse:
+            raise ValueError(
+                "nn.Embedding with sparse=True is not supported: its gradient is a sparse tensor, which the "
+                "optimizer cannot precondition or step. Build it with sparse=False (the embedding is then "
+                "preconditioned with a diagonal Fisher block), or train it with a sparse optimizer "
+                "(torch.optim.SparseAdam) and freeze it here (requires_grad=False)."
+            )
+
+    @property
+    def has_bias(self) -> bool:
+        return False
+
+    @property
+    def in_dim(self) -> int:
+        """Columns of the weight: the embedding width."""
+        return self.weight.shape[1]
+
+    def activations(self, layer_input: Tensor) -> Tensor:
+        """The token indices as ``(N, T)`` (integers, not homogeneous rows)."""
+        if layer_input.dim() == 0:
+            return layer_input.reshape(1, 1)
+        return layer_input.reshape(layer_input.shape[0], -1)
+
+    def output_grads(self, grad_output: Tensor) -> Tensor:
+        if grad_output.dim() == 1:
+            grad_output = grad_output.unsqueeze(0)
+        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+
 _ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {}
 
 
@@ -173,3 +218,4 @@ def adapter_for(module: nn.Module) -> type[LayerAdapter] | None:
 
 register_adapter(nn.Linear, LinearAdapter)
 register_adapter(nn.Conv2d, Conv2dAdapter)
+register_adapter(nn.Embedding, EmbeddingAdapter)

@@ -1,13 +1,17 @@
-"""``KFAC`` and ``EKFAC``: ``torch.optim.Optimizer`` subclasses built from a model.
+"""``KFAC`` and ``EKFAC``: ``torch.optim.Optimizer`` subclasses built from a model, their public base
+:class:`KroneckerPreconditioner`, and the registry of preconditioners by name.
 
 Papers: K-FAC, Martens & Grosse 2015 (arXiv:1503.05671); KFC for convolutions, Grosse & Martens 2016
 (arXiv:1602.01407); EKFAC, George et al. 2018 (arXiv:1806.03884); ACKTR's trust region, Wu et al. 2017
 (arXiv:1708.05144).
 
-Conventions (GUIDE section 2): a layer is ``W_hat = [W | b]`` of shape ``(out, in+1)``; its per-example
+Conventions (docs/DESIGN.md, section 2): a layer is ``W_hat = [W | b]`` of shape ``(out, in+1)``; its per-example
 gradient is ``grad_n = sum_t g_{n,t} a_hat_{n,t}^T``; curvature is per example, ``F = E_n[vec(grad_n)
 vec(grad_n)^T]`` with ``vec`` the row-major flatten, and its Kronecker approximation is ``kron(G, A)`` with
 ``A = E_n[sum_t a_hat a_hat^T]`` and ``G = E_n[sum_t g g^T] / T``.
+
+The optimizer schedules and steps; every layer's curvature math is in its block (:mod:`acktr_kfe.blocks`), and the
+trust-region bookkeeping in :mod:`acktr_kfe.trust_region`.
 """
 
 from __future__ import annotations
@@ -21,20 +25,19 @@ import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .blocks import CurvatureBlock, EKFACBlock, KFACBlock, Rows, block_class_for
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
-from .eigen import kfe_scale, robust_eigh, warm_eigh
-from .layers import LayerAdapter, adapter_for
-from .trust_region import kl_clip_scale, predicted_kl
+from .layers import adapter_for
+from .trust_region import TrustRegions, check_radius, step_quadratic
 
 # With a trailing separator: a user's acktr_kfe_runs/ or site-packages/torchvision/ is not the library.
 _LIBRARY_DIRS = tuple(str(Path(p).resolve().parent) + os.sep for p in (__file__, torch.__file__))
@@ -58,15 +61,8 @@ def _sum_of_squares(tensor: Tensor) -> Tensor:
     return tensor.square().sum()
 
 
-_STATISTICS_KEYS = ("A", "G", "eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G", "scale")
-
-
-def _statistics_dtype(weight: Tensor) -> torch.dtype:
-    """The precision of a layer's statistics: its weight's, float32 for bfloat16 and float16 weights."""
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-_NON_NEGATIVE_KEYS = ("eigvals_A", "eigvals_G", "scale", "adam_exp_avg_sq")
+# Per-parameter optimizer state (outside the blocks): momentum and Adam's moments.
+_PARAM_STATE_KEYS = ("momentum_buffer", "adam_exp_avg", "adam_exp_avg_sq")
 
 
 def _validate_counters(extra: dict[str, Any]) -> tuple[int, dict[str, int], int]:
@@ -163,27 +159,6 @@ class ScaleMode(str, Enum):
     RUNNING = "running"
 
 
-def _step_quadratic(
-    direction: Tensor, grad: Tensor, momentum: float, buffer: Tensor | None, buffer_quadratic: Tensor | None
-) -> Tensor:
-    """``u^T F_damped u`` of the step ``u = momentum buf + D`` from ``F_damped D = grad``:
-    ``D^T grad + momentum (2 buf^T grad + momentum buf^T F_damped buf)``; ``D^T grad`` without a buffer."""
-    quadratic = torch.dot(direction.reshape(-1), grad.reshape(-1))
-    if buffer is None or buffer_quadratic is None:
-        return quadratic
-    return quadratic + momentum * (momentum * buffer_quadratic + 2.0 * torch.dot(buffer.reshape(-1), grad.reshape(-1)))
-
-
-@dataclass
-class _Layer:
-    name: str
-    adapter: LayerAdapter
-
-    @property
-    def weight(self) -> Tensor:
-        return self.adapter.weight
-
-
 def _check_interval(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
@@ -209,38 +184,64 @@ def _validate_group(group: dict[str, Any]) -> None:
     check_radius(max_kl)
 
 
-def check_radius(max_kl: Any, name: str = "max_kl") -> None:
-    """Raise ``ValueError`` unless ``max_kl`` is a finite float > 0 or ``None``."""
-    if max_kl is not None and not (_is_number(max_kl) and max_kl > 0.0 and math.isfinite(max_kl)):
-        raise ValueError(f"Invalid {name}: {max_kl!r} (must be a finite float > 0, or None to disable)")
+class KroneckerPreconditioner(Optimizer):
+    r"""The public base of the preconditioners: builds one curvature block per layer, schedules their statistics
+    updates and basis refreshes, preconditions through them, and takes the (trust-region scaled) step.
 
+    A preconditioner is a block class (:class:`acktr_kfe.CurvatureBlock`) and defaults: :class:`KFAC` and
+    :class:`EKFAC` are this class with :class:`acktr_kfe.KFACBlock` and :class:`acktr_kfe.EKFACBlock`. Each
+    ``nn.Linear``, ``nn.Conv2d`` (or a type added with :func:`acktr_kfe.register_adapter`) gets a block of
+    ``block_class``; each ``nn.Embedding`` a diagonal block (:class:`acktr_kfe.EmbeddingDiagonalBlock`).
 
-class _KroneckerOptimizer(Optimizer):
-    """Shared machinery of :class:`KFAC` and :class:`EKFAC`; see their docstrings."""
+    The schedule, every step:
+
+    .. code-block:: text
+
+        factor steps (every factor_update_interval; and for a block without statistics yet):
+            every block: batch statistics from the recorded rows; if all are finite, fold them in (factor_decay)
+        every block that wants a refresh (every eigen_update_interval, or no basis yet): refresh its basis
+        scale steps (every scale_update_interval; blocks with basis statistics, EKFAC's scale):
+            every such block: an estimate in its basis; if all are finite, fold it in
+        every block: D = precondition(grad + weight_decay [W | b], damping of the block)
+        the step (step_norm, trust regions): see :class:`KFAC`
+
+    Args: as :class:`KFAC` (with K-FAC's defaults), and:
+        scale_update_interval: steps between basis-statistics estimates (EKFAC's scale); ``None``: every factor
+            update.
+        block_options: keyword options for the blocks' constructors (``{"damping_mode": "eigen"}``).
+
+    A new preconditioner: subclass :class:`acktr_kfe.CurvatureBlock` and call
+    ``acktr_kfe.register_preconditioner(name, block_class)``, which makes a subclass of this class with that
+    ``block_class``.
+    """
+
+    block_class: ClassVar[type[CurvatureBlock]] = KFACBlock
 
     def __init__(
         self,
         model: nn.Module,
+        lr: float = 1e-3,
         *,
-        lr: float,
-        momentum: float,
-        weight_decay: float,
-        damping: float,
-        max_kl: float | None,
-        factor_decay: float,
-        factor_update_interval: int,
-        eigen_update_interval: int,
-        curvature: str | Curvature,
-        loss_reduction: str | LossReduction,
-        exclude: Iterable[str],
-        max_consecutive_failures: int,
-        fisher_diagonals: Mapping[Tensor, float] | None,
-        trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None,
-        trust_region_mode: str | TrustRegionMode,
-        damping_scaling: str | DampingScaling,
-        step_norm: str | StepNorm,
-        refresh_tolerance: float | None,
-        statistics_fraction: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 1e-2,
+        max_kl: float | None = None,
+        factor_decay: float = 0.95,
+        factor_update_interval: int = 10,
+        eigen_update_interval: int = 100,
+        scale_update_interval: int | None = None,
+        curvature: str | Curvature = "empirical",
+        loss_reduction: str | LossReduction = "mean",
+        exclude: Iterable[str] = (),
+        max_consecutive_failures: int = 10,
+        fisher_diagonals: Mapping[Tensor, float] | None = None,
+        trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None = None,
+        trust_region_mode: str | TrustRegionMode = "step",
+        damping_scaling: str | DampingScaling = "relative",
+        step_norm: str | StepNorm = "adam",
+        refresh_tolerance: float | None = None,
+        statistics_fraction: float = 1.0,
+        block_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -260,6 +261,9 @@ class _KroneckerOptimizer(Optimizer):
         self.factor_decay = float(factor_decay)
         self.factor_update_interval = _check_interval(factor_update_interval, "factor_update_interval")
         self.eigen_update_interval = _check_interval(eigen_update_interval, "eigen_update_interval")
+        if scale_update_interval is None:
+            scale_update_interval = self.factor_update_interval
+        self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.max_consecutive_failures = _check_interval(max_consecutive_failures, "max_consecutive_failures")
         self.curvature = Curvature.parse(curvature)
         self.loss_reduction = _parse_enum(LossReduction, loss_reduction, "loss_reduction")
@@ -269,17 +273,20 @@ class _KroneckerOptimizer(Optimizer):
         unknown = sorted(excluded - module_names)
         if unknown:
             raise ValueError(f"exclude names modules that the model does not have: {unknown}")
-        self._layers: list[_Layer] = []
+        options = dict(block_options or {})
+        self._blocks: list[CurvatureBlock] = []
         for name, module in model.named_modules():
             adapter_cls = adapter_for(module)
             if adapter_cls is None or name in excluded or not module.weight.requires_grad:
                 continue
-            self._layers.append(_Layer(name or type(module).__name__, adapter_cls(module)))
+            adapter = adapter_cls(module)
+            block_cls = block_class_for(adapter, self.block_class)
+            self._blocks.append(block_cls(name or type(module).__name__, adapter, **options))
 
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no parameter that requires a gradient")
-        owned = {id(p) for layer in self._layers for p in layer.adapter.parameters()}
+        owned = {id(p) for block in self._blocks for p in block.adapter.parameters()}
         self._fisher_diagonals: dict[int, float] = {}
         for param, value in (fisher_diagonals or {}).items():
             if not any(param is p for p in params) or id(param) in owned:
@@ -290,7 +297,9 @@ class _KroneckerOptimizer(Optimizer):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"Invalid fisher_diagonals value: {value!r} (must be a finite float > 0)")
             self._fisher_diagonals[id(param)] = float(value)
-        self._regions = self._parse_trust_regions(trust_regions, params, max_kl)
+        self.trust_regions = TrustRegions(
+            trust_regions, params, max_kl, [(b.name, b.adapter.parameters()) for b in self._blocks]
+        )
         self.trust_region_mode = _parse_enum(TrustRegionMode, trust_region_mode, "trust_region_mode")
         self.damping_scaling = _parse_enum(DampingScaling, damping_scaling, "damping_scaling")
         self.step_norm = _parse_enum(StepNorm, step_norm, "step_norm")
@@ -302,11 +311,8 @@ class _KroneckerOptimizer(Optimizer):
         self.statistics_fraction = float(statistics_fraction)
         # Basis refreshes by kind (diagnostics of refresh_tolerance): full eigendecompositions and warm refreshes.
         self.refresh_counts = {"full": 0, "warm": 0}
-        # Frobenius norm of each block's curvature (relative damping), keyed by layer name: derived from the state,
-        # recomputed when the basis or the scale changes (one host sync then, none on other steps).
-        self._curvature_norms: dict[str, float] = {}
-        self._explicit_regions = trust_regions is not None
         super().__init__(params, defaults)
+        self._bind_blocks()
 
         self._step = 0
         self._all_layers_have_factors = False
@@ -328,62 +334,31 @@ class _KroneckerOptimizer(Optimizer):
             return optimizer is not None and optimizer._wants_statistics()
 
         self._capture = StatisticsCapture(
-            [layer.adapter.module for layer in self._layers],
+            [block.adapter.module for block in self._blocks],
             wants_statistics=wants_statistics,
             always_armed=self.curvature is Curvature.EMPIRICAL,
         )
         weakref.finalize(self, self._capture.remove)
 
-    # --- public helpers ----------------------------------------------------------------------------------
-    def _parse_trust_regions(
-        self,
-        trust_regions: Sequence[tuple[Iterable[Tensor], float | None]] | None,
-        params: list[Tensor],
-        max_kl: float | None,
-    ) -> tuple[dict[int, int], list[float | None]]:
-        """``({id(param): region index}, [radius per region])``; without ``trust_regions`` one region holds every
-        parameter and its radius is the group's ``max_kl`` (read at each step)."""
-        if trust_regions is None:
-            return {id(p): 0 for p in params}, [None]
-        if len(trust_regions) == 0:
-            raise ValueError("trust_regions must hold at least one (parameters, max_kl) pair, or be None")
-        if max_kl is not None:
-            raise ValueError("give the radius of each trust region in trust_regions, and max_kl=None")
-        trainable = {id(p) for p in params}
-        region_of: dict[int, int] = {}
-        radii: list[float | None] = []
-        for index, entry in enumerate(trust_regions):
-            if not (isinstance(entry, tuple | list) and len(entry) == 2):
-                raise ValueError(f"trust_regions[{index}] must be a (parameters, max_kl) pair, got {entry!r}")
-            members, radius = entry
-            check_radius(radius)
-            for param in members:
-                if id(param) not in trainable:
-                    raise ValueError(f"trust_regions[{index}] holds a tensor that is not a trainable model parameter")
-                if id(param) in region_of:
-                    raise ValueError(f"a parameter belongs to trust regions {region_of[id(param)]} and {index}")
-                region_of[id(param)] = index
-            radii.append(radius)
-        for layer in self._layers:
-            regions = {region_of.get(id(p)) for p in layer.adapter.parameters()}
-            if len(regions) > 1:
-                raise ValueError(f"trust_regions must hold all or none of layer {layer.name}'s parameters")
-        return region_of, radii
+    def _bind_blocks(self) -> None:
+        """Point every block at its weight's entry of ``self.state`` (again after ``load_state_dict``)."""
+        for block in self._blocks:
+            block.bind(self.state)
 
+    # --- public helpers ----------------------------------------------------------------------------------
     def set_trust_region_radius(self, index: int, radius: float | None) -> None:
         """Change the radius of trust region ``index`` (an adaptive radius, a schedule)."""
-        if not 0 <= index < len(self._regions[1]):
-            raise IndexError(f"trust region {index} does not exist; there are {len(self._regions[1])}")
-        check_radius(radius)
-        if self._explicit_regions:
-            self._regions[1][index] = radius
-        else:
-            self.param_groups[0]["max_kl"] = radius
+        self.trust_regions.set_radius(index, radius, self.param_groups[0])
+
+    @property
+    def blocks(self) -> list[CurvatureBlock]:
+        """The curvature block of each preconditioned layer, in the order of ``model.named_modules()``."""
+        return list(self._blocks)
 
     @property
     def preconditioned_layers(self) -> list[str]:
         """Names (as in ``model.named_modules()``) of the layers whose gradients are preconditioned."""
-        return [layer.name for layer in self._layers]
+        return [block.name for block in self._blocks]
 
     @property
     def steps(self) -> int:
@@ -434,7 +409,7 @@ class _KroneckerOptimizer(Optimizer):
                 # Only the output gradients matter (the hooks take them). Asking autograd for each layer's
                 # bias gradient (a sum over the batch) rather than its weight gradient reaches every layer's
                 # output while skipping the weight-gradient products.
-                inputs = [layer.adapter.parameters()[-1] for layer in self._layers]
+                inputs = [block.adapter.parameters()[-1] for block in self._blocks]
                 torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
 
     def remove_hooks(self) -> None:
@@ -448,16 +423,19 @@ class _KroneckerOptimizer(Optimizer):
     def _is_eigen_step(self, step: int) -> bool:
         return step % self.eigen_update_interval == 0
 
+    def _is_scale_step(self, step: int) -> bool:
+        return step % self.scale_update_interval == 0 and any(b.has_basis_statistics for b in self._blocks)
+
     def _wants_statistics(self) -> bool:
-        if self._is_factor_step(self._step):
+        if self._is_factor_step(self._step) or self._is_scale_step(self._step):
             return True
         if not self._all_layers_have_factors:
             # Runs once per hooked forward: cache the answer once every layer has its factors.
-            self._all_layers_have_factors = all("A" in self.state[layer.weight] for layer in self._layers)
+            self._all_layers_have_factors = all(block.has_statistics for block in self._blocks)
         return not self._all_layers_have_factors
 
     # --- statistics ----------------------------------------------------------------------------------------
-    def _layer_rows(self, layer: _Layer, records: list[Record]) -> list[tuple[Tensor, Tensor]]:
+    def _layer_rows(self, block: CurvatureBlock, records: list[Record]) -> list[Rows]:
         """Activations ``(N, T, in)`` and per-example-scaled output gradients ``(N, T, out)`` of each record.
 
         Statistics are kept in float32 (float64 for a float64 layer) whatever the precision of the forward and
@@ -466,23 +444,21 @@ class _KroneckerOptimizer(Optimizer):
         loss divided by the number of micro-batches, so that the accumulated gradient is the mean over all of
         them) the examples of every micro-batch recorded since the last step.
         """
-        dtype = _statistics_dtype(layer.weight)
         rows = []
         batches: dict[int, int] = {}
         for position, record in enumerate(records):
             batches.setdefault(record.generation, record.grad_output.shape[0])
-            record = self._subsample(layer, record, position)
-            acts = layer.adapter.activations(record.layer_input.to(dtype))
-            grads = layer.adapter.output_grads(record.grad_output.to(dtype))
+            record = self._subsample(block, record, position)
+            acts, grads = block.rows(record.layer_input, record.grad_output)
             if acts.shape[0] != grads.shape[0]:
                 raise RuntimeError(
-                    f"layer {layer.name}: input batch {acts.shape[0]} does not match output batch {grads.shape[0]}"
+                    f"layer {block.name}: input batch {acts.shape[0]} does not match output batch {grads.shape[0]}"
                 )
             rows.append((acts, grads))
         scale = float(sum(batches.values())) if self.loss_reduction is LossReduction.MEAN else 1.0
         return [self._scaled_rows(acts, grads, record, scale) for (acts, grads), record in zip(rows, records)]
 
-    def _subsample(self, layer: _Layer, record: Record, position: int) -> Record:
+    def _subsample(self, block: CurvatureBlock, record: Record, position: int) -> Record:
         """The record restricted to a random ``statistics_fraction`` of its examples (all of them at 1). The subset
         is drawn from a generator seeded by the step, the layer and the record, so a resumed run draws the same."""
         batch = record.grad_output.shape[0]
@@ -491,7 +467,7 @@ class _KroneckerOptimizer(Optimizer):
             return record
         device = record.grad_output.device
         generator = torch.Generator(device=device)
-        generator.manual_seed(zlib.crc32(f"{self._step}/{layer.name}/{position}".encode()))
+        generator.manual_seed(zlib.crc32(f"{self._step}/{block.name}/{position}".encode()))
         index = torch.randperm(batch, generator=generator, device=device)[:keep]
         norms = record.logit_grad_norms
         return Record(
@@ -501,7 +477,7 @@ class _KroneckerOptimizer(Optimizer):
             record.generation,
         )
 
-    def _scaled_rows(self, acts: Tensor, grads: Tensor, record: Record, scale: float) -> tuple[Tensor, Tensor]:
+    def _scaled_rows(self, acts: Tensor, grads: Tensor, record: Record, scale: float) -> Rows:
         if self.curvature is Curvature.IEF:
             if record.logit_grad_norms is None:
                 raise RuntimeError(
@@ -515,83 +491,49 @@ class _KroneckerOptimizer(Optimizer):
         return acts, grads * scale
 
     def _update_curvature(self, records: dict[nn.Module, list[Record]], step: int) -> None:
-        rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        for index, layer in enumerate(self._layers):
-            layer_records = records.get(layer.adapter.module)
-            if layer_records:
-                rows[index] = self._layer_rows(layer, layer_records)
+        """The statistics step: every block's statistics, bases and basis statistics, on their schedules."""
+        rows: dict[CurvatureBlock, list[Rows]] = {}
+        for block in self._blocks:
+            block_records = records.get(block.adapter.module)
+            if block_records:
+                rows[block] = self._layer_rows(block, block_records)
 
         if self._is_factor_step(step):
-            self._update_factors(rows)
+            self._update_statistics(rows)
         else:
             # Off the factor schedule, only layers that have no factors yet (first reached late) get them.
-            missing = {i: r for i, r in rows.items() if "A" not in self.state[self._layers[i].weight]}
+            missing = {block: r for block, r in rows.items() if not block.has_statistics}
             if missing:
-                self._update_factors(missing)
+                self._update_statistics(missing)
 
-        refresh = [
-            layer
-            for layer in self._layers
-            if "A" in self.state[layer.weight]
-            and (self._is_eigen_step(step) or "eigvecs_A" not in self.state[layer.weight])
-        ]
+        refresh = [block for block in self._blocks if block.wants_refresh(self._is_eigen_step(step))]
         if refresh:
             self._refresh_bases(refresh)
-        self._after_bases(rows, step, refreshed={id(layer) for layer in refresh})
+        if self._is_scale_step(step):
+            self._update_basis_statistics(rows)
 
-    def _update_factors(self, rows: dict[int, list[tuple[Tensor, Tensor]]]) -> None:
-        batch_factors: dict[int, tuple[Tensor, Tensor]] = {}
-        for index, layer_rows in rows.items():
-            examples = sum(acts.shape[0] for acts, _ in layer_rows)
-            locations = layer_rows[0][0].shape[1]
-            a_sum = sum(acts.flatten(0, 1).T @ acts.flatten(0, 1) for acts, _ in layer_rows)
-            g_sum = sum(grads.flatten(0, 1).T @ grads.flatten(0, 1) for _, grads in layer_rows)
-            # KFC normalization: A = E_n[sum_t a a^T], G = E_n[sum_t g g^T] / T.
-            batch_factors[index] = (a_sum / examples, g_sum / (examples * locations))
-        if not batch_factors:
+    def _update_statistics(self, rows: dict[CurvatureBlock, list[Rows]]) -> None:
+        """Each block's batch statistics, folded in only if every block's are finite (one host sync)."""
+        batches = {block: block.batch_statistics(block_rows) for block, block_rows in rows.items()}
+        if not batches:
             return
-        checks = torch.stack([a.sum() + g.sum() for a, g in batch_factors.values()])
+        checks = torch.stack([sum(t.sum() for t in batch) for batch in batches.values()])
         if not bool(torch.isfinite(checks).all()):
             self._failure("statistics", "non-finite curvature statistics; factors left unchanged")
             return
         self._consecutive_failures["statistics"] = 0
-        decay = self.factor_decay
-        for index, (a_batch, g_batch) in batch_factors.items():
-            state = self.state[self._layers[index].weight]
-            if "A" not in state:
-                state["A"], state["G"], state["factor_updates"] = a_batch, g_batch, 0
-            else:
-                state["A"].mul_(decay).add_(a_batch, alpha=1 - decay)
-                state["G"].mul_(decay).add_(g_batch, alpha=1 - decay)
-            state["factor_updates"] += 1
+        for block, batch in batches.items():
+            block.update_statistics(batch, self.factor_decay)
 
-    def _refresh_bases(self, layers: list[_Layer]) -> None:
+    def _refresh_bases(self, blocks: list[CurvatureBlock]) -> None:
+        """Refresh the basis of each block in ``blocks``; a failed decomposition counts as one failure per round."""
         start = time.perf_counter()
         failed: list[str] = []
-        for layer in layers:
-            state = self.state[layer.weight]
-            for key in ("A", "G"):
-                if self.refresh_tolerance is not None and f"eigvecs_{key}" in state:
-                    warm = warm_eigh(state[key], state[f"eigvals_{key}"], state[f"eigvecs_{key}"])
-                    if warm is not None and warm[2] <= self.refresh_tolerance:
-                        state[f"eigvals_{key}"], state[f"eigvecs_{key}"] = warm[0], warm[1]
-                        self.refresh_counts["warm"] += 1
-                        continue
-                self.refresh_counts["full"] += 1
-                result = robust_eigh(state[key])
-                if result is None:
-                    failed.append(f"{key} of layer {layer.name}")
-                    if f"eigvecs_{key}" in state:
-                        continue  # keep the last good basis
-                    # No basis yet: the factor's diagonal (its own eigenbasis when the factor is diagonal).
-                    matrix = state[key]
-                    result = (
-                        torch.nan_to_num(matrix.diagonal().clone()).clamp_min(0),
-                        torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device),
-                    )
-                state[f"eigvals_{key}"], state[f"eigvecs_{key}"] = result
-            self._curvature_norms.pop(layer.name, None)
-            self._on_basis_refreshed(layer, state)
+        for block in blocks:
+            result = block.refresh(self.refresh_tolerance)
+            self.refresh_counts["full"] += result.full
+            self.refresh_counts["warm"] += result.warm
+            failed += [f"{key} of layer {block.name}" for key in result.failed]
         self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)
         if failed:
             # One failure per refresh round, however many factors failed in it.
@@ -603,6 +545,21 @@ class _KroneckerOptimizer(Optimizer):
         else:
             self._consecutive_failures["eigh"] = 0
 
+    def _update_basis_statistics(self, rows: dict[CurvatureBlock, list[Rows]]) -> None:
+        """Each block's estimate in its basis (EKFAC's scale), folded in only if every one is finite."""
+        estimates = {}
+        for block, block_rows in rows.items():
+            estimate = block.basis_statistics(block_rows)
+            if estimate is not None:
+                estimates[block] = estimate
+        if not estimates:
+            return
+        if not bool(torch.isfinite(torch.stack([s.sum() for s in estimates.values()])).all()):
+            self._failure("statistics", "non-finite EKFAC scale estimate; scale left unchanged")
+            return
+        for block, estimate in estimates.items():
+            block.update_basis_statistics(estimate)
+
     def _failure(self, kind: str, message: str) -> None:
         """Count a numerical failure of one kind (gradient, statistics, eigh): warn, or raise when repeated."""
         count = self._consecutive_failures[kind] = self._consecutive_failures.get(kind, 0) + 1
@@ -613,47 +570,9 @@ class _KroneckerOptimizer(Optimizer):
             )
         _warn(f"{type(self).__name__}: {message}")
 
-    # --- subclass hooks ------------------------------------------------------------------------------------
-    def _on_basis_refreshed(self, layer: _Layer, state: dict[str, Any]) -> None:
-        """Called after the eigenbases of a layer were recomputed."""
-
-    def _after_bases(self, rows: dict[int, list[tuple[Tensor, Tensor]]], step: int, refreshed: set[int]) -> None:
-        """Called once per step after factors and bases are up to date."""
-
-    def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
-        raise NotImplementedError
-
-    def _damped_kfe_curvature(self, layer: _Layer, state: dict[str, Any], damping: float) -> Tensor:
-        """The damped curvature the preconditioner inverts, as its diagonal ``(out, in+1)`` in the layer's
-        Kronecker-factored eigenbasis (every mode's damped block is diagonal there)."""
-        raise NotImplementedError
-
-    def _curvature_norm(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
-        """The Frobenius norm of the block's modeled curvature, ``||F_block||_F`` (a scalar tensor): the 2-norm of
-        its eigenvalues, dominated by the largest ones (the largest eigenvalue for a rank-one block, ``sqrt(dim)``
-        times the mean for a flat spectrum)."""
-        raise NotImplementedError
-
-    def _layer_damping(self, layer: _Layer, state: dict[str, Any], damping: float) -> float:
-        """The damping added to this block's curvature: ``damping`` itself, or (relative) ``damping`` times the
-        Frobenius norm of the block's curvature, 1 for a block whose curvature is zero."""
-        if self.damping_scaling is DampingScaling.ABSOLUTE:
-            return damping
-        norm = self._curvature_norms.get(layer.name)
-        if norm is None:
-            norm = float(self._curvature_norm(layer, state))
-            if not (norm > 0 and math.isfinite(norm)):
-                norm = 1.0
-            self._curvature_norms[layer.name] = norm
-        return damping * norm
-
-    def _quadratic(self, layer: _Layer, state: dict[str, Any], matrix: Tensor, damping: float) -> Tensor:
-        """``vec(M)^T F_damped vec(M)`` for a layer-shaped ``M``: the curvature the preconditioner inverts."""
-        kfe = state["eigvecs_G"].T @ matrix @ state["eigvecs_A"]
-        return (self._damped_kfe_curvature(layer, state, damping) * kfe.square()).sum()
-
-    def _modeled_block(self, layer: _Layer) -> Tensor:
-        raise NotImplementedError
+    def _block_damping(self, block: CurvatureBlock, damping: float) -> float:
+        """The damping added to this block's curvature (see :class:`DampingScaling`)."""
+        return block.damping(damping, relative=self.damping_scaling is DampingScaling.RELATIVE)
 
     # --- the step --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -684,9 +603,10 @@ class _KroneckerOptimizer(Optimizer):
             self.skipped_steps += 1
             _warn(f"{type(self).__name__}: the batch holds no example; the step was skipped")
             return loss
-        # A non-finite gradient must never reach the parameters (GUIDE section 3), nor one whose squares overflow
-        # (finite entries near 1e20 in float32): Adam's second moment, the momentum norm and the trust region's
-        # quadratic form would keep an Inf. One host sync per step decides, and gives the growth check its norms.
+        # A non-finite gradient must never reach the parameters (docs/DESIGN.md, section 7), nor one whose squares
+        # overflow (finite entries near 1e20 in float32): Adam's second moment, the momentum norm and the trust
+        # region's quadratic form would keep an Inf. One host sync per step decides, and gives the growth check its
+        # norms.
         param_squares = torch.stack([_sum_of_squares(p.detach()) for p in params]).sum()
         grad_squares = torch.stack([_sum_of_squares(p.grad) for p in params]).sum()
         param_squares, grad_squares = torch.stack([param_squares, grad_squares]).tolist()
@@ -699,12 +619,11 @@ class _KroneckerOptimizer(Optimizer):
         self._follow_weight_dtypes()
         if records:
             self._update_curvature(records, self._step)
-        elif self._step == 0 and any(layer.weight.grad is not None for layer in self._layers):
+        elif self._step == 0 and any(block.weight.grad is not None for block in self._blocks):
             raise RuntimeError(self._no_statistics_message())
 
-        region_of, radii = self._regions[0], list(self._regions[1])
-        if not self._explicit_regions:
-            radii = [group["max_kl"]]
+        regions = self.trust_regions
+        radii = regions.radii(group)
         # Per trust region, the quadratic form of the step it bounds. "direction" (ACKTR paper, OpenAI baselines):
         # D^T grad of the new direction, then the momentum step. "step": u^T F_damped u of the step actually
         # taken, u = momentum buf + D (momentum would otherwise multiply the KL of a steady step by up to
@@ -713,44 +632,42 @@ class _KroneckerOptimizer(Optimizer):
         on_step = self.trust_region_mode is TrustRegionMode.STEP and bool(momentum)
         # With step_norm="adam" the regions measure the grafted step itself (_grafted_update), not these forms.
         grafted = self.step_norm is StepNorm.ADAM
-        measured = [on_step and (self._explicit_regions or radius is not None) for radius in radii]
+        measured = regions.measured(radii, on_step)
         directions: dict[Tensor, Tensor] = {}
-        layer_dampings: dict[str, float] = {}
-        quadratics = [torch.zeros((), dtype=params[0].dtype, device=params[0].device) for _ in radii]
+        block_dampings: dict[CurvatureBlock, float] = {}
+        quadratics = regions.zeros(params[0])
 
-        for layer in self._layers:
-            grad = layer.adapter.grad_matrix()
+        for block in self._blocks:
+            adapter = block.adapter
+            grad = adapter.grad_matrix()
             if grad is None:
                 continue
             # A bfloat16 / float16 layer: the curvature, the solve and the quadratic forms stay in float32.
-            grad = grad.to(_statistics_dtype(layer.weight))
+            grad = grad.to(block.dtype)
             if weight_decay:
-                grad = grad + weight_decay * layer.adapter.param_matrix()
-            state = self.state[layer.weight]
-            layer_damping = damping
-            if "eigvecs_A" in state:
-                layer_damping = layer_dampings[layer.name] = self._layer_damping(layer, state, damping)
-                direction = self._precondition(layer, state, grad, layer_damping)
+                grad = grad + weight_decay * adapter.param_matrix()
+            block_damping = damping
+            if block.ready:
+                block_damping = block_dampings[block] = self._block_damping(block, damping)
+                direction = block.precondition(grad, block_damping)
             else:
-                if layer.name not in self._warned_missing:
-                    self._warned_missing.add(layer.name)
+                if block.name not in self._warned_missing:
+                    self._warned_missing.add(block.name)
                     _warn(
-                        f"{type(self).__name__}: no curvature recorded yet for layer {layer.name}; "
+                        f"{type(self).__name__}: no curvature recorded yet for layer {block.name}; "
                         "its gradient is used unpreconditioned"
                     )
                 direction = grad
-            region = region_of.get(id(layer.weight))
+            region = regions.region(block.weight)
             if region is not None and not grafted:
-                buffer = self._buffer_matrix(layer) if measured[region] else None
+                buffer = self._buffer_matrix(block) if measured[region] else None
                 buffer_quadratic = None
                 if buffer is not None:
                     buffer_quadratic = (
-                        self._quadratic(layer, state, buffer, layer_damping)
-                        if "eigvecs_A" in state
-                        else buffer.square().sum()
+                        block.quadratic(buffer, block_damping) if block.ready else buffer.square().sum()
                     )
-                quadratics[region] += _step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
-            for param, part in zip(layer.adapter.parameters(), layer.adapter.split(direction)):
+                quadratics[region] += step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
+            for param, part in zip(adapter.parameters(), adapter.split(direction)):
                 if param.grad is not None:  # a bias frozen after construction stays where it is
                     directions[param] = part
         for param in params:
@@ -766,23 +683,23 @@ class _KroneckerOptimizer(Optimizer):
             # like the layers.
             damped = diagonal * (1 + damping) if self.damping_scaling is DampingScaling.RELATIVE else diagonal + damping
             directions[param] = direction = grad / damped
-            region = region_of.get(id(param))
+            region = regions.region(param)
             if region is not None and not grafted:
                 buffer = self.state[param].get("momentum_buffer") if measured[region] else None
                 buffer_quadratic = None if buffer is None else damped * buffer.square().sum()
-                quadratics[region] += _step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
+                quadratics[region] += step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
 
         # A non-finite direction (overflowing statistics, a degenerate basis) must never reach the parameters.
         check = [d.sum() for d in directions.values()]
         if self.step_norm is StepNorm.NATURAL:
-            scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
+            scales = regions.scales(quadratics, lr, radii)
             check += [scales.sum(), torch.stack(quadratics).sum()]
         if not bool(torch.isfinite(torch.stack(check)).all()):
             self.skipped_steps += 1
             self._failure("step", "non-finite preconditioned direction or trust-region scale; the step was skipped")
             return loss
         if self.step_norm is StepNorm.ADAM:
-            scales, quadratics = self._grafted_update(directions, layer_dampings, lr, momentum, weight_decay, radii)
+            scales, quadratics = self._grafted_update(directions, block_dampings, lr, momentum, weight_decay, radii)
             if scales is None:
                 self.skipped_steps += 1
                 self._failure("step", "non-finite step size; the step was skipped")
@@ -792,7 +709,7 @@ class _KroneckerOptimizer(Optimizer):
         self._consecutive_failures["step"] = 0
 
         self.last_kl_clip_scales = scales
-        self.last_predicted_kls = torch.stack([predicted_kl(q, lr, nu) for q, nu in zip(quadratics, scales)])
+        self.last_predicted_kls = regions.predicted(quadratics, lr, scales)
         self.last_kl_clip_scale = scales[0]
         self.last_predicted_kl = self.last_predicted_kls[0]
         self._step += 1
@@ -802,22 +719,13 @@ class _KroneckerOptimizer(Optimizer):
     def _follow_weight_dtypes(self) -> None:
         """Bring a layer's statistics to its weight's precision and device when the model was converted after they
         were recorded (``model.double()``, ``.to(device)``); one comparison per layer and step."""
-        for layer in self._layers:
-            state = self.state.get(layer.weight)
-            if not state or "A" not in state:
+        for block in self._blocks:
+            if not block.has_statistics or not block.follow_weight():
                 continue
-            weight, dtype = layer.weight, _statistics_dtype(layer.weight)
-            if state["A"].dtype == dtype and state["A"].device == weight.device:
-                continue
-            for key in _STATISTICS_KEYS:
-                if key in state:
-                    state[key] = state[key].to(device=weight.device, dtype=dtype)
-            for param in layer.adapter.parameters():
-                for key in ("momentum_buffer", "adam_exp_avg", "adam_exp_avg_sq"):
+            for param in block.adapter.parameters():
+                for key in _PARAM_STATE_KEYS:
                     if key in self.state[param]:
                         self.state[param][key] = self.state[param][key].to(param)
-            self._curvature_norms.pop(layer.name, None)
-            self._on_load()  # derived caches (K-FAC's damped inverses)
 
     def _watch_growth(self, param_norm: float, grad_norm: float) -> None:
         """Warn when the parameter norm or the gradient norm has grown by an order of magnitude (again) since the
@@ -843,11 +751,8 @@ class _KroneckerOptimizer(Optimizer):
         self, directions: dict[Tensor, Tensor], scales: Tensor, lr: float, momentum: float, on_step: bool
     ) -> None:
         """The natural-gradient momentum step ``p <- p - lr buf`` with the trust-region scales applied."""
-        region_of = self._regions[0]
-        unscaled = torch.ones_like(scales[0])
         for param, direction in directions.items():
-            region = region_of.get(id(param))
-            step_scale = unscaled if region is None else scales[region]
+            step_scale = self.trust_regions.scale_of(param, scales)
             if not momentum:
                 param.addcmul_(direction, step_scale, value=-lr)
                 continue
@@ -880,7 +785,7 @@ class _KroneckerOptimizer(Optimizer):
     def _grafted_update(
         self,
         directions: dict[Tensor, Tensor],
-        layer_dampings: dict[str, float],
+        block_dampings: dict[CurvatureBlock, float],
         lr: float,
         momentum: float,
         weight_decay: float,
@@ -891,15 +796,14 @@ class _KroneckerOptimizer(Optimizer):
         preconditioned layers take Adam's step. A trust region, where set, then bounds ``0.5 lr^2 u^T F_damped u``
         of the step ``u`` actually taken. Returns the scales (``None`` when a step size is not finite) and the
         quadratic forms per region."""
-        region_of = self._regions[0]
-        reference = next(iter(directions))
-        quadratics = [torch.zeros((), dtype=reference.dtype, device=reference.device) for _ in radii]
+        regions = self.trust_regions
+        quadratics = regions.zeros(next(iter(directions)))
         steps: dict[Tensor, Tensor] = {}
         checks: list[Tensor] = []
         # New moments and momentum buffers, stored only once every check has passed: a skipped step leaves them.
         pending: dict[Tensor, dict[str, Tensor]] = {}
-        for layer in self._layers:
-            params = [p for p in layer.adapter.parameters() if p in directions]
+        for block in self._blocks:
+            params = [p for p in block.adapter.parameters() if p in directions]
             if not params:
                 continue
             adam_norm_sq = sum(self._adam_step(p, weight_decay, pending).square().sum() for p in params)
@@ -918,32 +822,29 @@ class _KroneckerOptimizer(Optimizer):
             checks += [adam_norm_sq, buffer_norm, length]
             for param, buffer in zip(params, buffers):
                 steps[param] = buffer * length
-            region = region_of.get(id(layer.weight))
-            state = self.state[layer.weight]
-            complete = all(p in steps for p in layer.adapter.parameters())
-            if region is not None and radii[region] is not None and "eigvecs_A" in state and complete:
-                matrix = layer.adapter.join([steps[p] for p in layer.adapter.parameters()])
-                quadratics[region] += self._quadratic(layer, state, matrix, layer_dampings[layer.name])
+            region = regions.region(block.weight)
+            complete = all(p in steps for p in block.adapter.parameters())
+            if region is not None and radii[region] is not None and block.ready and complete:
+                matrix = block.adapter.join([steps[p] for p in block.adapter.parameters()])
+                quadratics[region] += block.quadratic(matrix, block_dampings[block])
         for param in directions:
             if param not in steps:
                 steps[param] = self._adam_step(param, weight_decay, pending)
-        scales = torch.stack([kl_clip_scale(q, lr, radius) for q, radius in zip(quadratics, radii)])
+        scales = regions.scales(quadratics, lr, radii)
         if not bool(torch.isfinite(torch.stack([*checks, scales.sum()])).all()):
             return None, quadratics
         for param, entries in pending.items():
             self.state[param].update(entries)
-        unscaled = torch.ones_like(scales[0])
         for param, step in steps.items():
-            region = region_of.get(id(param))
-            param.addcmul_(step, unscaled if region is None else scales[region], value=-lr)
+            param.addcmul_(step, regions.scale_of(param, scales), value=-lr)
         return scales, quadratics
 
-    def _buffer_matrix(self, layer: _Layer) -> Tensor | None:
+    def _buffer_matrix(self, block: CurvatureBlock) -> Tensor | None:
         """The layer's momentum buffer as one ``(out, in+1)`` matrix, or ``None`` before the first step."""
-        buffers = [self.state[p].get("momentum_buffer") for p in layer.adapter.parameters()]
+        buffers = [self.state[p].get("momentum_buffer") for p in block.adapter.parameters()]
         if any(b is None for b in buffers):
             return None
-        return layer.adapter.join(buffers)
+        return block.adapter.join(buffers)
 
     def _no_statistics_message(self) -> str:
         how = {
@@ -987,27 +888,7 @@ class _KroneckerOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self._step, self._consecutive_failures, self.skipped_steps = step, failures, skipped
         self._all_layers_have_factors = False
-        self._curvature_norms.clear()
-        self._on_load()
-
-    def _expected_shapes(self, param: Tensor) -> dict[str, tuple[int, ...]]:
-        """The shape of every tensor the state of ``param`` may hold."""
-        shapes = {key: tuple(param.shape) for key in ("momentum_buffer", "adam_exp_avg", "adam_exp_avg_sq")}
-        for layer in self._layers:
-            if layer.weight is param:
-                d_in, d_out = layer.adapter.in_dim, layer.adapter.out_dim
-                shapes.update(
-                    {
-                        "A": (d_in, d_in),
-                        "G": (d_out, d_out),
-                        "eigvecs_A": (d_in, d_in),
-                        "eigvecs_G": (d_out, d_out),
-                        "eigvals_A": (d_in,),
-                        "eigvals_G": (d_out,),
-                        "scale": (d_out, d_in),
-                    }
-                )
-        return shapes
+        self._bind_blocks()
 
     def _validate_state(self, state_dict: dict[str, Any]) -> None:
         """Check every tensor of a state to load (shape, floating dtype, finite values) before anything changes:
@@ -1023,12 +904,19 @@ class _KroneckerOptimizer(Optimizer):
         params = self.param_groups[0]["params"]
         if len(saved_ids) != len(params):
             raise ValueError(f"the state holds {len(saved_ids)} parameters, the optimizer {len(params)}")
-        names = {id(layer.weight): layer.name for layer in self._layers}
+        blocks = {id(block.weight): block for block in self._blocks}
         for saved_id, param in zip(saved_ids, params):
-            where = f"layer {names[id(param)]}" if id(param) in names else f"a parameter of shape {tuple(param.shape)}"
-            shapes = self._expected_shapes(param)
+            block = blocks.get(id(param))
+            where = f"layer {block.name}" if block is not None else f"a parameter of shape {tuple(param.shape)}"
+            shapes = {key: tuple(param.shape) for key in _PARAM_STATE_KEYS}
+            counts: tuple[str, ...] = ("factor_updates", "scale_updates")
+            non_negative: tuple[str, ...] = ("adam_exp_avg_sq",)
+            if block is not None:
+                shapes.update(block.state_shapes())
+                counts = tuple({*counts, *block.count_keys})
+                non_negative += block.non_negative_keys
             for key, value in saved_state.get(saved_id, {}).items():
-                if key in ("factor_updates", "scale_updates"):
+                if key in counts:
                     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                         raise ValueError(
                             f"corrupted optimizer state: {key} of {where} is {value!r}, expected an integer >= 0"
@@ -1049,14 +937,11 @@ class _KroneckerOptimizer(Optimizer):
                     raise ValueError(f"corrupted optimizer state: {key} of {where} has dtype {value.dtype}")
                 if not bool(torch.isfinite(value).all()):
                     raise ValueError(f"corrupted optimizer state: {key} of {where} holds NaN or Inf")
-                if key in _NON_NEGATIVE_KEYS and bool((value < 0).any()):
+                if key in non_negative and bool((value < 0).any()):
                     raise ValueError(
                         f"corrupted optimizer state: {key} of {where} holds negative values (curvature "
                         "eigenvalues and second moments are >= 0)"
                     )
-
-    def _on_load(self) -> None:
-        """Drop caches derived from the state."""
 
     def __repr__(self) -> str:
         group = self.param_groups[0]
@@ -1066,8 +951,11 @@ class _KroneckerOptimizer(Optimizer):
         )
 
 
-class KFAC(_KroneckerOptimizer):
+class KFAC(KroneckerPreconditioner):
     r"""K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016) with a momentum step.
+
+    Each layer's curvature is a :class:`acktr_kfe.KFACBlock` (an ``nn.Embedding``'s a
+    :class:`acktr_kfe.EmbeddingDiagonalBlock`); the schedule and the step are :class:`KroneckerPreconditioner`'s.
 
     For each preconditioned layer (``nn.Linear``, ``nn.Conv2d``, or a type added with
     :func:`acktr_kfe.register_adapter`) with gradient ``grad = [dW | db]`` of shape ``(out, in+1)``:
@@ -1152,6 +1040,8 @@ class KFAC(_KroneckerOptimizer):
     ``last_eigh_ms`` the time of the last eigendecomposition round.
     """
 
+    block_class: ClassVar[type[CurvatureBlock]] = KFACBlock
+
     def __init__(
         self,
         model: nn.Module,
@@ -1199,66 +1089,11 @@ class KFAC(_KroneckerOptimizer):
             step_norm=step_norm,
             refresh_tolerance=refresh_tolerance,
             statistics_fraction=statistics_fraction,
+            block_options={"damping_mode": self.damping_mode},
         )
-        # Damped inverses of G and A (factored mode), derived from the bases: keyed by layer name, with the
-        # damping they were built for. Not part of the state: rebuilt after a refresh or a load.
-        self._inverses: dict[str, tuple[float, Tensor, Tensor]] = {}
-
-    def _on_basis_refreshed(self, layer: _Layer, state: dict[str, Any]) -> None:
-        self._inverses.pop(layer.name, None)
-
-    def _on_load(self) -> None:
-        self._inverses.clear()
-
-    @staticmethod
-    def _pi(vals_a: Tensor, vals_g: Tensor) -> Tensor:
-        """Martens & Grosse 2015, section 6.3: ``pi`` balances the damping between the factors by their mean
-        eigenvalue, so that the damped Kronecker product is closest to ``kron(G, A) + lambda I``."""
-        tiny = torch.finfo(vals_a.dtype).tiny
-        return torch.sqrt((vals_a.mean().clamp_min(tiny)) / (vals_g.mean().clamp_min(tiny)))
-
-    def _factored_inverses(self, layer: _Layer, state: dict[str, Any], damping: float) -> tuple[Tensor, Tensor]:
-        cached = self._inverses.get(layer.name)
-        if cached is not None and cached[0] == damping:
-            return cached[1], cached[2]
-        vals_a, vecs_a = state["eigvals_A"], state["eigvecs_A"]
-        vals_g, vecs_g = state["eigvals_G"], state["eigvecs_G"]
-        pi = self._pi(vals_a, vals_g)
-        root = math.sqrt(damping)
-        inv_a = (vecs_a / (vals_a + pi * root)) @ vecs_a.T
-        inv_g = (vecs_g / (vals_g + root / pi)) @ vecs_g.T
-        self._inverses[layer.name] = (damping, inv_g, inv_a)
-        return inv_g, inv_a
-
-    def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
-        if self.damping_mode is DampingMode.FACTORED:
-            inv_g, inv_a = self._factored_inverses(layer, state, damping)
-            return inv_g @ grad @ inv_a
-        vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
-        kfe = vecs_g.T @ grad @ vecs_a
-        kfe = kfe / self._damped_kfe_curvature(layer, state, damping)
-        return vecs_g @ kfe @ vecs_a.T
-
-    def _damped_kfe_curvature(self, layer: _Layer, state: dict[str, Any], damping: float) -> Tensor:
-        vals_a, vals_g = state["eigvals_A"], state["eigvals_G"]
-        if self.damping_mode is DampingMode.EIGEN:
-            return torch.outer(vals_g, vals_a) + damping
-        pi = self._pi(vals_a, vals_g)
-        root = math.sqrt(damping)
-        return torch.outer(vals_g + root / pi, vals_a + pi * root)
-
-    def _curvature_norm(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
-        # ||kron(G, A)||_F = ||G||_F ||A||_F.
-        return torch.linalg.vector_norm(state["eigvals_G"]) * torch.linalg.vector_norm(state["eigvals_A"])
-
-    def _modeled_block(self, layer: _Layer) -> Tensor:
-        state = self.state[layer.weight]
-        factor_a = (state["eigvecs_A"] * state["eigvals_A"]) @ state["eigvecs_A"].T
-        factor_g = (state["eigvecs_G"] * state["eigvals_G"]) @ state["eigvecs_G"].T
-        return torch.kron(factor_g, factor_a)
 
 
-class EKFAC(_KroneckerOptimizer):
+class EKFAC(KroneckerPreconditioner):
     r"""EKFAC (George et al. 2018): K-FAC's eigenbasis with a per-coordinate scale re-estimated in it.
 
     Same factors and eigenbasis as :class:`KFAC`. In the Kronecker-factored eigenbasis (KFE) the per-example
@@ -1279,8 +1114,9 @@ class EKFAC(_KroneckerOptimizer):
             D = U_G [ (U_G^T grad U_A) / (s + lambda) ] U_A^T
             step length (step_norm), nu, momentum and weight decay as K-FAC
 
-    Right after a basis refresh and before the first scale estimate in that basis, EKFAC models exactly the
-    K-FAC block ``kron(G, A)`` (with eigenbasis damping).
+    Each layer's curvature is a :class:`acktr_kfe.EKFACBlock` (an ``nn.Embedding``'s a
+    :class:`acktr_kfe.EmbeddingDiagonalBlock`). Right after a basis refresh and before the first scale estimate in
+    that basis, EKFAC models exactly the K-FAC block ``kron(G, A)`` (with eigenbasis damping).
 
     Args:
         model, lr, momentum, weight_decay, damping, max_kl, damping_scaling, step_norm, refresh_tolerance,
@@ -1295,6 +1131,8 @@ class EKFAC(_KroneckerOptimizer):
     in EKFAC the factors only feed the eigenbasis, and the scale re-estimates the curvature in it. With them an
     EKFAC step costs about 2.3 SGD steps on the MNIST autoencoder at batch 1000 (docs/BENCHMARKS.md).
     """
+
+    block_class: ClassVar[type[CurvatureBlock]] = EKFACBlock
 
     def __init__(
         self,
@@ -1350,77 +1188,93 @@ class EKFAC(_KroneckerOptimizer):
             step_norm=step_norm,
             refresh_tolerance=refresh_tolerance,
             statistics_fraction=statistics_fraction,
+            scale_update_interval=self.scale_update_interval,
+            block_options={"scale_mode": self.scale_mode, "scale_decay": self.scale_decay},
         )
 
-    def _is_scale_step(self, step: int) -> bool:
-        return step % self.scale_update_interval == 0
 
-    def _wants_statistics(self) -> bool:
-        return self._is_scale_step(self._step) or super()._wants_statistics()
-
-    def _on_basis_refreshed(self, layer: _Layer, state: dict[str, Any]) -> None:
-        state["scale"] = torch.outer(state["eigvals_G"], state["eigvals_A"])
-        state["scale_updates"] = 0
-
-    def _after_bases(self, rows: dict[int, list[tuple[Tensor, Tensor]]], step: int, refreshed: set[int]) -> None:
-        if not self._is_scale_step(step):
-            return
-        estimates: dict[int, Tensor] = {}
-        for index, layer_rows in rows.items():
-            state = self.state[self._layers[index].weight]
-            if "eigvecs_A" not in state:
-                continue
-            basis_a, basis_g = state["eigvecs_A"], state["eigvecs_G"]
-            total = sum(kfe_scale(acts, grads, basis_a, basis_g) for acts, grads in layer_rows)
-            estimates[index] = total / sum(acts.shape[0] for acts, _ in layer_rows)
-        if not estimates:
-            return
-        if not bool(torch.isfinite(torch.stack([s.sum() for s in estimates.values()])).all()):
-            self._failure("statistics", "non-finite EKFAC scale estimate; scale left unchanged")
-            return
-        for index, estimate in estimates.items():
-            state = self.state[self._layers[index].weight]
-            if self.scale_mode is ScaleMode.MINIBATCH or state["scale_updates"] == 0:
-                state["scale"] = estimate
-            else:
-                state["scale"].mul_(self.scale_decay).add_(estimate, alpha=1 - self.scale_decay)
-            state["scale_updates"] += 1
-            self._curvature_norms.pop(self._layers[index].name, None)
-
-    def _precondition(self, layer: _Layer, state: dict[str, Any], grad: Tensor, damping: float) -> Tensor:
-        vecs_a, vecs_g = state["eigvecs_A"], state["eigvecs_G"]
-        kfe = (vecs_g.T @ grad @ vecs_a).div_(state["scale"] + damping)
-        return vecs_g @ kfe @ vecs_a.T
-
-    def _damped_kfe_curvature(self, layer: _Layer, state: dict[str, Any], damping: float) -> Tensor:
-        return state["scale"] + damping
-
-    def _curvature_norm(self, layer: _Layer, state: dict[str, Any]) -> Tensor:
-        return torch.linalg.vector_norm(state["scale"])
-
-    def _modeled_block(self, layer: _Layer) -> Tensor:
-        state = self.state[layer.weight]
-        basis = torch.kron(state["eigvecs_G"], state["eigvecs_A"])
-        return (basis * state["scale"].reshape(-1)) @ basis.T
-
-
-def curvature_matrix(optimizer: KFAC | EKFAC, module: nn.Module) -> Tensor:
+def curvature_matrix(optimizer: KroneckerPreconditioner, module: nn.Module) -> Tensor:
     """The dense curvature block the optimizer currently models for ``module``, without damping.
 
-    Rows and columns follow GUIDE section 2's parameter order, ``[W | b].flatten()`` with ``W`` reshaped to
-    ``(out, -1)``, and the per-example scale ``E_n[vec(grad_n) vec(grad_n)^T]``. K-FAC: ``kron(G, A)`` as of the
-    last eigendecomposition; EKFAC: ``(U_G (x) U_A) diag(s) (U_G (x) U_A)^T``. Size ``(out (in+1))^2``: meant for
-    tests and for studying approximation quality on small layers.
+    Rows and columns follow the parameter order of docs/DESIGN.md, section 2, ``[W | b].flatten()`` with ``W``
+    reshaped to ``(out, -1)``, and the per-example scale ``E_n[vec(grad_n) vec(grad_n)^T]``. K-FAC: ``kron(G, A)``
+    as of the last eigendecomposition; EKFAC: ``(U_G (x) U_A) diag(s) (U_G (x) U_A)^T``; an embedding: the
+    diagonal ``diag(E_n[grad_n ** 2])``. Size ``(out (in+1))^2``: meant for tests and for studying approximation
+    quality on small layers.
 
     Raises:
         ValueError: if the optimizer does not precondition ``module``, or has no curvature for it yet.
     """
-    for layer in optimizer._layers:
-        if layer.adapter.module is module:
-            if "eigvecs_A" not in optimizer.state[layer.weight]:
-                raise ValueError(f"no curvature has been computed yet for layer {layer.name}; take a step first")
-            return optimizer._modeled_block(layer)
+    for block in optimizer.blocks:
+        if block.adapter.module is module:
+            if not block.ready:
+                raise ValueError(f"no curvature has been computed yet for layer {block.name}; take a step first")
+            return block.modeled_block()
     raise ValueError(
         f"{type(module).__name__} is not preconditioned by this optimizer; "
         f"preconditioned layers: {optimizer.preconditioned_layers}"
     )
+
+
+# --- the registry of preconditioners by name -----------------------------------------------------------------
+_PRECONDITIONERS: dict[str, type[KroneckerPreconditioner]] = {}
+
+
+def register_preconditioner(
+    name: str, cls: type[KroneckerPreconditioner] | type[CurvatureBlock]
+) -> type[KroneckerPreconditioner]:
+    """Make a preconditioner available by ``name`` (to :func:`preconditioner_class`, the agents and the scripts).
+
+    Args:
+        name: a lower-case identifier, e.g. ``"ekfac"``.
+        cls: a :class:`KroneckerPreconditioner` subclass, or a :class:`acktr_kfe.CurvatureBlock` subclass, for which
+            a :class:`KroneckerPreconditioner` subclass with that ``block_class`` (and the base's defaults) is made.
+
+    Returns:
+        The registered optimizer class.
+
+    Raises:
+        ValueError: if ``name`` is not a lower-case identifier or is already registered to another class.
+        TypeError: if ``cls`` is neither kind of class.
+    """
+    if not (isinstance(name, str) and name.isidentifier() and name == name.lower()):
+        raise ValueError(f"Invalid preconditioner name: {name!r} (must be a lower-case identifier)")
+    if isinstance(cls, type) and issubclass(cls, CurvatureBlock):
+        block_cls = cls
+        cls = type(
+            f"{block_cls.__name__}Preconditioner",
+            (KroneckerPreconditioner,),
+            {
+                "block_class": block_cls,
+                "__module__": block_cls.__module__,
+                "__doc__": f"The {name!r} preconditioner: :class:`KroneckerPreconditioner` with "
+                f":class:`{block_cls.__qualname__}` blocks.",
+            },
+        )
+    if not (isinstance(cls, type) and issubclass(cls, KroneckerPreconditioner)):
+        raise TypeError(
+            f"register_preconditioner takes a KroneckerPreconditioner or CurvatureBlock subclass, got {cls!r}"
+        )
+    existing = _PRECONDITIONERS.get(name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"a preconditioner named {name!r} is already registered ({existing.__name__})")
+    _PRECONDITIONERS[name] = cls
+    return cls
+
+
+def preconditioner_class(name: str) -> type[KroneckerPreconditioner]:
+    """The optimizer class registered as ``name``; ``ValueError`` listing the valid names otherwise."""
+    try:
+        return _PRECONDITIONERS[name]
+    except (KeyError, TypeError):
+        valid = ", ".join(repr(n) for n in available_preconditioners())
+        raise ValueError(f"Invalid preconditioner: {name!r}. Valid values: {valid}") from None
+
+
+def available_preconditioners() -> tuple[str, ...]:
+    """The registered names, in registration order (``"kfac"``, ``"ekfac"`` first)."""
+    return tuple(_PRECONDITIONERS)
+
+
+register_preconditioner("kfac", KFAC)
+register_preconditioner("ekfac", EKFAC)

@@ -18,7 +18,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
-from acktr_kfe.optim import check_radius
+from acktr_kfe.trust_region import check_radius
 
 from .policies import (
     PRECONDITIONERS,

@@ -52,7 +52,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 import acktr_kfe
 from acktr_kfe import distributed
 
-from .trust_region import ActorCriticTrustRegions, actor_critic_forward, detached
+from .kl_calibration import ActorCriticTrustRegions, actor_critic_forward, detached
 
 # Per-example Fisher of a Gaussian's log standard deviation, per action dimension: E[(z^2 - 1)^2] = 2.
 GAUSSIAN_LOG_STD_FISHER = 2.0

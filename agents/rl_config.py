@@ -15,7 +15,7 @@ from torch import nn
 from envs import env_kind
 
 from .acktr import ACKTR
-from .policies import KroneckerActorCriticPolicy
+from .policies import PRECONDITIONERS, KroneckerActorCriticPolicy
 
 ALGORITHMS: dict[str, type] = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
 # Keys of the environment factory (``envs.make_env``) that a config may set.
@@ -157,7 +157,7 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "policy_kwargs": ("dict", 0, 0, False, False),
     "rollout_buffer_kwargs": ("dict", 0, 0, False, False),
 }
-CHOICES: dict[str, tuple[str, ...]] = {"preconditioner": ("ekfac", "kfac")}
+CHOICES: dict[str, tuple[str, ...]] = {"preconditioner": tuple(PRECONDITIONERS)}
 
 
 def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:

@@ -60,7 +60,7 @@ from acktr_kfe.exact import EF, IEF, SF  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
 CURVATURES = ("empirical", "fisher", "ief")
-KRONECKER = (*(f"{kind}-{c}" for kind in ("kfac", "ekfac") for c in CURVATURES), "ekfac-default")
+KRONECKER = (*(f"{kind}-{c}" for kind in acktr_kfe.available_preconditioners() for c in CURVATURES), "ekfac-default")
 EXACT = ("ef", "sf", "ief")
 METHODS = ("sgd", "adam", *EXACT, *KRONECKER)
 NATURAL = "natural-gradient"
@@ -161,7 +161,7 @@ def kronecker_optimizer(
         intervals["factor_decay"] = factor_decay
     if damping is not None:
         intervals["damping"] = damping
-    cls = acktr_kfe.KFAC if kind == "kfac" else acktr_kfe.EKFAC
+    cls = acktr_kfe.preconditioner_class(kind)
     return cls(model, lr=1e-3, momentum=0.0, step_norm="natural", curvature=curvature, **intervals)
 
 

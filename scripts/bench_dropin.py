@@ -38,7 +38,7 @@ import acktr_kfe  # noqa: E402
 from agents.supervised.data import DatasetFilesMissingError, load_cifar10, load_mnist  # noqa: E402
 from agents.supervised.models import MNISTAutoencoder, autoencoder_loss  # noqa: E402
 
-OPTIMIZERS = ("adam", "sgd", "kfac", "ekfac")
+OPTIMIZERS = ("adam", "sgd", *acktr_kfe.available_preconditioners())
 
 
 @dataclass
@@ -236,10 +236,8 @@ def build(name: str, model: nn.Module, kwargs: dict) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), **kwargs)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), **{"lr": 0.01, "momentum": 0.9, **kwargs})
-    if name == "kfac":
-        return acktr_kfe.KFAC(model, **kwargs)
-    if name == "ekfac":
-        return acktr_kfe.EKFAC(model, **kwargs)
+    if name in acktr_kfe.available_preconditioners():
+        return acktr_kfe.preconditioner_class(name)(model, **kwargs)
     raise ValueError(f"Unknown optimizer: {name!r}. Valid: {', '.join(OPTIMIZERS)}")
 
 

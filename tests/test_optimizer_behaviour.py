@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import acktr_kfe
-from acktr_kfe import EKFAC, KFAC, curvature_matrix
+from acktr_kfe import EKFAC, KFAC, KroneckerPreconditioner, curvature_matrix
 
 from .reference import layer_grad_rows, layer_io, per_example_grads, second_moment
 
@@ -153,7 +153,7 @@ def test_trust_region_scales_step_to_max_kl(cls: type, extra: dict) -> None:
     assert free.last_kl_clip_scale.item() == 1.0
 
 
-def damped_block(optimizer: KFAC | EKFAC, layer: nn.Linear) -> torch.Tensor:
+def damped_block(optimizer: KroneckerPreconditioner, layer: nn.Linear) -> torch.Tensor:
     """The damped curvature block the optimizer inverts for ``layer``, built densely from its state."""
     damping = optimizer.param_groups[0]["damping"]
     if optimizer.damping_scaling.value == "relative":
@@ -305,7 +305,7 @@ def test_conv_padding_modes_rebuild_per_example_gradients(padding: dict) -> None
     optimizer = EKFAC(model, factor_update_interval=1, scale_update_interval=1)
     F.cross_entropy(model(x), y).backward()
     records = optimizer._capture.pop_records()[conv]
-    layer = optimizer._layers[0]
+    layer = optimizer.blocks[0]
     ((acts, grads),) = optimizer._layer_rows(layer, records[:1])
     rebuilt = torch.einsum("nto,nti->noi", grads, acts).reshape(4, -1)
 

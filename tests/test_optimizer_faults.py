@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import acktr_kfe
-from acktr_kfe import EKFAC, KFAC
+from acktr_kfe import EKFAC, KFAC, KroneckerPreconditioner
 
 # Tiny tensors: torch's intra-op threads only contend with each other (and with other processes) on them.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,7 +38,9 @@ def make_batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 6, generator=generator), torch.randint(0, 4, (n,), generator=generator)
 
 
-def backward(optimizer: KFAC | EKFAC, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
+def backward(
+    optimizer: KroneckerPreconditioner, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0
+) -> None:
     """The forward and the backward passes the optimizer's curvature asks for (README, "Using the preconditioners").
 
     The Gauss-Newton model trains on a Huber loss, whose output gradient stays bounded: inputs near 1e20 then give
@@ -60,7 +62,9 @@ def backward(optimizer: KFAC | EKFAC, model: nn.Module, x: torch.Tensor, y: torc
         F.cross_entropy(output, y).backward()
 
 
-def train_step(optimizer: KFAC | EKFAC, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
+def train_step(
+    optimizer: KroneckerPreconditioner, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0
+) -> None:
     optimizer.zero_grad()
     backward(optimizer, model, x, y, seed)
     optimizer.step()  # the user's line: warnings must point here
@@ -80,7 +84,7 @@ def regions(model: nn.Sequential, layout: str, max_kl: float) -> dict:
     return {"trust_regions": [(list(model[0].parameters()), max_kl), (list(model[2].parameters()), max_kl)]}
 
 
-def snapshot(optimizer: KFAC | EKFAC) -> dict:
+def snapshot(optimizer: KroneckerPreconditioner) -> dict:
     """A copy of everything the optimizer saves (tensors cloned)."""
     return copy.deepcopy(optimizer.state_dict())
 
@@ -144,7 +148,7 @@ def huge_batch_cases() -> list:
 def test_batch_with_inputs_near_1e20_is_skipped_counted_and_warned_and_the_next_batch_trains_as_without_it(
     cls: type, curvature: str, step_norm: str, mode: str, layout: str
 ) -> None:
-    def build() -> tuple[nn.Sequential, KFAC | EKFAC]:
+    def build() -> tuple[nn.Sequential, KroneckerPreconditioner]:
         model = make_model(curvature)
         options = fast(cls, curvature=curvature, step_norm=step_norm, trust_region_mode=mode)
         return model, cls(model, lr=0.05, **options, **regions(model, layout, 1e-3))
@@ -208,7 +212,7 @@ CORRUPTIONS = {
 def test_load_of_a_corrupted_tensor_raises_naming_the_key_and_leaves_the_optimizer_as_it_was(corruption: str) -> None:
     cls, index, key, corrupt, message = CORRUPTIONS[corruption]
 
-    def build(steps: int) -> tuple[nn.Sequential, KFAC | EKFAC]:
+    def build(steps: int) -> tuple[nn.Sequential, KroneckerPreconditioner]:
         model = make_model()
         optimizer = cls(model, lr=0.05, momentum=0.9, **fast(cls))
         for seed in range(steps):

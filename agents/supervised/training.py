@@ -17,7 +17,8 @@ import acktr_kfe
 
 from .data import load_mnist
 
-OPTIMIZER_NAMES = ("sgd", "adam", "kfac", "ekfac", "ekfac_ra")
+# The preconditioners come from acktr_kfe's registry; "ekfac_ra" is EKFAC with the running-average scale.
+OPTIMIZER_NAMES = ("sgd", "adam", *acktr_kfe.available_preconditioners(), "ekfac_ra")
 # Per-task batch size, epochs and optimizer settings (the source of truth; docs/BENCHMARKS.md records the sweeps).
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "supervised.yml"
 
@@ -77,7 +78,7 @@ def build_optimizer(
     options.setdefault("damping_scaling", "absolute")
     options.setdefault("step_norm", "natural")
     options.setdefault("trust_region_mode", "direction")
-    cls = acktr_kfe.KFAC if name == "kfac" else acktr_kfe.EKFAC
+    cls = acktr_kfe.preconditioner_class("ekfac" if name == "ekfac_ra" else name)
     return cls(model, **options)
 
 

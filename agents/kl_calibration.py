@@ -1,4 +1,7 @@
-"""The KL trust regions of an SB3 actor-critic and the calibration of their radii (ACKTR and the SB3 plug-in).
+"""The KL trust regions of an SB3 actor-critic and the calibration of their radii against the measured KL (ACKTR and
+the SB3 plug-in). The optimizer-side bookkeeping (regions, radii, the step-size rule, the predicted KL) is
+:mod:`acktr_kfe.trust_region`; this module decides the regions of a policy, measures the KL of a step and divides
+the next radii by the running bias of the quadratic model.
 
 Separate actor and critic networks get one region each: ``max_kl`` bounds the policy's KL, ``vf_max_kl`` the
 critic's, its output read as a Gaussian of standard deviation ``sigma / vf_fisher_coef`` (KL
@@ -22,7 +25,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 
 import acktr_kfe
-from acktr_kfe.optim import check_radius
+from acktr_kfe.trust_region import check_radius
 
 # Running average of log(measured KL / predicted KL) over updates, and the range of the ratio.
 KL_BIAS_DECAY = 0.9
@@ -132,7 +135,7 @@ class ActorCriticTrustRegions:
         """The running measured / predicted KL ratio of the first (policy or joint) region."""
         return math.exp(self.log_bias[0])
 
-    def set_radii(self, optimizer: acktr_kfe.KFAC | acktr_kfe.EKFAC) -> None:
+    def set_radii(self, optimizer: acktr_kfe.KroneckerPreconditioner) -> None:
         """Give each region of ``optimizer`` its radius for the next step: the target divided by the bias."""
         for index, target in enumerate(self.targets):
             bias = math.exp(self.log_bias[index]) if self.calibrate else 1.0
@@ -149,7 +152,7 @@ class ActorCriticTrustRegions:
         vf_kl = 0.5 * self.vf_fisher_coef**2 * (new_values - old_values).square().mean()
         return policy_kl, vf_kl
 
-    def update(self, optimizer: acktr_kfe.KFAC | acktr_kfe.EKFAC, policy_kl: float, vf_kl: float) -> None:
+    def update(self, optimizer: acktr_kfe.KroneckerPreconditioner, policy_kl: float, vf_kl: float) -> None:
         """Fold the measured KLs of the last step into the running bias of each region."""
         if not self.calibrate:
             return
