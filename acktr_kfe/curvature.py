@@ -1,7 +1,7 @@
 """Curvature sources and the losses whose backward pass feeds the Kronecker factors.
 
 The optimizer's gradient always comes from the training loss. Its *curvature* comes from the backward pass that
-the user chooses (GUIDE section 2):
+the user chooses (docs/DESIGN.md, section 6):
 
 - ``fisher``: targets sampled from the model's own predictive distribution. Backward one of
   :func:`softmax_fisher_loss`, :func:`bernoulli_fisher_loss`, :func:`gaussian_fisher_loss` or

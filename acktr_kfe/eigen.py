@@ -3,7 +3,7 @@
 ``torch.linalg.eigh`` can fail to converge, or return non-finite values, on float32 factors that are low-rank or
 badly scaled. :func:`robust_eigh` symmetrizes, tries the factor's own precision, retries in float64, clamps the
 tiny negative eigenvalues that rounding produces, and returns ``None`` instead of raising so that the caller can
-keep its last good basis (GUIDE section 3).
+keep its last good basis (docs/DESIGN.md, section 7).
 """
 
 from __future__ import annotations
