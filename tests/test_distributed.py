@@ -8,6 +8,7 @@ returns each rank's exit code, output and saved results. Launches are shared bet
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from acktr_kfe import distributed
 
@@ -189,3 +191,48 @@ def test_a_rank_that_hangs_makes_the_other_raise_at_the_timeout(tmp_path: Path) 
     assert "timeout of 3 s" in survivor["error"]
     assert 2.5 < survivor["seconds"] < 15.0
     assert outcomes[1].returncode is None  # still asleep: killed by the launcher
+
+
+# --- the scripts under torchrun ----------------------------------------------------------------------------------
+
+
+def torchrun(script: str, argv: list[str], tmp_path: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 scripts/<script>.py argv`` on a free port, killed after ``timeout`` seconds."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(ROOT / "scripts" / f"{script}.py"), *argv]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_supervised_script_under_torchrun_trains_a_conv_net_on_two_ranks_and_only_rank_0_writes(
+    tmp_path: Path,
+) -> None:
+    from tests.test_supervised import write_cifar_batch
+
+    data = tmp_path / "data" / "cifar-10-batches-py"
+    data.mkdir(parents=True)
+    write_cifar_batch(data / "data_batch_1", 64, seed=1)
+    write_cifar_batch(data / "test_batch", 16, seed=3)
+    log_dir = tmp_path / "run"
+    argv = ["--task", "cifar10_vgg11", "--width", "4", "--optimizer", "ekfac", "--batch-size", "8", "--epochs", "1",
+            "--data-dir", str(data.parent), "--log-dir", str(log_dir), "--no-progress", "--threads", "1"]  # fmt: skip
+    finished = torchrun("supervised", argv, tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count('"world_size": 2') == 1  # the summary of rank 0 only
+    config = yaml.safe_load((log_dir / "config.yml").read_text())
+    assert config["world_size"] == 2 and config["batch_size"] == 8
+    with (log_dir / "steps.csv").open() as handle:
+        assert len(handle.read().strip().splitlines()) == 1 + 64 // (2 * 8)  # global batches of 2 x 8
+    assert (log_dir / "epochs.csv").is_file()
+
+
+def test_train_script_under_torchrun_runs_acktr_on_two_ranks_and_only_rank_0_writes(tmp_path: Path) -> None:
+    log_dir = tmp_path / "run"
+    argv = ["--env", "CartPole-v1", "--total-timesteps", "640", "--log-dir", str(log_dir), "--checkpoint-every",
+            "100000"]  # fmt: skip
+    finished = torchrun("train", argv, tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("mean return") == 1
+    results = json.loads((log_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["timesteps"] == 640
+    assert yaml.safe_load((log_dir / "config.yml").read_text())["world_size"] == 2
