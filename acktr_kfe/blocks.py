@@ -506,7 +506,8 @@ class EmbeddingDiagonalBlock(CurvatureBlock):
     through it. The block keeps ``d = E_n[grad_n ** 2]`` (elementwise, shape of ``W``; a running average like the
     factors) and preconditions ``D = grad / (d + lambda)``: an exact diagonal with no eigendecomposition.
     ``padding_idx``'s row gets no gradient and no statistics (its step is zero). With ``max_norm`` the statistics
-    are those of the renormalized rows that autograd differentiates.
+    are those of the renormalized rows that autograd differentiates. An embedding whose weight another
+    preconditioned layer shares gets no block: that layer's block preconditions the shared weight.
     """
 
     statistics_keys: ClassVar[tuple[str, ...]] = ("diagonal",)

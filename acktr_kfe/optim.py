@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .blocks import CurvatureBlock, EKFACBlock, KFACBlock, Rows, block_class_for
+from .blocks import CurvatureBlock, EKFACBlock, EmbeddingDiagonalBlock, KFACBlock, Rows, block_class_for
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
 from .layers import adapter_for
@@ -282,6 +282,17 @@ class KroneckerPreconditioner(Optimizer):
             adapter = adapter_cls(module)
             block_cls = block_class_for(adapter, self.block_class)
             self._blocks.append(block_cls(name or type(module).__name__, adapter, **options))
+        # An embedding whose weight another preconditioned layer shares (a language model's tied input and output
+        # embeddings) is left to that layer's block, which sees the gradient of both uses, as before embeddings
+        # had blocks of their own: two blocks must not precondition one parameter.
+        weight_owners: dict[int, int] = {}
+        for block in self._blocks:
+            weight_owners[id(block.weight)] = weight_owners.get(id(block.weight), 0) + 1
+        self._blocks = [
+            block
+            for block in self._blocks
+            if not (isinstance(block, EmbeddingDiagonalBlock) and weight_owners[id(block.weight)] > 1)
+        ]
 
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:

@@ -119,6 +119,21 @@ def test_embeddings_are_preconditioned_layers_with_a_diagonal_block() -> None:
     assert [type(block) for block in KFAC(make_bag()).blocks] == [EmbeddingDiagonalBlock, KFACBlock]
 
 
+def test_embedding_tied_to_an_output_layer_is_left_to_that_layers_kronecker_block() -> None:
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(VOCABULARY, WIDTH), nn.Linear(WIDTH, VOCABULARY)
+    head.weight = embedding.weight
+    model = nn.Sequential(embedding, nn.Tanh(), head)
+    optimizer = EKFAC(model, factor_update_interval=1, scale_update_interval=1)
+    assert optimizer.preconditioned_layers == ["2"]
+    tokens = torch.randint(0, VOCABULARY, (8,))
+    before = embedding.weight.detach().clone()
+    optimizer.zero_grad()
+    F.cross_entropy(model(tokens), tokens).backward()
+    optimizer.step()
+    assert optimizer.blocks[0].ready and not torch.equal(embedding.weight, before)
+
+
 def test_sparse_embedding_is_refused_with_an_error_that_says_what_to_do() -> None:
     model = nn.Sequential(nn.Embedding(5, 2, sparse=True), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"sparse=True.*sparse=False"):
