@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import distributed as data_parallel
 from .blocks import CurvatureBlock, EKFACBlock, EmbeddingDiagonalBlock, KFACBlock, Rows, block_class_for
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
@@ -242,12 +243,19 @@ class KroneckerPreconditioner(Optimizer):
         refresh_tolerance: float | None = None,
         statistics_fraction: float = 1.0,
         block_options: Mapping[str, Any] | None = None,
+        distributed: bool = True,
+        average_gradients: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} is built from the model (an nn.Module), got {type(model).__name__}; "
                 f"write {type(self).__name__}(model, lr=...)"
             )
+        # A DistributedDataParallel wrapper: the blocks are its module's layers (hooked there, named as without the
+        # wrapper), and its backward has averaged the gradients already.
+        wrapped_by_ddp = data_parallel.is_wrapped_by_ddp(model)
+        if wrapped_by_ddp:
+            model = model.module
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -322,6 +330,12 @@ class KroneckerPreconditioner(Optimizer):
         self.statistics_fraction = float(statistics_fraction)
         # Basis refreshes by kind (diagnostics of refresh_tolerance): full eigendecompositions and warm refreshes.
         self.refresh_counts = {"full": 0, "warm": 0}
+        # Data parallel (acktr_kfe.distributed): on when a process group of several ranks is initialized.
+        self.distributed = bool(distributed)
+        self.average_gradients = not wrapped_by_ddp if average_gradients is None else bool(average_gradients)
+        # Per block name, the refreshes this rank computed, and the rank that computed each block's last refresh.
+        self.computed_refreshes: dict[str, int] = {}
+        self.last_refresh_owners: dict[str, int] = {}
         super().__init__(params, defaults)
         self._bind_blocks()
 
@@ -370,6 +384,11 @@ class KroneckerPreconditioner(Optimizer):
     def preconditioned_layers(self) -> list[str]:
         """Names (as in ``model.named_modules()``) of the layers whose gradients are preconditioned."""
         return [block.name for block in self._blocks]
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether steps are data parallel now: ``distributed`` and a process group of several ranks is up."""
+        return self.distributed and data_parallel.is_active()
 
     @property
     def steps(self) -> int:
@@ -456,9 +475,11 @@ class KroneckerPreconditioner(Optimizer):
         them) the examples of every micro-batch recorded since the last step.
         """
         rows = []
+        sampled = []
         batches: dict[int, int] = {}
         for position, record in enumerate(records):
             batches.setdefault(record.generation, record.grad_output.shape[0])
+            # The subsampled record carries the matching subset of iEF's per-example norms.
             record = self._subsample(block, record, position)
             acts, grads = block.rows(record.layer_input, record.grad_output)
             if acts.shape[0] != grads.shape[0]:
@@ -466,8 +487,9 @@ class KroneckerPreconditioner(Optimizer):
                     f"layer {block.name}: input batch {acts.shape[0]} does not match output batch {grads.shape[0]}"
                 )
             rows.append((acts, grads))
+            sampled.append(record)
         scale = float(sum(batches.values())) if self.loss_reduction is LossReduction.MEAN else 1.0
-        return [self._scaled_rows(acts, grads, record, scale) for (acts, grads), record in zip(rows, records)]
+        return [self._scaled_rows(acts, grads, record, scale) for (acts, grads), record in zip(rows, sampled)]
 
     def _subsample(self, block: CurvatureBlock, record: Record, position: int) -> Record:
         """The record restricted to a random ``statistics_fraction`` of its examples (all of them at 1). The subset
@@ -528,6 +550,12 @@ class KroneckerPreconditioner(Optimizer):
         batches = {block: block.batch_statistics(block_rows) for block, block_rows in rows.items()}
         if not batches:
             return
+        if self.synchronized:
+            # Data parallel: every rank's batch statistics, averaged in one bucketed all-reduce before the check
+            # (those of the combined batch for equal per-rank batches): every rank folds in the same values, or
+            # skips them alike.
+            tensors = [tensor for batch in batches.values() for tensor in batch]
+            data_parallel.all_reduce_mean(tensors, what="curvature statistics")
         checks = torch.stack([sum(t.sum() for t in batch) for batch in batches.values()])
         if not bool(torch.isfinite(checks).all()):
             self._failure("statistics", "non-finite curvature statistics; factors left unchanged")
@@ -537,20 +565,41 @@ class KroneckerPreconditioner(Optimizer):
             block.update_statistics(batch, self.factor_decay)
 
     def _refresh_bases(self, blocks: list[CurvatureBlock]) -> None:
-        """Refresh the basis of each block in ``blocks``; a failed decomposition counts as one failure per round."""
+        """Refresh the basis of each block in ``blocks``; a failed decomposition counts as one failure per round.
+
+        Data parallel (KAISA, Pauloski et al. 2021): each block's refresh runs on one rank, assigned by
+        ``refresh_cost`` (the same greedy assignment on every rank), and its ``basis_tensors`` are broadcast from
+        there. A block without a basis yet is refreshed on every rank (which creates its tensors) and then takes
+        its owner's.
+        """
         start = time.perf_counter()
         failed: list[str] = []
-        for block in blocks:
+        synchronized = self.synchronized
+        owners = data_parallel.assign_by_cost([b.refresh_cost() for b in blocks]) if synchronized else None
+        here = data_parallel.rank() if synchronized else 0
+        for index, block in enumerate(blocks):
+            if owners is not None and owners[index] != here and block.ready:
+                continue
             result = block.refresh(self.refresh_tolerance)
             self.refresh_counts["full"] += result.full
             self.refresh_counts["warm"] += result.warm
+            self.computed_refreshes[block.name] = self.computed_refreshes.get(block.name, 0) + 1
             failed += [f"{key} of layer {block.name}" for key in result.failed]
         self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)
-        if failed:
-            # One failure per refresh round, however many factors failed in it.
+        failed_elsewhere = False
+        if owners is not None:
+            data_parallel.broadcast_from_owners([b.basis_tensors() for b in blocks], owners, what="eigenbases")
+            for block, owner in zip(blocks, owners):
+                self.last_refresh_owners[block.name] = owner
+                if owner != here:
+                    block.adopt_basis()
+            failed_elsewhere = data_parallel.agree_any(bool(failed), what="the eigendecomposition check")
+        if failed or failed_elsewhere:
+            # One failure per refresh round, however many factors failed in it (on any rank).
+            where = ", ".join(failed) if failed else "a layer refreshed on another rank"
             self._failure(
                 "eigh",
-                f"eigendecomposition of factor {', '.join(failed)} failed; keeping the last basis "
+                f"eigendecomposition of factor {where} failed; keeping the last basis "
                 "(the factor's diagonal where there was none)",
             )
         else:
@@ -565,6 +614,8 @@ class KroneckerPreconditioner(Optimizer):
                 estimates[block] = estimate
         if not estimates:
             return
+        if self.synchronized:  # as the factors: the estimate of every rank's batch, in the bases all ranks share
+            data_parallel.all_reduce_mean(list(estimates.values()), what="basis statistics")
         if not bool(torch.isfinite(torch.stack([s.sum() for s in estimates.values()])).all()):
             self._failure("statistics", "non-finite EKFAC scale estimate; scale left unchanged")
             return
@@ -610,10 +661,10 @@ class KroneckerPreconditioner(Optimizer):
         # nothing to learn from it, and nothing to reshape.
         records = {m: [r for r in rs if r.grad_output.numel() > 0] for m, rs in popped.items()}
         records = {m: rs for m, rs in records.items() if rs}
-        if popped and not records:
-            self.skipped_steps += 1
-            _warn(f"{type(self).__name__}: the batch holds no example; the step was skipped")
-            return loss
+        synchronized = self.synchronized
+        if synchronized and self.average_gradients:
+            data_parallel.average_gradients(params)  # data parallel without DDP: the mean gradient over the ranks
+        empty = bool(popped) and not records
         # A non-finite gradient must never reach the parameters (docs/DESIGN.md, section 7), nor one whose squares
         # overflow (finite entries near 1e20 in float32): Adam's second moment, the momentum norm and the trust
         # region's quadratic form would keep an Inf. One host sync per step decides, and gives the growth check its
@@ -621,8 +672,15 @@ class KroneckerPreconditioner(Optimizer):
         param_squares = torch.stack([_sum_of_squares(p.detach()) for p in params]).sum()
         grad_squares = torch.stack([_sum_of_squares(p.grad) for p in params]).sum()
         param_squares, grad_squares = torch.stack([param_squares, grad_squares]).tolist()
+        non_finite = not math.isfinite(grad_squares)
+        if synchronized:  # every rank skips, or none (one all-reduce of both decisions)
+            empty, non_finite = data_parallel.agree_flags([empty, non_finite], what="the skip decisions")
+        if empty:
+            self.skipped_steps += 1
+            _warn(f"{type(self).__name__}: the batch holds no example; the step was skipped")
+            return loss
         self._watch_growth(math.sqrt(param_squares), math.sqrt(grad_squares))
-        if not math.isfinite(grad_squares):
+        if non_finite:
             self.skipped_steps += 1
             self._failure("gradient", "non-finite gradient (or one whose squares overflow); the step was skipped")
             return loss
@@ -1024,6 +1082,16 @@ class KFAC(KroneckerPreconditioner):
         statistics_fraction: the fraction of each recorded batch's examples that feeds the factors and the EKFAC
             scale, drawn at random on each statistics step (the ACKTR paper and kfac-jax estimate the curvature on
             part of the batch); 1 uses every example. The gradient always uses the whole batch.
+        distributed: data parallel on ``torch.distributed`` (:mod:`acktr_kfe.distributed`) when a process group
+            of several ranks is initialized (ignored otherwise): the batch statistics (factors, the EKFAC scale)
+            are averaged across ranks in one bucketed all-reduce per statistics step, each layer's
+            eigendecomposition runs on one rank chosen by cost and is broadcast from it, the skip decisions are
+            taken alike, and (see ``average_gradients``) the gradients are averaged, so every rank takes the same
+            step: that of one process on the combined batch, for equal per-rank batches. ``False``: this rank's
+            optimizer ignores the others.
+        average_gradients: average the gradients across ranks at the start of ``step`` (data parallel only).
+            ``None`` (default): unless the model given is a ``DistributedDataParallel`` wrapper, whose backward
+            has averaged them already.
         factor_decay: running-average decay of A and G, in ``[0, 1)``.
         factor_update_interval: steps between factor updates.
         eigen_update_interval: steps between eigendecompositions (and damped inverses).
@@ -1077,6 +1145,8 @@ class KFAC(KroneckerPreconditioner):
         step_norm: str | StepNorm = "adam",
         refresh_tolerance: float | None = None,
         statistics_fraction: float = 1.0,
+        distributed: bool = True,
+        average_gradients: bool | None = None,
     ) -> None:
         self.damping_mode = _parse_enum(DampingMode, damping_mode, "damping_mode")
         super().__init__(
@@ -1100,6 +1170,8 @@ class KFAC(KroneckerPreconditioner):
             step_norm=step_norm,
             refresh_tolerance=refresh_tolerance,
             statistics_fraction=statistics_fraction,
+            distributed=distributed,
+            average_gradients=average_gradients,
             block_options={"damping_mode": self.damping_mode},
         )
 
@@ -1171,6 +1243,8 @@ class EKFAC(KroneckerPreconditioner):
         step_norm: str | StepNorm = "adam",
         refresh_tolerance: float | None = None,
         statistics_fraction: float = 1.0,
+        distributed: bool = True,
+        average_gradients: bool | None = None,
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
@@ -1199,6 +1273,8 @@ class EKFAC(KroneckerPreconditioner):
             step_norm=step_norm,
             refresh_tolerance=refresh_tolerance,
             statistics_fraction=statistics_fraction,
+            distributed=distributed,
+            average_gradients=average_gradients,
             scale_update_interval=self.scale_update_interval,
             block_options={"scale_mode": self.scale_mode, "scale_decay": self.scale_decay},
         )
