@@ -239,6 +239,11 @@ class CurvatureBlock(ABC):
         """The tensors a refresh produces, to be broadcast (in place) from the rank that computed them."""
         return []
 
+    def adopt_basis(self) -> None:
+        """Data parallel: :meth:`basis_tensors` were overwritten in place with the refresh another rank computed;
+        do what :meth:`refresh` does besides computing them (drop what is derived from the old basis)."""
+        self.invalidate()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, ready={self.ready})"
 
@@ -323,6 +328,10 @@ class KroneckerBlock(CurvatureBlock):
 
     def _on_refreshed(self) -> None:
         """Called after the basis was recomputed."""
+
+    def adopt_basis(self) -> None:
+        self.invalidate()
+        self._on_refreshed()
 
     @abstractmethod
     def damped_kfe_curvature(self, damping: float) -> Tensor:

@@ -34,6 +34,7 @@ __all__ = [
     "DistributedError",
     "Traffic",
     "agree_any",
+    "agree_flags",
     "all_reduce_mean",
     "assign_by_cost",
     "average_gradients",
@@ -367,6 +368,19 @@ def agree_any(flag: bool | Tensor, what: str = "a skip decision") -> bool:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     traffic.add("all_reduce:agreement", tensor.element_size())
     return bool(tensor.item() > 0)
+
+
+def agree_flags(flags: Sequence[bool], what: str = "decisions") -> list[bool]:
+    """Each flag as it holds on any rank: several decisions agreed in one all-reduce (MAX)."""
+    values = [bool(flag) for flag in flags]
+    if not is_active() or not values:
+        return values
+    tensor = torch.tensor([1.0 if value else 0.0 for value in values])
+    tensor = tensor.to(_communication_device(tensor))
+    with _collective(f"all_reduce (MAX) of {what}"):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    traffic.add("all_reduce:agreement", tensor.numel() * tensor.element_size())
+    return [bool(v > 0) for v in tensor.tolist()]
 
 
 def is_wrapped_by_ddp(model: nn.Module) -> bool:

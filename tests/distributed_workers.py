@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+import acktr_kfe
 from acktr_kfe import distributed
 
 PROGRAMS: dict[str, Callable[[int, int], dict[str, Any]]] = {}
@@ -68,18 +70,130 @@ def helpers(rank: int, size: int) -> dict[str, Any]:
 
 @program
 def peer_dies(rank: int, size: int) -> dict[str, Any]:
-    """The last rank exits abruptly after one collective; the others try a second one."""
-    tensors = [torch.ones(4)]
-    distributed.all_reduce_mean(tensors, what="statistics")
-    if rank == size - 1:
-        os._exit(3)
-    time.sleep(0.5)
-    started = time.monotonic()
-    try:
-        distributed.all_reduce_mean(tensors, what="statistics")
-    except RuntimeError as error:
-        return {"error": str(error), "type": type(error).__name__, "seconds": time.monotonic() - started}
+    """EKFAC on every rank; after two steps the last rank exits abruptly, and the others take a third."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = acktr_kfe.EKFAC(model, factor_update_interval=1, eigen_update_interval=1)
+    for step in range(3):
+        if step == 2 and rank == size - 1:
+            os._exit(3)
+        if step == 2:
+            time.sleep(0.5)
+        optimizer.zero_grad()
+        model(torch.randn(16, 6)).square().mean().backward()
+        started = time.monotonic()
+        try:
+            optimizer.step()
+        except RuntimeError as error:
+            return {"error": str(error), "type": type(error).__name__, "seconds": time.monotonic() - started}
     return {"error": None}
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+def _conv_net() -> nn.Module:
+    # Every factor of full rank at these batches: EKFAC's scale is that of a basis, which a degenerate eigenspace
+    # (a rank-deficient factor) leaves free, so its steps would depend on rounding in that eigenspace.
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 5),
+    )  # fmt: skip
+
+
+def _train(
+    name: str,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    nan_at: int | None = None,
+    **options: Any,
+) -> acktr_kfe.KroneckerPreconditioner:
+    """``steps`` steps on the same batch (a slice per rank, or all of it), with short intervals."""
+    intervals = {"factor_update_interval": 1, "eigen_update_interval": 2}
+    if name == "ekfac":
+        intervals["scale_update_interval"] = 1
+    optimizer = acktr_kfe.preconditioner_class(name)(model, lr=0.05, **intervals, **options)
+    for step in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        if step == nan_at:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")  # this rank only: a local overflow
+        optimizer.step()
+    return optimizer
+
+
+@program
+def optimizer_equivalence(rank: int, size: int) -> dict[str, Any]:
+    """K-FAC and EKFAC on an MLP (gradients averaged by the optimizer) and a conv net (in DDP), float64: each rank
+    on its slice of one batch; rank 0 also runs one process on the whole batch (``distributed=False``)."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(7)
+    cases = {
+        "mlp": (_mlp, torch.randn(2 * 32, 10, generator=generator), False),
+        "conv": (_conv_net, torch.randn(2 * 12, 3, 8, 8, generator=generator), True),
+    }
+    results: dict[str, Any] = {}
+    for case, (build, inputs, in_ddp) in cases.items():
+        targets = torch.randint(0, 4, (len(inputs),), generator=generator)
+        share = len(inputs) // size
+        local = slice(rank * share, (rank + 1) * share)
+        for name in ("kfac", "ekfac"):
+            torch.manual_seed(0)
+            model = build()
+            initial = [p.detach().clone() for p in model.parameters()]
+            wrapped = nn.parallel.DistributedDataParallel(model) if in_ddp else model
+            distributed.traffic.reset()
+            optimizer = _train(name, wrapped, inputs[local], targets[local], steps=7)
+            entry: dict[str, Any] = {
+                "parameters": [p.detach().clone() for p in model.parameters()],
+                "initial": initial,
+                "computed_refreshes": dict(optimizer.computed_refreshes),
+                "last_refresh_owners": dict(optimizer.last_refresh_owners),
+                "costs": {b.name: b.refresh_cost() for b in optimizer.blocks},
+                "layers": optimizer.preconditioned_layers,
+                "average_gradients": optimizer.average_gradients,
+                "bytes": dict(distributed.traffic.bytes),
+            }
+            if rank == 0:
+                torch.manual_seed(0)
+                alone = build()
+                _train(name, alone, inputs, targets, steps=7, distributed=False)
+                entry["alone"] = [p.detach().clone() for p in alone.parameters()]
+            results[f"{case}-{name}"] = entry
+    # A non-finite gradient on one rank only (after DDP's averaging): every rank skips that step.
+    torch.manual_seed(0)
+    model = _mlp()
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    inputs, targets = torch.randn(8, 10, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+    nan_at = 1 if rank == size - 1 else None
+    optimizer = _train("ekfac", wrapped, inputs, targets, steps=3, nan_at=nan_at)
+    results["skip"] = {
+        "skipped": optimizer.skipped_steps,
+        "steps": optimizer.steps,
+        "parameters": [p.detach().clone() for p in model.parameters()],
+    }
+    return results
+
+
+@program
+def acktr_lockstep(rank: int, size: int) -> dict[str, Any]:
+    """ACKTR on CartPole-v1, each rank with its own environments (seed + 1000 rank), as scripts/train.py runs it."""
+    from agents import ACKTR
+    from envs import make_env
+
+    env = make_env("CartPole-v1", n_envs=4, seed=1000 * rank)
+    model = ACKTR("MlpPolicy", env, n_steps=8, seed=0, device="cpu", eigen_update_interval=2)
+    model.set_random_seed(1000 * rank)
+    model.learn(4 * 4 * 8)
+    env.close()
+    return {
+        "state": {k: v.clone() for k, v in model.policy.state_dict().items()},
+        "observations": torch.as_tensor(model.rollout_buffer.observations).clone(),
+        "computed_refreshes": dict(model.policy.optimizer.computed_refreshes),
+    }
 
 
 @program

@@ -170,7 +170,7 @@ def test_gradient_averaging_gives_the_mean_gradient(helper_results: list[dict[st
         torch.testing.assert_close(rank_results["weight_grad"], torch.full((2, 3), 6.0))
 
 
-def test_a_rank_that_dies_makes_the_other_raise_a_clear_error(tmp_path: Path) -> None:
+def test_a_rank_that_dies_makes_the_others_optimizer_step_raise_a_clear_error(tmp_path: Path) -> None:
     started = time.monotonic()
     outcomes = launch("peer_dies", tmp_path, timeout=60.0, dist_timeout=20.0)
     assert time.monotonic() - started < 60.0
@@ -178,7 +178,9 @@ def test_a_rank_that_dies_makes_the_other_raise_a_clear_error(tmp_path: Path) ->
     survivor = outcomes[0].result
     assert survivor is not None, outcomes[0].output
     assert survivor["type"] == "DistributedError"
-    assert survivor["error"].startswith("rank 0 of 2: all_reduce of statistics failed: another rank died")
+    # The optimizer's step on the survivor: its first collective, the gradients' all-reduce, fails at once.
+    assert survivor["error"].startswith("rank 0 of 2: all_reduce of gradients failed: another rank died")
+    assert "timeout of 20 s" in survivor["error"]
     assert survivor["seconds"] < 20.0
 
 
@@ -226,6 +228,7 @@ def test_supervised_script_under_torchrun_trains_a_conv_net_on_two_ranks_and_onl
     assert (log_dir / "epochs.csv").is_file()
 
 
+@pytest.mark.slow  # about 10 s; test_acktr_ranks_step_their_own_environments_and_keep_identical_policies covers ACKTR
 def test_train_script_under_torchrun_runs_acktr_on_two_ranks_and_only_rank_0_writes(tmp_path: Path) -> None:
     log_dir = tmp_path / "run"
     argv = ["--env", "CartPole-v1", "--total-timesteps", "640", "--log-dir", str(log_dir), "--checkpoint-every",
@@ -236,3 +239,73 @@ def test_train_script_under_torchrun_runs_acktr_on_two_ranks_and_only_rank_0_wri
     results = json.loads((log_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["timesteps"] == 640
     assert yaml.safe_load((log_dir / "config.yml").read_text())["world_size"] == 2
+
+
+# --- the optimizer, data parallel --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def equivalence_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return results_of(launch("optimizer_equivalence", tmp_path_factory.mktemp("equivalence"), timeout=120.0))
+
+
+CASES = ["mlp-kfac", "mlp-ekfac", "conv-kfac", "conv-ekfac"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_data_parallel_steps_keep_parameters_identical_on_every_rank(
+    equivalence_results: list[dict[str, Any]], case: str
+) -> None:
+    first, second = (results[case] for results in equivalence_results)
+    for a, b in zip(first["parameters"], second["parameters"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_data_parallel_steps_equal_one_process_on_the_combined_batch(
+    equivalence_results: list[dict[str, Any]], case: str
+) -> None:
+    entry = equivalence_results[0][case]
+    for parallel, alone, initial in zip(entry["parameters"], entry["alone"], entry["initial"]):
+        torch.testing.assert_close(parallel, alone, rtol=1e-9, atol=1e-10)
+        assert (parallel - initial).abs().max() > 1e-4  # the steps moved every parameter
+    # The MLP's gradients were averaged by the optimizer, the conv net's by DDP (the optimizer saw the wrapper).
+    assert entry["average_gradients"] is case.startswith("mlp")
+    assert not any(name.startswith("module.") for name in entry["layers"])
+    assert entry["bytes"]["all_reduce:curvature statistics"] > 0 and entry["bytes"]["broadcast:eigenbases"] > 0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_rank_computes_only_its_assigned_eigendecompositions(
+    equivalence_results: list[dict[str, Any]], case: str
+) -> None:
+    entries = [results[case] for results in equivalence_results]
+    owners = entries[0]["last_refresh_owners"]
+    assert owners == entries[1]["last_refresh_owners"]
+    names = list(entries[0]["costs"])
+    assert [owners[n] for n in names] == distributed.assign_by_cost([entries[0]["costs"][n] for n in names], 2)
+    assert set(owners.values()) == {0, 1}
+    # 7 steps with a refresh every 2: rounds at steps 0, 2, 4, 6. The first round runs on every rank (it creates
+    # the bases there); the three after it only on each layer's owner.
+    for rank, entry in enumerate(entries):
+        for name in names:
+            assert entry["computed_refreshes"][name] == (4 if owners[name] == rank else 1), (rank, name)
+
+
+def test_a_non_finite_gradient_on_one_rank_makes_every_rank_skip_the_step(
+    equivalence_results: list[dict[str, Any]],
+) -> None:
+    first, second = (results["skip"] for results in equivalence_results)
+    assert first["skipped"] == second["skipped"] == 1
+    assert first["steps"] == second["steps"] == 2
+    for a, b in zip(first["parameters"], second["parameters"]):
+        assert torch.equal(a, b) and bool(torch.isfinite(a).all())
+
+
+def test_acktr_ranks_step_their_own_environments_and_keep_identical_policies(tmp_path: Path) -> None:
+    first, second = results_of(launch("acktr_lockstep", tmp_path, timeout=90.0))
+    assert not torch.equal(first["observations"], second["observations"])
+    assert first["state"].keys() == second["state"].keys()
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
+    assert first["computed_refreshes"] != second["computed_refreshes"]
