@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -76,10 +77,12 @@ class DistributedError(RuntimeError):
 
 @dataclass
 class Traffic:
-    """Bytes this rank sent through the helpers (payload only), and the number of collectives, by operation."""
+    """Bytes this rank sent through the helpers (payload only), the number of collectives, and the seconds spent
+    in them (waiting for the other ranks included), by operation."""
 
     bytes: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, operation: str, nbytes: int) -> None:
         """Count one collective of ``nbytes`` under ``operation``."""
@@ -94,6 +97,7 @@ class Traffic:
         """Forget the counts."""
         self.bytes.clear()
         self.calls.clear()
+        self.seconds.clear()
 
 
 # The process-wide counter every helper adds to.
@@ -121,14 +125,18 @@ def _timeout_seconds() -> float | None:
 
 
 @contextlib.contextmanager
-def _collective(operation: str) -> Iterator[None]:
-    """Turn a failed collective (gloo and NCCL raise ``RuntimeError`` subclasses) into a ``DistributedError``."""
+def _collective(operation: str, kind: str) -> Iterator[None]:
+    """Time a collective into ``traffic.seconds[kind]``; turn its failure (gloo and NCCL raise ``RuntimeError``
+    subclasses) into a ``DistributedError``."""
+    started = time.perf_counter()
     try:
         yield
     except DistributedError:
         raise
     except RuntimeError as error:
         raise DistributedError(rank(), operation, error) from error
+    finally:
+        traffic.seconds[kind] = traffic.seconds.get(kind, 0.0) + time.perf_counter() - started
 
 
 def torchrun_world_size() -> int:
@@ -229,7 +237,7 @@ def all_reduce_mean(
     for bucket in _buckets(list(tensors), bucket_bytes):
         flat = torch.cat([t.detach().reshape(-1) for t in bucket]) if len(bucket) > 1 else bucket[0].detach().clone()
         flat = flat.to(_communication_device(flat))
-        with _collective(f"all_reduce of {what}"):
+        with _collective(f"all_reduce of {what}", f"all_reduce:{what}"):
             dist.all_reduce(flat.view(-1), op=dist.ReduceOp.SUM)
         flat.div_(size)
         offset = 0
@@ -325,7 +333,7 @@ def broadcast_from_owners(
         for bucket in _buckets(tensors, bucket_bytes):
             flat = torch.cat([t.detach().reshape(-1) for t in bucket])
             flat = flat.to(_communication_device(flat))
-            with _collective(f"broadcast of {what} from rank {owner}"):
+            with _collective(f"broadcast of {what} from rank {owner}", f"broadcast:{what}"):
                 dist.broadcast(flat, src=owner)
             if me != owner:
                 offset = 0
@@ -364,7 +372,7 @@ def agree_any(flag: bool | Tensor, what: str = "a skip decision") -> bool:
         return value
     tensor = torch.tensor([1.0 if value else 0.0])
     tensor = tensor.to(_communication_device(tensor))
-    with _collective(f"all_reduce (MAX) of {what}"):
+    with _collective(f"all_reduce (MAX) of {what}", "all_reduce:agreement"):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     traffic.add("all_reduce:agreement", tensor.element_size())
     return bool(tensor.item() > 0)
@@ -377,7 +385,7 @@ def agree_flags(flags: Sequence[bool], what: str = "decisions") -> list[bool]:
         return values
     tensor = torch.tensor([1.0 if value else 0.0 for value in values])
     tensor = tensor.to(_communication_device(tensor))
-    with _collective(f"all_reduce (MAX) of {what}"):
+    with _collective(f"all_reduce (MAX) of {what}", "all_reduce:agreement"):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     traffic.add("all_reduce:agreement", tensor.numel() * tensor.element_size())
     return [bool(v > 0) for v in tensor.tolist()]

@@ -62,19 +62,25 @@ def _autoencoder_worker(args: argparse.Namespace) -> dict[str, Any]:
         images = (torch.rand(20_000, 30, generator=generator) @ basis / 30).clamp(0, 1)
         synthetic = True
     torch.manual_seed(0)
+    # Without DDP: the optimizer averages the gradients itself, so their all-reduce is counted and timed too (DDP
+    # sends the same bytes, overlapped with the backward).
     model: nn.Module = MNISTAutoencoder()
-    if distributed.is_active():
-        model = nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer("ekfac", model, "mnist_autoencoder")
     if rank:
         torch.manual_seed(1000 * rank)
-    batch, steps = args.ae_batch, args.ae_steps + 1
+    # Timed: steps 1 .. ae_steps. Run on to ae_run_steps for the loss at equal samples across world sizes.
+    batch = args.ae_batch // ranks if args.strong else args.ae_batch
+    steps = max(args.ae_steps, args.ae_run_steps) + 1
     generator = torch.Generator().manual_seed(0)
     losses, times, eigh_ms = [], [], []
     traffic_window: dict[str, int] = {}
+    seconds_window: dict[str, float] = {}
     for step in range(steps):
         if step == 1:
             distributed.traffic.reset()
+        if step == args.ae_steps + 1:
+            traffic_window = dict(distributed.traffic.bytes)
+            seconds_window = dict(distributed.traffic.seconds)
         order = torch.randperm(len(images), generator=generator)[: batch * ranks]
         x = images[order[rank * batch : (rank + 1) * batch]]
         started = time.perf_counter()
@@ -82,35 +88,30 @@ def _autoencoder_worker(args: argparse.Namespace) -> dict[str, Any]:
         times.append(time.perf_counter() - started)
         if step % optimizer.eigen_update_interval == 0:
             eigh_ms.append(optimizer.last_eigh_ms)
-    traffic_window = dict(distributed.traffic.bytes)
+    if steps == args.ae_steps + 1:
+        traffic_window = dict(distributed.traffic.bytes)
+        seconds_window = dict(distributed.traffic.seconds)
     loss = torch.tensor(losses, dtype=torch.float64)
     distributed.all_reduce_mean([loss], what="the losses")
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
-    blocks = getattr(optimizer, "_blocks", None) or []
+    blocks = optimizer.blocks
     return {
         "rank": rank,
         "world_size": ranks,
         "batch_per_rank": batch,
         "synthetic_data": synthetic,
-        "timed_steps": steps - 1,
-        "seconds": sum(times[1:]),
+        "timed_steps": args.ae_steps,
+        "seconds": sum(times[1 : args.ae_steps + 1]),
         "first_step_seconds": times[0],
         "losses": loss.tolist(),
         "eigh_ms": eigh_ms,
         "bytes": traffic_window,
+        "communication_seconds": sum(seconds_window.values()),
         "parameter_bytes": parameters,
-        "gradient_bytes_per_step": parameters if ranks > 1 else 0,
-        "refresh_costs": [float(block.refresh_cost()) for block in blocks if hasattr(block, "refresh_cost")],
-        "basis_bytes": sum(
-            t.numel() * t.element_size() for b in blocks if hasattr(b, "basis_tensors") for t in b.basis_tensors()
-        ),
-        "statistics_bytes": sum(
-            t.numel() * t.element_size()
-            for b in blocks
-            if hasattr(b, "statistics_tensors")
-            for t in b.statistics_tensors()
-        ),
-        "decomposed": list(getattr(optimizer, "decomposed_layers", [])),
+        "refresh_costs": [float(block.refresh_cost()) for block in blocks],
+        "basis_bytes": sum(t.numel() * t.element_size() for b in blocks for t in b.basis_tensors()),
+        "statistics_bytes": sum(t.numel() * t.element_size() for b in blocks for t in b.statistics_tensors()),
+        "computed_refreshes": dict(optimizer.computed_refreshes),
     }
 
 
@@ -149,6 +150,7 @@ def _acktr_worker(args: argparse.Namespace) -> dict[str, Any]:
         "timed_updates": args.rl_updates,
         "seconds": seconds,
         "bytes": dict(distributed.traffic.bytes),
+        "communication_seconds": sum(distributed.traffic.seconds.values()),
         "parameter_bytes": parameters,
         "max_parameter_difference_across_ranks": float((flat.double() - mean).abs().max()),
         "eigh_ms": float(model.policy.optimizer.last_eigh_ms),
@@ -187,7 +189,7 @@ def launch(task: str, ranks: int, args: argparse.Namespace, folder: Path) -> lis
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
         result = folder / f"{task}-{ranks}-rank{rank}.json"
-        command = [sys.executable, __file__, "--worker", task, "--result", str(result), *_forwarded(args)]
+        command = [sys.executable, __file__, "--worker", task, "--result", str(result), *_forwarded(args, ranks)]
         log = (folder / f"{task}-{ranks}-rank{rank}.log").open("w")
         processes.append((subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), result))
     deadline = time.monotonic() + args.timeout
@@ -204,9 +206,12 @@ def launch(task: str, ranks: int, args: argparse.Namespace, folder: Path) -> lis
     return [json.loads(result.read_text()) for _, result in processes]
 
 
-def _forwarded(args: argparse.Namespace) -> list[str]:
-    return ["--ae-batch", str(args.ae_batch), "--ae-steps", str(args.ae_steps), "--data-dir", str(args.data_dir),
-            "--env", args.env, "--rl-updates", str(args.rl_updates)]  # fmt: skip
+def _forwarded(args: argparse.Namespace, ranks: int) -> list[str]:
+    # Every world size runs to the samples the largest one sees in its timed steps.
+    run_steps = args.ae_steps if args.strong else args.ae_steps * max(args.ranks) // ranks
+    return ["--ae-batch", str(args.ae_batch), "--ae-steps", str(args.ae_steps), "--ae-run-steps", str(run_steps),
+            "--data-dir", str(args.data_dir), "--env", args.env, "--rl-updates", str(args.rl_updates),
+            *(["--strong"] if args.strong else [])]  # fmt: skip
 
 
 def _per_step(byte_counts: dict[str, int], steps: int) -> dict[str, float]:
@@ -226,10 +231,12 @@ def summarize(task: str, runs: dict[int, list[dict[str, Any]]]) -> list[dict[str
             for r in results:
                 for kind, count in _per_step(r["bytes"], steps).items():
                     sent[kind] = sent.get(kind, 0.0) + count / ranks
-            sent["ddp:gradients"] = float(results[0]["gradient_bytes_per_step"])
+            losses = results[0]["losses"]
             extra = {
-                "loss_first": results[0]["losses"][0],
-                "loss_last": results[0]["losses"][-1],
+                "loss_first": losses[0],
+                # At the same number of samples for every world size: the mean over the last 5 steps.
+                "samples": len(losses[1:]) * ranks * results[0]["batch_per_rank"],
+                "loss_last": sum(losses[-5:]) / len(losses[-5:]),
                 "eigh_round_ms": results[0]["eigh_ms"][-1] if results[0]["eigh_ms"] else None,
                 "synthetic_data": results[0]["synthetic_data"],
             }
@@ -243,12 +250,15 @@ def summarize(task: str, runs: dict[int, list[dict[str, Any]]]) -> list[dict[str
             extra = {"max_parameter_difference_across_ranks": max(
                 r["max_parameter_difference_across_ranks"] for r in results)}  # fmt: skip
         base = throughput if ranks == 1 else base
+        communication = max(r["communication_seconds"] for r in results) / steps
         rows.append({
             "task": task,
             "ranks": ranks,
             "throughput": throughput,
             "efficiency": throughput / ranks / base if base else None,
             "seconds": seconds,
+            "communication_s_per_step": communication,
+            "communication_share": communication / (seconds / steps),
             "bytes_per_step_per_rank": sent,
             **extra,
         })  # fmt: skip
@@ -301,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--ae-batch", type=int, default=1000, help="autoencoder examples per rank and step")
     parser.add_argument("--ae-steps", type=int, default=50, help="timed autoencoder steps (after the first)")
+    parser.add_argument(
+        "--strong", action="store_true", help="autoencoder: --ae-batch is the global batch, split over the ranks"
+    )
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--env", default="HalfCheetah-v5")
     parser.add_argument("--rl-updates", type=int, default=60, help="timed ACKTR updates (after two)")
@@ -308,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-gbps", type=float, default=100.0, help="link of the model (Gbit/s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per configuration, seconds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--ae-run-steps", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["autoencoder", "acktr"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -335,19 +349,21 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict[str, Any]) -> None:
     """Markdown tables of the measurements and the model."""
     print(f"machine: {report['machine']}; {report['date']}; command: {report['command']}\n")
-    print("| task | processes | samples/s (all ranks) | efficiency | bytes/step/rank: statistics | bases | gradients "
-          "| eigh round (ms) | loss |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| task | processes | samples/s (all ranks) | efficiency | in collectives (ms/step, share) "
+          "| bytes/step/rank: statistics | bases | gradients | other | eigh round (ms) | loss |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         sent = row["bytes_per_step_per_rank"]
-        statistics = sum(v for k, v in sent.items() if k.startswith("all_reduce:") and "gradients" not in k)
-        bases = sum(v for k, v in sent.items() if k.startswith("broadcast:"))
+        statistics = sum(v for k, v in sent.items() if k.endswith("statistics") and k.startswith("all_reduce:"))
+        bases = sum(v for k, v in sent.items() if k == "broadcast:eigenbases")
         gradients = sum(v for k, v in sent.items() if "gradients" in k)
-        loss = f"{row['loss_first']:.1f} -> {row['loss_last']:.1f}" if "loss_last" in row else ""
+        other = sum(sent.values()) - statistics - bases - gradients
+        loss = f"{row['loss_last']:.1f} after {row['samples']:,} samples" if "loss_last" in row else ""
         eigh = f"{row['eigh_round_ms']:.0f}" if row.get("eigh_round_ms") is not None else ""
         efficiency = f"{row['efficiency']:.2f}" if row["efficiency"] is not None else ""
-        print(f"| {row['task']} | {row['ranks']} | {row['throughput']:.0f} | {efficiency} | {statistics:,.0f} | "
-              f"{bases:,.0f} | {gradients:,.0f} | {eigh} | {loss} |")  # fmt: skip
+        waiting = f"{1000 * row['communication_s_per_step']:.1f} ({row['communication_share']:.0%})"
+        print(f"| {row['task']} | {row['ranks']} | {row['throughput']:.0f} | {efficiency} | {waiting} | "
+              f"{statistics:,.0f} | {bases:,.0f} | {gradients:,.0f} | {other:,.0f} | {eigh} | {loss} |")  # fmt: skip
     if "model" in report:
         print("\n| N ranks | compute (s/step) | eigh (s/step) | bytes/step/rank | communication (s/step) | step (s) "
               "| weak-scaling efficiency |")  # fmt: skip
