@@ -7,6 +7,7 @@ or K-FAC from :mod:`acktr_kfe`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -18,13 +19,14 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
+import acktr_kfe
 from acktr_kfe.trust_region import check_radius
 
 from .policies import (
-    PRECONDITIONERS,
     KroneckerActorCriticCnnPolicy,
     KroneckerActorCriticPolicy,
     KroneckerMultiInputActorCriticPolicy,
+    check_preconditioner,
 )
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
@@ -157,8 +159,7 @@ class ACKTR(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
-        if preconditioner not in PRECONDITIONERS:
-            raise ValueError(f"Invalid preconditioner: {preconditioner!r}. Valid values: {', '.join(PRECONDITIONERS)}")
+        check_preconditioner(preconditioner)
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         check_radius(max_kl)
@@ -219,7 +220,8 @@ class ACKTR(OnPolicyAlgorithm):
         policy_kwargs = {**user_kwargs, **{name: getattr(self, name) for name in _POLICY_ARGUMENTS}}
         preconditioner_kwargs = dict(user_kwargs.get("preconditioner_kwargs") or {})
         preconditioner_kwargs.update({name: getattr(self, name) for name in _PRECONDITIONER_ARGUMENTS})
-        if self.preconditioner != "ekfac":
+        accepted = inspect.signature(acktr_kfe.preconditioner_class(self.preconditioner)).parameters
+        if "scale_update_interval" not in accepted:  # K-FAC has no scale to estimate
             del preconditioner_kwargs["scale_update_interval"]
         policy_kwargs["preconditioner_kwargs"] = preconditioner_kwargs
         self.policy_kwargs = policy_kwargs

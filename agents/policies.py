@@ -12,7 +12,7 @@ is a thin SB3 algorithm over it, as SB3's A2C is over ``ActorCriticPolicy``:
 - the curvature pass: whenever the algorithm evaluates actions with gradients enabled (once per A2C or ACKTR
   update, once per PPO minibatch), the Fisher of the policy at actions *sampled from the current policy*, plus the
   Gauss-Newton matrix of the critic, so the curvature never comes from the advantage-weighted loss;
-- the trust regions and their calibration (:mod:`agents.trust_region`), measured after every optimizer step;
+- the trust regions and their calibration (:mod:`agents.kl_calibration`), measured after every optimizer step;
 - the value scale: a running root mean square ``sigma`` of the value targets (fed by
   :meth:`KroneckerActorCriticPolicy.observe_value_targets`). The critic's head predicts the value in units of
   ``sigma`` (PopArt-style, van Hasselt et al. 2016: the head is rescaled when ``sigma`` moves so its outputs stay
@@ -64,7 +64,6 @@ MIN_VALUE_SCALE = 1e-6
 # variance below the floor is taken as the floor (a constant observation component).
 OBSERVATION_CLIP = 10.0
 MIN_OBSERVATION_VARIANCE = 1e-8
-PRECONDITIONERS = ("ekfac", "kfac")
 
 # The preconditioner's settings, the same for ACKTR and the plug-in (preconditioner_kwargs override them).
 PRECONDITIONER_DEFAULTS: dict[str, Any] = {
@@ -76,8 +75,22 @@ PRECONDITIONER_DEFAULTS: dict[str, Any] = {
     "factor_update_interval": 1,
     "eigen_update_interval": 10,
 }
-EKFAC_DEFAULTS: dict[str, Any] = {"scale_update_interval": 1}
-KFAC_DEFAULTS: dict[str, Any] = {"damping_mode": "eigen"}
+# Further settings of one registered preconditioner (by name), on top of PRECONDITIONER_DEFAULTS.
+PRECONDITIONER_NAME_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ekfac": {"scale_update_interval": 1},
+    "kfac": {"damping_mode": "eigen"},
+}
+
+
+def preconditioner_names() -> tuple[str, ...]:
+    """The preconditioners the policy can be built with: every name registered with
+    :func:`acktr_kfe.register_preconditioner` (``"kfac"``, ``"ekfac"`` and any the user added)."""
+    return acktr_kfe.available_preconditioners()
+
+
+def check_preconditioner(name: Any) -> None:
+    """``ValueError`` naming ``name`` and the registered preconditioners unless it is one of them."""
+    acktr_kfe.preconditioner_class(name)
 
 
 def log_std_fisher_diagonals(policy: ActorCriticPolicy) -> dict[th.Tensor, float]:
@@ -113,7 +126,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     """SB3's ``ActorCriticPolicy`` preconditioned by EKFAC or K-FAC, with ACKTR's trust regions and a
     reward-scale-free critic (see the module docstring).
 
-    Trust regions (:mod:`agents.trust_region`): with separate actor and critic networks (SB3's default
+    Trust regions (:mod:`agents.kl_calibration`): with separate actor and critic networks (SB3's default
     ``MlpPolicy`` layout) ``max_kl`` bounds the policy's KL and ``vf_max_kl`` the critic's, with shared layers one
     joint region is bounded by ``max_kl``; each bounds the momentum step actually taken. Both are KLs in nats per
     optimizer step: the critic's Gaussian has standard deviation ``sigma / vf_fisher_coef``, ``sigma`` the running
@@ -158,8 +171,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         normalize_observations: bool = True,
         **kwargs: Any,
     ) -> None:
-        if preconditioner not in PRECONDITIONERS:
-            raise ValueError(f"Invalid preconditioner: {preconditioner!r}. Valid values: {', '.join(PRECONDITIONERS)}")
+        check_preconditioner(preconditioner)
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         reserved = sorted({"lr", "max_kl", "trust_regions", "curvature"} & set(preconditioner_kwargs or {}))
@@ -192,7 +204,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.trust_regions = ActorCriticTrustRegions(
             self, self.max_kl, self.vf_max_kl, self.vf_fisher_coef, self.calibrate_kl
         )
-        extra = EKFAC_DEFAULTS if self.preconditioner == "ekfac" else KFAC_DEFAULTS
+        extra = PRECONDITIONER_NAME_DEFAULTS.get(self.preconditioner, {})
         options = {
             **PRECONDITIONER_DEFAULTS,
             **extra,
@@ -203,7 +215,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             "trust_regions": self.trust_regions.regions,
         }
         options.setdefault("fisher_diagonals", log_std_fisher_diagonals(self))
-        cls = acktr_kfe.EKFAC if self.preconditioner == "ekfac" else acktr_kfe.KFAC
+        cls = acktr_kfe.preconditioner_class(self.preconditioner)
         self.optimizer = cls(self, **options)
         self.optimizer.register_step_post_hook(self._after_step)
         # The critic starts at zero, so the first rollout's advantages are the returns themselves, in whatever units

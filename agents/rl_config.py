@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 from envs import env_kind
 
 from .acktr import ACKTR
-from .policies import PRECONDITIONERS, KroneckerActorCriticPolicy
+from .policies import KroneckerActorCriticPolicy, preconditioner_names
 
 ALGORITHMS: dict[str, type] = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
 # Keys of the environment factory (``envs.make_env``) that a config may set.
@@ -157,7 +158,8 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "policy_kwargs": ("dict", 0, 0, False, False),
     "rollout_buffer_kwargs": ("dict", 0, 0, False, False),
 }
-CHOICES: dict[str, tuple[str, ...]] = {"preconditioner": tuple(PRECONDITIONERS)}
+# Keys whose values come from a list, read when a config is checked (a preconditioner registered later counts).
+CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {"preconditioner": preconditioner_names}
 
 
 def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
@@ -227,8 +229,8 @@ def validate_config(config: dict[str, Any], source: str | Path) -> dict[str, Any
                 raise ValueError("must be a string")
             elif kind == "dict" and not isinstance(value, dict):
                 raise ValueError("must be a mapping")
-            if key in CHOICES and value not in CHOICES[key]:
-                raise ValueError(f"valid values: {', '.join(CHOICES[key])}")
+            if key in CHOICES and value not in CHOICES[key]():
+                raise ValueError(f"valid values: {', '.join(CHOICES[key]())}")
         except ValueError as error:
             extra = " (or 'lin_<start>' for a linear decay to 0)" if kind == "schedule" else ""
             raise ValueError(f"{source}: invalid {key}: {value!r} ({error}{extra})") from None

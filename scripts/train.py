@@ -157,7 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--env", default=None, help="gymnasium id (default: CartPole-v1, or the resumed run's)")
     parser.add_argument("--config", type=Path, default=None, help="YAML file (default: configs/<algo>.yml)")
     parser.add_argument("--algo", choices=sorted(ALGORITHMS), default=None, help="(default: acktr, or the run's)")
-    parser.add_argument("--preconditioner", choices=list(CHOICES["preconditioner"]), default=None)
+    parser.add_argument("--preconditioner", choices=list(CHOICES["preconditioner"]()), default=None)
     parser.add_argument("--seed", type=int, default=None, help="(default: 0, or the resumed run's)")
     parser.add_argument("--total-timesteps", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -303,6 +303,12 @@ def _main(args: argparse.Namespace, rank: int, ranks: int) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     policy, kwargs = model_arguments(config)
     identity = {"env": args.env, "algo": args.algo, "preconditioner": preconditioner_of(config, args.algo)}
+    if ranks > 1 and args.algo != "acktr" and config.get("policy") != "KroneckerActorCriticPolicy":
+        # SB3's own optimizers would step each rank on its own gradients: the ranks would drift apart.
+        raise ValueError(
+            f"torchrun with {args.algo.upper()} needs a Kronecker policy, whose optimizer averages the gradients "
+            "across ranks: add --preconditioner ekfac (or kfac), or use --algo acktr"
+        )
     if rank > 0:
         return _run_follower(args, rank, config, algorithm, policy, kwargs)
 

@@ -50,7 +50,7 @@ def test_acktr_save_and_load_give_same_actions(tmp_path: Path) -> None:
 
 
 def test_acktr_rejects_invalid_hyperparameters_before_building() -> None:
-    with pytest.raises(ValueError, match=r"Invalid preconditioner: 'shampoo'\. Valid values: ekfac, kfac"):
+    with pytest.raises(ValueError, match=r"Invalid preconditioner: 'shampoo'\. Valid values: 'kfac', 'ekfac'"):
         ACKTR("MlpPolicy", "CartPole-v1", preconditioner="shampoo")
     with pytest.raises(ValueError, match="Invalid damping: -1"):
         ACKTR("MlpPolicy", "CartPole-v1", damping=-1.0)
