@@ -181,16 +181,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(task: str, ranks: int, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
-    """Run one configuration as ``ranks`` local processes; each rank's result."""
+def launch(
+    task: str, ranks: int, args: argparse.Namespace, folder: Path, independent: bool = False
+) -> list[dict[str, Any]]:
+    """Run one configuration as ``ranks`` local processes; each rank's result. ``independent``: the processes
+    run the same work at the same time without a process group (what the machine gives N processes that never
+    communicate: the baseline that separates the design's overhead from the cores' contention)."""
     port = _free_port()
     processes = []
+    tag = f"{task}-{ranks}{'-independent' if independent else ''}"
     for rank in range(ranks):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
-        result = folder / f"{task}-{ranks}-rank{rank}.json"
-        command = [sys.executable, __file__, "--worker", task, "--result", str(result), *_forwarded(args, ranks)]
-        log = (folder / f"{task}-{ranks}-rank{rank}.log").open("w")
+        if independent:
+            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        result = folder / f"{tag}-rank{rank}.json"
+        forwarded = _forwarded(args, ranks)
+        if independent and args.strong:  # the share of the global batch each rank would take
+            forwarded[1] = str(args.ae_batch // ranks)
+        command = [sys.executable, __file__, "--worker", task, "--result", str(result), *forwarded]
+        log = (folder / f"{tag}-rank{rank}.log").open("w")
         processes.append((subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), result))
     deadline = time.monotonic() + args.timeout
     for process, _ in processes:
@@ -201,7 +211,7 @@ def launch(task: str, ranks: int, args: argparse.Namespace, folder: Path) -> lis
                 other.kill()
             raise SystemExit(f"{task} with {ranks} processes did not finish in {args.timeout} s") from None
         if process.returncode:
-            logs = "".join(p.read_text()[-2000:] for p in sorted(folder.glob(f"{task}-{ranks}-rank*.log")))
+            logs = "".join(p.read_text()[-2000:] for p in sorted(folder.glob(f"{tag}-rank*.log")))
             raise SystemExit(f"{task} with {ranks} processes failed (exit code {process.returncode}):\n{logs}")
     return [json.loads(result.read_text()) for _, result in processes]
 
@@ -218,11 +228,11 @@ def _per_step(byte_counts: dict[str, int], steps: int) -> dict[str, float]:
     return {kind: count / steps for kind, count in sorted(byte_counts.items())}
 
 
-def summarize(task: str, runs: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per world size: throughput, efficiency, bytes per step by kind (summed over ranks / per rank)."""
+def summarize(task: str, runs: dict[tuple[int, bool], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per configuration (world size, independent): throughput, efficiency, bytes per step by kind."""
     rows = []
     base = None
-    for ranks, results in sorted(runs.items()):
+    for (ranks, independent), results in sorted(runs.items()):
         seconds = max(r["seconds"] for r in results)  # the ranks step together: the slowest sets the pace
         if task == "autoencoder":
             steps = results[0]["timed_steps"]
@@ -254,6 +264,7 @@ def summarize(task: str, runs: dict[int, list[dict[str, Any]]]) -> list[dict[str
         rows.append({
             "task": task,
             "ranks": ranks,
+            "independent": independent,
             "throughput": throughput,
             "efficiency": throughput / ranks / base if base else None,
             "seconds": seconds,
@@ -317,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--env", default="HalfCheetah-v5")
     parser.add_argument("--rl-updates", type=int, default=60, help="timed ACKTR updates (after two)")
+    parser.add_argument(
+        "--independent", action="store_true", help="also N processes at once without communication (contention)"
+    )
     parser.add_argument("--model-ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 64])
     parser.add_argument("--bandwidth-gbps", type=float, default=100.0, help="link of the model (Gbit/s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per configuration, seconds")
@@ -329,17 +343,22 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args)
 
     report: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; load average "
+        f"{os.getloadavg()[0]:.1f} at the start",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as folder:
         for task in args.tasks:
-            runs = {n: launch(task, n, args, Path(folder)) for n in args.ranks}
+            runs = {(n, False): launch(task, n, args, Path(folder)) for n in args.ranks}
+            for n in args.ranks if args.independent else []:
+                if n > 1:
+                    runs[(n, True)] = launch(task, n, args, Path(folder), independent=True)
             report["rows"] += summarize(task, runs)
-            if task == "autoencoder" and 1 in runs:
-                report["model"] = scaling_model(runs[1], args.model_ranks, args.bandwidth_gbps * 1e9 / 8)
+            if task == "autoencoder" and (1, False) in runs:
+                one = runs[(1, False)]
+                report["model"] = scaling_model(one, args.model_ranks, args.bandwidth_gbps * 1e9 / 8)
     print_report(report)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -362,7 +381,8 @@ def print_report(report: dict[str, Any]) -> None:
         eigh = f"{row['eigh_round_ms']:.0f}" if row.get("eigh_round_ms") is not None else ""
         efficiency = f"{row['efficiency']:.2f}" if row["efficiency"] is not None else ""
         waiting = f"{1000 * row['communication_s_per_step']:.1f} ({row['communication_share']:.0%})"
-        print(f"| {row['task']} | {row['ranks']} | {row['throughput']:.0f} | {efficiency} | {waiting} | "
+        processes = f"{row['ranks']}{' independent' if row['independent'] else ''}"
+        print(f"| {row['task']} | {processes} | {row['throughput']:.0f} | {efficiency} | {waiting} | "
               f"{statistics:,.0f} | {bases:,.0f} | {gradients:,.0f} | {other:,.0f} | {eigh} | {loss} |")  # fmt: skip
     if "model" in report:
         print("\n| N ranks | compute (s/step) | eigh (s/step) | bytes/step/rank | communication (s/step) | step (s) "

@@ -50,6 +50,9 @@ def helpers(rank: int, size: int) -> dict[str, Any]:
     agreed_true = distributed.agree_any(rank == size - 1)
     agreed_false = distributed.agree_any(False)
 
+    observations = torch.randn(50, 3, generator=generator, dtype=torch.float64) * (rank + 1) + rank
+    moments = distributed.combine_moments(observations.mean(0), observations.var(0, unbiased=False), 50.0)
+
     layer = torch.nn.Linear(3, 2)
     torch.manual_seed(0)
     torch.nn.init.ones_(layer.weight)
@@ -65,6 +68,10 @@ def helpers(rank: int, size: int) -> dict[str, Any]:
         "agreed_true": agreed_true,
         "agreed_false": agreed_false,
         "weight_grad": layer.weight.grad.clone(),
+        "observations": observations,
+        "moments": moments,
+        "flags": distributed.agree_flags([rank == 0, False, True]),
+        "mean": distributed.mean_over_ranks(torch.tensor(float(rank))),
     }
 
 

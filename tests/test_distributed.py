@@ -170,6 +170,17 @@ def test_gradient_averaging_gives_the_mean_gradient(helper_results: list[dict[st
         torch.testing.assert_close(rank_results["weight_grad"], torch.full((2, 3), 6.0))
 
 
+def test_moments_and_flags_combine_every_ranks_batch(helper_results: list[dict[str, Any]]) -> None:
+    union = torch.cat([r["observations"] for r in helper_results])
+    for rank_results in helper_results:
+        mean, var, count = rank_results["moments"]
+        torch.testing.assert_close(mean, union.mean(0))
+        torch.testing.assert_close(var, union.var(0, unbiased=False))
+        assert count == 100.0
+        assert rank_results["flags"] == [True, False, True]
+        assert float(rank_results["mean"]) == 0.5
+
+
 def test_a_rank_that_dies_makes_the_others_optimizer_step_raise_a_clear_error(tmp_path: Path) -> None:
     started = time.monotonic()
     outcomes = launch("peer_dies", tmp_path, timeout=60.0, dist_timeout=20.0)
