@@ -1,9 +1,10 @@
 """Data-parallel helpers on ``torch.distributed`` for the Kronecker-factored preconditioners.
 
-The design is KAISA's (Pauloski et al. 2021) in its memory-optimal form: every rank holds every layer's factors
-and bases, the statistics of a step (Kronecker factors, the EKFAC scale) are averaged across ranks in one bucketed
-all-reduce, each layer's eigendecomposition runs on one rank chosen by cost (greedy longest-processing-time, the
-same assignment on every rank without communication), and its result is broadcast from that rank.
+The design is KAISA's (Pauloski et al. 2021) at its communication-optimal end (gradient-worker fraction 1): every
+rank holds every layer's factors and bases and preconditions its own (averaged) gradient. The statistics of a step
+(Kronecker factors, the EKFAC scale) are averaged across ranks in one bucketed all-reduce, each layer's
+eigendecomposition runs on one rank chosen by cost (greedy longest-processing-time, the same assignment on every
+rank without communication), and its result is broadcast from that rank.
 
 Every helper is a no-op (and communicates nothing) when ``torch.distributed`` is not initialized or the world has
 one process, so single-process code calls them unconditionally. The backend is the process group's: gloo on CPU,
@@ -13,8 +14,8 @@ Failures. A collective that fails, because a peer process died (gloo: the connec
 hung past the process group's ``timeout`` (gloo: the receive times out), raises :class:`DistributedError`, a
 ``RuntimeError`` that names this rank, the operation and the timeout, instead of hanging.
 
-Traffic. Each helper adds the bytes it sent to :data:`traffic` (payload bytes per rank and call, by operation),
-which the benchmark reads per step.
+Traffic. Each helper adds the bytes it sent and the seconds it spent to :data:`traffic` (payload bytes per rank
+and call, by operation), which the benchmark reads per step.
 """
 
 from __future__ import annotations

@@ -378,6 +378,7 @@ def print_report(report: dict[str, Any]) -> None:
         gradients = sum(v for k, v in sent.items() if "gradients" in k)
         other = sum(sent.values()) - statistics - bases - gradients
         loss = f"{row['loss_last']:.1f} after {row['samples']:,} samples" if "loss_last" in row else ""
+        loss = "" if row["independent"] else loss  # each of them trains alone on its own batches
         eigh = f"{row['eigh_round_ms']:.0f}" if row.get("eigh_round_ms") is not None else ""
         efficiency = f"{row['efficiency']:.2f}" if row["efficiency"] is not None else ""
         waiting = f"{1000 * row['communication_s_per_step']:.1f} ({row['communication_share']:.0%})"
