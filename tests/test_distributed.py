@@ -239,6 +239,26 @@ def test_supervised_script_under_torchrun_trains_a_conv_net_on_two_ranks_and_onl
     assert (log_dir / "epochs.csv").is_file()
 
 
+def test_a_run_folder_rank_0_refuses_stops_every_rank_before_training(tmp_path: Path) -> None:
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    (log_dir / "steps.csv").write_text("an earlier run\n")
+    argv = ["--task", "cifar10_vgg11", "--width", "4", "--batch-size", "8", "--data-dir", str(tmp_path / "data"),
+            "--log-dir", str(log_dir), "--no-progress"]  # fmt: skip
+    from tests.test_supervised import write_cifar_batch
+
+    data = tmp_path / "data" / "cifar-10-batches-py"
+    data.mkdir(parents=True)
+    write_cifar_batch(data / "data_batch_1", 32, seed=1)
+    write_cifar_batch(data / "test_batch", 8, seed=3)
+    finished = torchrun("supervised", argv, tmp_path)
+    assert finished.returncode != 0
+    assert finished.stderr.count("already holds a run") == 1  # rank 0's message, once
+    assert "rank 0 could not use the run folder" in finished.stderr  # and rank 1 stopped with it
+    assert sorted(p.name for p in log_dir.iterdir()) == ["steps.csv"]
+    assert (log_dir / "steps.csv").read_text() == "an earlier run\n"
+
+
 @pytest.mark.slow  # about 10 s; test_acktr_ranks_step_their_own_environments_and_keep_identical_policies covers ACKTR
 def test_train_script_under_torchrun_runs_acktr_on_two_ranks_and_only_rank_0_writes(tmp_path: Path) -> None:
     log_dir = tmp_path / "run"
