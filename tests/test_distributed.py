@@ -49,11 +49,24 @@ def launch(
     dist_timeout: float = 30.0,
     wait_for: int | None = None,
 ) -> list[RankOutcome]:
-    """Run ``program`` in ``world_size`` processes; never longer than ``timeout`` seconds.
+    """Run ``program`` in ``world_size`` processes; never longer than ``timeout`` seconds (per attempt).
 
-    ``wait_for``: once ranks ``0 .. wait_for - 1`` have exited, kill the others (default: wait for all).
+    ``wait_for``: once ranks ``0 .. wait_for - 1`` have exited, kill the others (default: wait for all). A launch
+    whose port was taken between ``free_port()`` and rank 0's bind is tried again on another port.
     """
+    for _ in range(3):
+        outcomes = _launch_once(program, out_dir, world_size, timeout, dist_timeout, wait_for)
+        if not any("address already in use" in outcome.output.lower() for outcome in outcomes):
+            break
+    return outcomes
+
+
+def _launch_once(
+    program: str, out_dir: Path, world_size: int, timeout: float, dist_timeout: float, wait_for: int | None
+) -> list[RankOutcome]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("rank*.pt"):  # an earlier attempt's
+        stale.unlink()
     port = free_port()
     processes = []
     for rank in range(world_size):
@@ -210,9 +223,10 @@ def test_a_rank_that_hangs_makes_the_other_raise_at_the_timeout(tmp_path: Path) 
 
 
 def torchrun(script: str, argv: list[str], tmp_path: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 scripts/<script>.py argv`` on a free port, killed after ``timeout`` seconds."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(ROOT / "scripts" / f"{script}.py"), *argv]  # fmt: skip
+    """``torchrun --standalone --nproc_per_node 2 scripts/<script>.py argv`` (its rendezvous on a port the system
+    picks), killed after ``timeout`` seconds."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "scripts" / f"{script}.py"), *argv]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -230,12 +244,14 @@ def test_supervised_script_under_torchrun_trains_a_conv_net_on_two_ranks_and_onl
     argv = ["--task", "cifar10_vgg11", "--width", "4", "--optimizer", "ekfac", "--batch-size", "8", "--epochs", "1",
             "--data-dir", str(data.parent), "--log-dir", str(log_dir), "--no-progress", "--threads", "1"]  # fmt: skip
     finished = torchrun("supervised", argv, tmp_path)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert finished.stdout.count('"world_size": 2') == 1  # the summary of rank 0 only
+    output = f"{finished.stdout[-2000:]}\n{finished.stderr[-3000:]}"
+    assert finished.returncode == 0, output
+    assert finished.stdout.count('"world_size": 2') == 1, output  # the summary of rank 0 only
     config = yaml.safe_load((log_dir / "config.yml").read_text())
-    assert config["world_size"] == 2 and config["batch_size"] == 8
+    assert config["world_size"] == 2 and config["batch_size"] == 8, config
     with (log_dir / "steps.csv").open() as handle:
-        assert len(handle.read().strip().splitlines()) == 1 + 64 // (2 * 8)  # global batches of 2 x 8
+        rows = handle.read().strip().splitlines()
+    assert len(rows) == 1 + 64 // (2 * 8), rows  # global batches of 2 x 8
     assert (log_dir / "epochs.csv").is_file()
 
 
