@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -44,6 +43,7 @@ from stable_baselines3.common.utils import set_random_seed  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 
 from acktr_kfe import distributed  # noqa: E402
+from agents.data_parallel import SynchronizedNormalization, rank_seed, start_alike  # noqa: E402
 from agents.rl_checkpoint import (  # noqa: E402
     CorruptedFileError,
     latest_checkpoint,
@@ -72,8 +72,6 @@ from agents.run_folder import (  # noqa: E402
 from envs import env_kind, make_env  # noqa: E402
 
 DEFAULTS = {"env": "CartPole-v1", "algo": "acktr", "seed": 0}
-# Under torchrun, rank r's environments and action sampling are seeded with seed + RANK_SEED_STRIDE * r.
-RANK_SEED_STRIDE = 1000
 # What makes a run the run it is: resuming with another value refuses.
 IDENTITY = ("env", "algo", "preconditioner", "seed")
 
@@ -99,26 +97,6 @@ class UpdateBoundaryCheckpoint(BaseCallback):
 
     def _on_step(self) -> bool:
         return True
-
-
-class SynchronizedNormalization(BaseCallback):
-    """Under torchrun: after each rollout, every rank's VecNormalize statistics (observations and returns) become
-    their combination over the ranks (means and second moments averaged), so that all ranks normalize alike."""
-
-    def _on_step(self) -> bool:
-        return True
-
-    def _on_rollout_end(self) -> None:
-        normalize = self.model.get_vec_normalize_env()
-        if normalize is None or not distributed.is_active():
-            return
-        for stats in (normalize.obs_rms, normalize.ret_rms):
-            mean = np.asarray(stats.mean, dtype=np.float64)
-            second = np.asarray(stats.var, dtype=np.float64) + np.square(mean)
-            moments = [torch.tensor(mean), torch.tensor(second)]
-            distributed.all_reduce_mean(moments, what="VecNormalize statistics")
-            stats.mean = moments[0].numpy().reshape(np.shape(stats.mean))
-            stats.var = np.maximum(moments[1].numpy() - np.square(moments[0].numpy()), 0.0).reshape(np.shape(stats.var))
 
 
 def checkpoint(model: Any, run_dir: Path, identity: dict[str, Any]) -> Path:
@@ -374,7 +352,7 @@ def _run(
                 f"{type(error).__name__}: {error}"
             ) from None
 
-    _start_in_step(model)
+    start_alike(model)
     # Only now, with the model built or loaded, does the folder change.
     saved = {"env": args.env, "algo": args.algo, "seed": args.seed, **config, "world_size": distributed.world_size()}
     command = shlex.join([sys.executable, *sys.argv]) + "\n"
@@ -453,26 +431,18 @@ def _run(
     return results
 
 
-def _start_in_step(model: Any) -> None:
-    """Under torchrun: every rank starts from rank 0's parameters and buffers (policy and optimizer state)."""
-    if not distributed.is_active():
-        return
-    state = [t for t in model.policy.state_dict().values() if isinstance(t, torch.Tensor)]
-    distributed.broadcast_from_owners([state], [0], what="the initial policy")
-
-
 def _run_follower(
     args: argparse.Namespace, rank: int, config: dict[str, Any], algorithm: type, policy: Any, kwargs: dict[str, Any]
 ) -> dict[str, Any]:
     """A rank other than 0 under torchrun: its own environments (seed + 1000 rank), the same updates, no files."""
-    seed = args.seed + RANK_SEED_STRIDE * rank
+    seed = rank_seed(args.seed, rank)
     env = make_env(args.env, n_envs=config["n_envs"], seed=seed, **env_options(config))
     set_random_seed(args.seed)
     try:
         # Built with rank 0's seed (the same initial parameters), then reseeded for its own environments.
         model = algorithm(policy, env, seed=args.seed, device=args.device, **kwargs)
         model.set_random_seed(seed)
-        _start_in_step(model)
+        start_alike(model)
         model.learn(config["total_timesteps"], callback=SynchronizedNormalization(), log_interval=1_000_000)
     finally:
         env.close()

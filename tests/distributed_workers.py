@@ -187,19 +187,25 @@ def optimizer_equivalence(rank: int, size: int) -> dict[str, Any]:
 
 @program
 def acktr_lockstep(rank: int, size: int) -> dict[str, Any]:
-    """ACKTR on CartPole-v1, each rank with its own environments (seed + 1000 rank), as scripts/train.py runs it."""
+    """ACKTR on CartPole-v1 behind VecNormalize, each rank with its own environments, as scripts/train.py runs it."""
     from agents import ACKTR
+    from agents.data_parallel import SynchronizedNormalization, rank_seed, start_alike
     from envs import make_env
 
-    env = make_env("CartPole-v1", n_envs=4, seed=1000 * rank)
+    env = make_env("CartPole-v1", n_envs=4, seed=rank_seed(0), normalize=True)
     model = ACKTR("MlpPolicy", env, n_steps=8, seed=0, device="cpu", eigen_update_interval=2)
-    model.set_random_seed(1000 * rank)
-    model.learn(4 * 4 * 8)
+    model.set_random_seed(rank_seed(0))
+    start_alike(model)
+    model.learn(4 * 4 * 8, callback=SynchronizedNormalization())
+    normalize = model.get_vec_normalize_env()
     env.close()
     return {
         "state": {k: v.clone() for k, v in model.policy.state_dict().items()},
         "observations": torch.as_tensor(model.rollout_buffer.observations).clone(),
         "computed_refreshes": dict(model.policy.optimizer.computed_refreshes),
+        "vecnormalize": [
+            torch.as_tensor(v) for v in (normalize.obs_rms.mean, normalize.obs_rms.var, normalize.ret_rms.var)
+        ],
     }
 
 

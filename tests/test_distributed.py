@@ -275,7 +275,7 @@ def test_a_run_folder_rank_0_refuses_stops_every_rank_before_training(tmp_path: 
     assert (log_dir / "steps.csv").read_text() == "an earlier run\n"
 
 
-@pytest.mark.slow  # about 10 s; test_acktr_ranks_step_their_own_environments_and_keep_identical_policies covers ACKTR
+@pytest.mark.slow  # about 10 s; the acktr_lockstep program covers ACKTR's data parallel in the fast suite
 def test_train_script_under_torchrun_runs_acktr_on_two_ranks_and_only_rank_0_writes(tmp_path: Path) -> None:
     log_dir = tmp_path / "run"
     argv = ["--env", "CartPole-v1", "--total-timesteps", "640", "--log-dir", str(log_dir), "--checkpoint-every",
@@ -349,10 +349,12 @@ def test_a_non_finite_gradient_on_one_rank_makes_every_rank_skip_the_step(
         assert torch.equal(a, b) and bool(torch.isfinite(a).all())
 
 
-def test_acktr_ranks_step_their_own_environments_and_keep_identical_policies(tmp_path: Path) -> None:
+def test_acktr_ranks_step_their_own_environments_and_keep_identical_policies_and_normalization(tmp_path: Path) -> None:
     first, second = results_of(launch("acktr_lockstep", tmp_path, timeout=90.0))
     assert not torch.equal(first["observations"], second["observations"])
     assert first["state"].keys() == second["state"].keys()
     for key, value in first["state"].items():
         assert torch.equal(value, second["state"][key]), key
     assert first["computed_refreshes"] != second["computed_refreshes"]
+    for a, b in zip(first["vecnormalize"], second["vecnormalize"]):  # combined after each rollout
+        assert torch.equal(a, b)
