@@ -168,9 +168,7 @@ def init_from_environment(
     if timeout.total_seconds() <= 0:
         raise ValueError(f"Invalid timeout: {timeout} (must be > 0)")
     size = torchrun_world_size()
-    if size <= 1 or dist.is_initialized():
-        if dist.is_initialized():
-            _timeout = _timeout or timeout
+    if size <= 1 or dist.is_initialized():  # (a group initialized elsewhere keeps its own timeout)
         return rank(), world_size()
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
