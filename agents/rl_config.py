@@ -230,7 +230,7 @@ def validate_config(config: dict[str, Any], source: str | Path) -> dict[str, Any
             elif kind == "dict" and not isinstance(value, dict):
                 raise ValueError("must be a mapping")
             if key in CHOICES and value not in CHOICES[key]():
-                raise ValueError(f"valid values: {', '.join(CHOICES[key]())}")
+                raise ValueError(f"valid values: {', '.join(sorted(CHOICES[key]()))}")
         except ValueError as error:
             extra = " (or 'lin_<start>' for a linear decay to 0)" if kind == "schedule" else ""
             raise ValueError(f"{source}: invalid {key}: {value!r} ({error}{extra})") from None
