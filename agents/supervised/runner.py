@@ -67,7 +67,7 @@ class TrainingDivergedError(RuntimeError):
     """
 
     def __init__(self, task: str, optimizer: str, step: int, epoch: int, loss: float, log_dir: Path) -> None:
-        kronecker = optimizer in ("kfac", "ekfac", "ekfac_ra")
+        kronecker = optimizer not in ("sgd", "adam")  # a registered preconditioner, or ekfac_ra
         super().__init__(
             f"{optimizer} on {task}: the training loss is {loss} at step {step} (epoch {epoch}); lower the "
             f"learning rate{' or raise the damping' if kronecker else ''}"
@@ -266,7 +266,8 @@ def train_run(
         if value is not None:
             check_option(name, value)
     if optimizer_name in ("sgd", "adam") and damping is not None:
-        raise ValueError(f"--damping applies to kfac, ekfac and ekfac_ra, not {optimizer_name}")
+        names = ", ".join((*acktr_kfe.available_preconditioners(), "ekfac_ra"))
+        raise ValueError(f"--damping applies to {names}, not {optimizer_name}")
     if max_seconds is not None and not (max_seconds > 0 and math.isfinite(max_seconds)):
         raise ValueError(f"Invalid max_seconds: {max_seconds!r} (must be a finite number > 0)")
     for name, value in (config["optimizers"].get(optimizer_name) or {}).items():
