@@ -23,6 +23,7 @@ import acktr_kfe
 from acktr_kfe.trust_region import check_radius
 
 from .policies import (
+    ACKTR_PRECONDITIONER_DEFAULTS,
     KroneckerActorCriticCnnPolicy,
     KroneckerActorCriticPolicy,
     KroneckerMultiInputActorCriticPolicy,
@@ -93,7 +94,9 @@ class ACKTR(OnPolicyAlgorithm):
         policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` (Dict observations) or a
             :class:`~agents.policies.KroneckerActorCriticPolicy` subclass.
         env: the environment, or its registered id.
-        learning_rate: step size ``eta`` (or a schedule of the remaining progress).
+        learning_rate: the natural-gradient step size ``eta`` of the paper (or a schedule of the remaining
+            progress): ACKTR's preconditioner takes the natural step (``step_norm="natural"``), where the
+            policy's default under SB3's A2C and PPO grafts Adam's step length.
         n_steps: steps per environment per update.
         gamma: discount factor.
         gae_lambda: GAE parameter (1.0: plain n-step returns, as the paper).
@@ -218,7 +221,7 @@ class ACKTR(OnPolicyAlgorithm):
         # policy_kwargs are the user's and ``ACKTR.load(path, policy_kwargs=...)`` passes SB3's equality check.
         user_kwargs = self.policy_kwargs
         policy_kwargs = {**user_kwargs, **{name: getattr(self, name) for name in _POLICY_ARGUMENTS}}
-        preconditioner_kwargs = dict(user_kwargs.get("preconditioner_kwargs") or {})
+        preconditioner_kwargs = {**ACKTR_PRECONDITIONER_DEFAULTS, **(user_kwargs.get("preconditioner_kwargs") or {})}
         preconditioner_kwargs.update({name: getattr(self, name) for name in _PRECONDITIONER_ARGUMENTS})
         accepted = inspect.signature(acktr_kfe.preconditioner_class(self.preconditioner)).parameters
         if "scale_update_interval" not in accepted:  # K-FAC has no scale to estimate

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_sb3_algorithm_trains_with_kronecker_policy(algo: type, env_id: str) -> None:
     env = make_vec_env(env_id, n_envs=2, seed=0)
     kwargs = {"n_steps": 16, "batch_size": 16, "n_epochs": 2} if algo is PPO else {"n_steps": 8}
-    model = algo(KroneckerActorCriticPolicy, env, learning_rate=0.1, seed=0, **kwargs)
+    model = algo(KroneckerActorCriticPolicy, env, seed=0, **kwargs)  # SB3's own learning rate
     assert isinstance(model.policy.optimizer, acktr_kfe.EKFAC)
     before = [p.detach().clone() for p in model.policy.parameters()]
     model.learn(64)
@@ -45,6 +45,25 @@ def test_curvature_comes_from_sampled_actions_not_the_advantage_weighted_loss() 
     recorded = sum(len(r) for r in records.values())
     (values.sum() + log_prob.sum()).backward()  # the training loss's backward is not recorded
     assert sum(len(r) for r in records.values()) == recorded
+
+
+def test_plugin_grafts_adams_step_length_and_acktr_takes_the_natural_step() -> None:
+    import agents
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    plugin = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0)
+    acktr = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0)
+    assert plugin.policy.optimizer.step_norm is acktr_kfe.StepNorm.ADAM
+    assert acktr.policy.optimizer.step_norm is acktr_kfe.StepNorm.NATURAL
+    natural = A2C(
+        KroneckerActorCriticPolicy, env, seed=0, policy_kwargs={"preconditioner_kwargs": {"step_norm": "natural"}}
+    )
+    assert natural.policy.optimizer.step_norm is acktr_kfe.StepNorm.NATURAL
+    # Under SB3's learning rate (7e-4) a grafted step moves each layer by about Adam's step: far from nothing.
+    before = [p.detach().clone() for p in plugin.policy.action_net.parameters()]
+    plugin.learn(16)
+    moved = max((p - p0).abs().max().item() for p0, p in zip(before, plugin.policy.action_net.parameters()))
+    assert 1e-5 < moved < 1e-1
 
 
 def test_kfac_and_invalid_preconditioner_names() -> None:
@@ -74,6 +93,7 @@ class _PolicyKLRecorder(BaseCallback):
 def test_plugin_trust_region_keeps_measured_kl_near_max_kl_in_a2c() -> None:
     max_kl = 1e-3
     env = make_vec_env("CartPole-v1", n_envs=4, seed=0)
+    # A learning rate far above A2C's (Adam-length steps of 0.25): the region, not the step length, bounds the KL.
     model = A2C(KroneckerActorCriticPolicy, env, learning_rate=0.25, seed=0, policy_kwargs={"max_kl": max_kl})
     policy = model.policy
     assert not policy.trust_regions.shared_layers and len(policy.trust_regions.regions) == 2
