@@ -43,6 +43,7 @@ from stable_baselines3.common.utils import set_random_seed  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 
 from acktr_kfe import distributed  # noqa: E402
+from agents import ACKTR, KroneckerActorCriticPolicy, ValueTargetScale  # noqa: E402
 from agents.data_parallel import SynchronizedNormalization, rank_seed, start_alike  # noqa: E402
 from agents.rl_checkpoint import (  # noqa: E402
     CorruptedFileError,
@@ -162,6 +163,14 @@ def default_run_dir(args: argparse.Namespace) -> Path:
     """runs/<algo>_<env>_seed<seed>, with the defaults for what was not given."""
     algo, env, seed = (getattr(args, key) if getattr(args, key) is not None else DEFAULTS[key] for key in DEFAULTS)
     return ROOT / "runs" / f"{algo}_{env.replace('/', '_')}_seed{seed}"
+
+
+def rollout_observers(model: Any) -> list[BaseCallback]:
+    """``[ValueTargetScale()]`` for SB3's A2C / PPO with the Kronecker policy (each rollout's value targets and
+    observations reach the policy, as ACKTR does itself), else ``[]``."""
+    if isinstance(model.policy, KroneckerActorCriticPolicy) and not isinstance(model, ACKTR):
+        return [ValueTargetScale()]
+    return []
 
 
 def preconditioner_of(config: dict[str, Any], algo: str) -> str | None:
@@ -385,6 +394,7 @@ def _run(
                 callback=CallbackList(
                     [
                         SynchronizedNormalization(),
+                        *rollout_observers(model),
                         UpdateBoundaryCheckpoint(run_dir, args.checkpoint_every, identity),
                         progress,
                     ]
@@ -443,7 +453,8 @@ def _run_follower(
         model = algorithm(policy, env, seed=args.seed, device=args.device, **kwargs)
         model.set_random_seed(seed)
         start_alike(model)
-        model.learn(config["total_timesteps"], callback=SynchronizedNormalization(), log_interval=1_000_000)
+        callbacks = CallbackList([SynchronizedNormalization(), *rollout_observers(model)])
+        model.learn(config["total_timesteps"], callback=callbacks, log_interval=1_000_000)
     finally:
         env.close()
     return {"rank": rank, "timesteps": int(model.num_timesteps)}

@@ -146,3 +146,17 @@ def test_quickstart_rerun_writes_a_new_numbered_folder_and_leaves_the_earlier_ru
     (second / "loss.png").write_bytes(b"second run")
     assert quickstart.fresh_folder(first) == tmp_path / "quickstart_3"
     assert (first / "loss.png").read_bytes() == b"earlier run"
+
+
+def test_train_feeds_each_rollout_to_the_kronecker_policy_under_sb3_a2c(tmp_path: Path) -> None:
+    from stable_baselines3 import A2C
+
+    train = load_script("train")
+    run = tmp_path / "a2c"
+    train.main(
+        ["--algo", "a2c", "--preconditioner", "ekfac", "--total-timesteps", "200", "--log-dir", str(run)]
+    )
+    model = A2C.load(run / "model.zip", device="cpu")
+    assert isinstance(model.policy, KroneckerActorCriticPolicy)
+    # ValueTargetScale ran: the value scale left 1 and the observation statistics were fed.
+    assert float(model.policy.value_scale) != 1.0 and float(model.policy.observation_count) > 0
