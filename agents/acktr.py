@@ -24,6 +24,7 @@ from acktr_kfe.trust_region import check_radius
 
 from .policies import (
     ACKTR_PRECONDITIONER_DEFAULTS,
+    POLICY_CURVATURES,
     KroneckerActorCriticCnnPolicy,
     KroneckerActorCriticPolicy,
     KroneckerMultiInputActorCriticPolicy,
@@ -33,7 +34,7 @@ from .policies import (
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
 # ACKTR's own arguments that configure its policy (they become policy_kwargs).
-_POLICY_ARGUMENTS = ("preconditioner", "max_kl", "vf_max_kl", "calibrate_kl", "vf_fisher_coef")
+_POLICY_ARGUMENTS = ("preconditioner", "max_kl", "vf_max_kl", "calibrate_kl", "vf_fisher_coef", "curvature")
 _PRECONDITIONER_ARGUMENTS = (
     "damping",
     "momentum",
@@ -111,7 +112,11 @@ class ACKTR(OnPolicyAlgorithm):
         calibrate_kl: divide the radii by the running bias of the quadratic model (see above).
         damping: Tikhonov damping of the preconditioner.
         momentum: momentum of the preconditioned step.
-        preconditioner: ``"ekfac"`` or ``"kfac"``.
+        preconditioner: ``"ekfac"`` or ``"kfac"`` (or any name registered with
+            :func:`acktr_kfe.register_preconditioner`).
+        curvature: the policy's curvature source: ``"fisher"`` (default; actions sampled from the policy, the
+            paper's) or ``"ief"`` (the taken actions, each example's gradient divided by the norm of its loss
+            gradient at the logits or the Gaussian's mean; Wu et al. 2024). The critic's is Gauss-Newton in both.
         factor_decay, factor_update_interval, eigen_update_interval, scale_update_interval: statistics of the
             preconditioner (see :class:`acktr_kfe.EKFAC`).
         max_grad_norm: optional clipping of the raw gradient norm before preconditioning (off by default).
@@ -146,6 +151,7 @@ class ACKTR(OnPolicyAlgorithm):
         damping: float = 0.1,
         momentum: float = 0.9,
         preconditioner: str = "ekfac",
+        curvature: str = "fisher",
         factor_decay: float = 0.95,
         factor_update_interval: int = 1,
         eigen_update_interval: int = 10,
@@ -163,6 +169,8 @@ class ACKTR(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ) -> None:
         check_preconditioner(preconditioner)
+        if curvature not in POLICY_CURVATURES:
+            raise ValueError(f"Invalid curvature: {curvature!r}. Valid values: {', '.join(POLICY_CURVATURES)}")
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         check_radius(max_kl)

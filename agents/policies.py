@@ -49,6 +49,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch.nn import functional as F
 
 import acktr_kfe
 from acktr_kfe import distributed
@@ -98,6 +99,28 @@ def preconditioner_names() -> tuple[str, ...]:
 def check_preconditioner(name: Any) -> None:
     """``ValueError`` naming ``name`` and the registered preconditioners unless it is one of them."""
     acktr_kfe.preconditioner_class(name)
+
+
+# The policy's curvature sources: the Fisher at actions sampled from the policy (ACKTR's), or iEF at the taken
+# actions (Wu et al. 2024).
+POLICY_CURVATURES = ("fisher", "ief")
+
+
+def ief_output_grad_norms(distribution: Distribution, actions: th.Tensor) -> th.Tensor:
+    """Per-example ``||d(-log pi(a_n | s_n)) / d z_n||`` at the action network's outputs ``z_n``, shape ``(N,)``:
+    ``||softmax(z_n) - onehot(a_n)||`` for a categorical policy, ``||(a_n - mu_n) / sigma^2||`` at a diagonal
+    Gaussian's mean. ``ValueError`` for other action distributions."""
+    inner = distribution.distribution
+    if isinstance(inner, th.distributions.Categorical):
+        grad = inner.probs - F.one_hot(actions.long().flatten(), inner.probs.shape[-1]).to(inner.probs.dtype)
+    elif isinstance(inner, th.distributions.Normal):
+        grad = (actions.reshape(inner.loc.shape) - inner.loc) / inner.scale.square()
+    else:
+        raise ValueError(
+            f"curvature='ief' supports Discrete and Box action spaces (categorical and Gaussian policies), not "
+            f"{type(distribution).__name__}; use curvature='fisher'"
+        )
+    return grad.detach().reshape(grad.shape[0], -1).norm(dim=1)
 
 
 def log_std_fisher_diagonals(policy: ActorCriticPolicy) -> dict[th.Tensor, float]:
@@ -178,22 +201,26 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         calibrate_kl: bool = True,
         vf_fisher_coef: float = 1.0,
         normalize_observations: bool = True,
+        curvature: str = "fisher",
         **kwargs: Any,
     ) -> None:
         check_preconditioner(preconditioner)
+        if curvature not in POLICY_CURVATURES:
+            raise ValueError(f"Invalid curvature: {curvature!r}. Valid values: {', '.join(POLICY_CURVATURES)}")
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         reserved = sorted({"lr", "max_kl", "trust_regions", "curvature"} & set(preconditioner_kwargs or {}))
         if reserved:
             raise ValueError(
                 f"preconditioner_kwargs may not set {reserved}: the learning rate comes from the algorithm, the "
-                "trust regions from max_kl / vf_max_kl, and the curvature is the Fisher"
+                "trust regions from max_kl / vf_max_kl, and the curvature from the policy's curvature argument"
             )
         self.preconditioner = preconditioner
         self.preconditioner_kwargs = dict(preconditioner_kwargs or {})
         self.max_kl, self.vf_max_kl, self.calibrate_kl = max_kl, vf_max_kl, calibrate_kl
         self.vf_fisher_coef = vf_fisher_coef
         self.normalize_observations = normalize_observations
+        self.curvature = curvature
         self.last_measured_kl = self.last_measured_vf_kl = float("nan")
         self._pending: tuple[th.Tensor, Any, th.Tensor] | None = None
         super().__init__(*args, **kwargs)
@@ -220,7 +247,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             "trust_region_mode": "step",
             **self.preconditioner_kwargs,
             "lr": lr_schedule(1),
-            "curvature": "fisher",
+            "curvature": self.curvature,
             "trust_regions": self.trust_regions.regions,
         }
         options.setdefault("fisher_diagonals", log_std_fisher_diagonals(self))
@@ -244,6 +271,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             calibrate_kl=self.calibrate_kl,
             vf_fisher_coef=self.vf_fisher_coef,
             normalize_observations=self.normalize_observations,
+            curvature=self.curvature,
         )
         return data
 
@@ -344,13 +372,37 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         the trust radii of the coming step, and the minibatch kept to measure the KL of that step."""
         distribution, normalized = actor_critic_forward(self, obs)
         if self.training and th.is_grad_enabled():
-            self.optimizer.curvature_backward(
-                curvature_loss(distribution, normalized, self.vf_fisher_coef), retain_graph=True
-            )
+            if self.curvature == "ief":
+                self._ief_curvature_pass(distribution, normalized, actions)
+            else:
+                self.optimizer.curvature_backward(
+                    curvature_loss(distribution, normalized, self.vf_fisher_coef), retain_graph=True
+                )
             self._pending = (obs, detached(distribution.distribution), normalized.detach())
             self.trust_regions.set_radii(self.optimizer)
         values = _scaled_values(normalized, self.value_scale)
         return values, distribution.log_prob(actions), distribution.entropy()
+
+    def _ief_curvature_pass(self, distribution: Distribution, normalized: th.Tensor, actions: th.Tensor) -> None:
+        """``curvature="ief"``: the policy's empirical Fisher at the *taken* actions, each example's gradient divided
+        by the norm of ``d(-log pi(a_n | s_n)) / d z_n`` at the action network's outputs ``z_n`` (the logits, or the
+        Gaussian's mean; Wu et al. 2024), plus the critic's Gauss-Newton pass (whose per-example output gradient is
+        1, so the rescaling leaves it as it is), weighted by ``vf_fisher_coef``."""
+        if not self.optimizer._wants_statistics():
+            return
+        count = normalized.shape[0]
+        # Both the recorded output gradients and these norms carry the 1 / N of the mean-reduced losses.
+        self._record_pass(-distribution.log_prob(actions).mean(), ief_output_grad_norms(distribution, actions) / count)
+        if self.vf_fisher_coef > 0:
+            ones = th.full((count,), 1.0 / count, dtype=normalized.dtype, device=normalized.device)
+            self._record_pass(self.vf_fisher_coef * acktr_kfe.gauss_newton_loss(normalized), ones)
+
+    def _record_pass(self, loss: th.Tensor, norms: th.Tensor) -> None:
+        """A backward pass of ``loss`` that feeds the statistics with the per-example ``norms``, leaving ``.grad``
+        alone (autograd is asked for each block's last parameter, which reaches every layer's output)."""
+        inputs = [block.adapter.parameters()[-1] for block in self.optimizer.blocks]
+        with self.optimizer.record_curvature(logit_grad_norms=norms.detach()):
+            th.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
 
     def _after_step(self, optimizer: th.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After each optimizer step: the measured KL on the last evaluated minibatch, and the calibration."""

@@ -16,7 +16,7 @@ from torch import nn
 from envs import env_kind
 
 from .acktr import ACKTR
-from .policies import KroneckerActorCriticPolicy, preconditioner_names
+from .policies import POLICY_CURVATURES, KroneckerActorCriticPolicy, preconditioner_names
 
 ALGORITHMS: dict[str, type] = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
 # Keys of the environment factory (``envs.make_env``) that a config may set.
@@ -155,11 +155,15 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "use_rms_prop": ("bool", 0, 0, False, False),
     "policy": ("str", 0, 0, False, False),
     "preconditioner": ("str", 0, 0, False, False),
+    "curvature": ("str", 0, 0, False, False),
     "policy_kwargs": ("dict", 0, 0, False, False),
     "rollout_buffer_kwargs": ("dict", 0, 0, False, False),
 }
 # Keys whose values come from a list, read when a config is checked (a preconditioner registered later counts).
-CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {"preconditioner": preconditioner_names}
+CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
+    "preconditioner": preconditioner_names,
+    "curvature": lambda: POLICY_CURVATURES,
+}
 
 
 def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:

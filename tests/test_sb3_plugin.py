@@ -138,3 +138,61 @@ def test_plugin_policy_settings_survive_save_and_load(tmp_path) -> None:
     state = {k: v for k, v in model.policy.state_dict().items() if k != "kl_log_bias"}
     policy.load_state_dict(state)  # a policy saved before the calibration was: it starts afresh
     assert policy.trust_regions.log_bias == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_ief_output_grad_norms_equal_autograd_at_the_action_network_outputs(env_id: str) -> None:
+    from agents.policies import ief_output_grad_norms
+
+    env = make_vec_env(env_id, n_envs=1, seed=0)
+    policy = A2C(KroneckerActorCriticPolicy, env, seed=0, policy_kwargs={"curvature": "ief"}).policy
+    obs = torch.as_tensor(np.stack([env.observation_space.sample() for _ in range(5)]), dtype=torch.float32)
+    features = policy.extract_features(obs)
+    latent = policy.mlp_extractor.forward_actor(features if isinstance(features, torch.Tensor) else features[0])
+    outputs = policy.action_net(latent).detach().requires_grad_(True)
+    if env_id == "CartPole-v1":
+        distribution = policy.action_dist.proba_distribution(action_logits=outputs)
+    else:
+        distribution = policy.action_dist.proba_distribution(outputs, policy.log_std)
+    actions = distribution.sample().detach()
+    (grad,) = torch.autograd.grad(-distribution.log_prob(actions).sum(), outputs)
+    torch.testing.assert_close(ief_output_grad_norms(distribution, actions), grad.norm(dim=1))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+@pytest.mark.parametrize("algorithm", ["acktr", "a2c"])
+def test_ief_curvature_divides_each_examples_policy_gradient_by_its_norm(algorithm: str, env_id: str) -> None:
+    import agents
+
+    env = make_vec_env(env_id, n_envs=2, seed=0)
+    if algorithm == "acktr":
+        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, curvature="ief", vf_fisher_coef=0.5)
+    else:
+        kwargs = {"curvature": "ief", "vf_fisher_coef": 0.5}
+        model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0, policy_kwargs=kwargs)
+    model.learn(16)  # one update: the factors are that batch's statistics
+    optimizer = model.policy.optimizer
+    assert optimizer.curvature is acktr_kfe.Curvature.IEF and optimizer.steps == 1
+    # Unit-norm output gradients at the action network: trace(G) = E ||g_n||^2 = 1. The critic's Gauss-Newton
+    # output gradient is vf_fisher_coef per example, as with the Fisher.
+    action_g = optimizer.state[model.policy.action_net.weight]["G"]
+    value_g = optimizer.state[model.policy.value_net.weight]["G"]
+    assert float(torch.trace(action_g)) == pytest.approx(1.0, rel=1e-5)
+    assert float(torch.trace(value_g)) == pytest.approx(0.25, rel=1e-5)
+
+
+def test_ief_curvature_pass_leaves_the_gradients_alone_and_bad_curvatures_are_refused() -> None:
+    import agents
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0, policy_kwargs={"curvature": "ief"})
+    policy = model.policy
+    policy.set_training_mode(True)
+    obs = torch.as_tensor(env.reset(), dtype=torch.float32)
+    policy.evaluate_actions(obs, torch.zeros(2))
+    assert all(p.grad is None for p in policy.parameters()), "the curvature pass does not touch .grad"
+    assert policy.optimizer._capture.has_records()
+    with pytest.raises(ValueError, match=r"Invalid curvature: 'empirical'\. Valid values: fisher, ief"):
+        agents.ACKTR("MlpPolicy", env, curvature="empirical")
+    with pytest.raises(ValueError, match="Invalid curvature: 'gn'"):
+        A2C(KroneckerActorCriticPolicy, env, policy_kwargs={"curvature": "gn"})
