@@ -38,7 +38,8 @@ BENCHMARKS: dict[str, tuple[int, float]] = {
     "HalfCheetah-v5": (200_000, 1500.0),
     "Hopper-v5": (200_000, 1000.0),
 }
-ALGOS = ("acktr_ekfac", "acktr_kfac", "a2c", "ppo", "trpo")
+# acktr_ief: ACKTR with EKFAC and the policy's iEF curvature (taken actions, rescaled) instead of the sampled Fisher.
+ALGOS = ("acktr_ekfac", "acktr_kfac", "acktr_ief", "a2c", "ppo", "trpo")
 WINDOW = 10
 
 
@@ -76,7 +77,10 @@ def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict
     torch.set_num_threads(threads)
     if algo.startswith("acktr"):
         config = resolve_config(ROOT / "configs" / "acktr.yml", env_id, ACKTR)
-        config["preconditioner"] = algo.split("_", 1)[1]
+        variant = algo.split("_", 1)[1]
+        config["preconditioner"] = "ekfac" if variant == "ief" else variant
+        if variant == "ief":
+            config["curvature"] = "ief"
         cls: Any = ACKTR
     else:
         config = baseline_config(algo, env_id)

@@ -43,7 +43,7 @@ def test_table_gives_ratios_to_a2c_as_bounds_when_a_median_is_beyond_the_budget(
     assert bench.steps_ratio(float("inf"), float("inf"), 100_000) == ""
 
 
-@pytest.mark.parametrize("algo", ["acktr_ekfac", "acktr_kfac", "a2c", "ppo", "trpo"])
+@pytest.mark.parametrize("algo", ["acktr_ekfac", "acktr_kfac", "acktr_ief", "a2c", "ppo", "trpo"])
 def test_each_algorithm_runs_with_its_config(algo: str) -> None:
     if algo == "trpo":
         pytest.importorskip("sb3_contrib", reason="the TRPO baseline needs sb3-contrib")
