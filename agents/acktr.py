@@ -120,8 +120,12 @@ class ACKTR(OnPolicyAlgorithm):
         factor_decay, factor_update_interval, eigen_update_interval, scale_update_interval: statistics of the
             preconditioner (see :class:`acktr_kfe.EKFAC`).
         max_grad_norm: optional clipping of the raw gradient norm before preconditioning (off by default).
-        normalize_advantage: normalize advantages over the batch (on by default: the policy's step and the weight
-            of the entropy bonus then do not depend on the reward scale).
+        normalize_advantage: ``True`` (default): normalize advantages over the batch (the policy's step and the
+            weight of the entropy bonus then do not depend on the reward scale); ``"returns"``: divide them by the
+            running standard deviation of the value targets (:meth:`~agents.policies.KroneckerActorCriticPolicy.
+            value_target_spread`), which is also free of the reward's units but keeps their size relative to the
+            returns, so steps shrink inside the trust region when the advantages carry little (what VecNormalize's
+            reward scaling with raw advantages does); ``False``: raw advantages.
         policy_kwargs: further arguments of the policy (``preconditioner_kwargs`` among them); they may not
             repeat an argument ACKTR takes itself.
         Other arguments: as SB3's ``A2C``.
@@ -157,7 +161,7 @@ class ACKTR(OnPolicyAlgorithm):
         eigen_update_interval: int = 10,
         scale_update_interval: int = 1,
         max_grad_norm: float | None = None,
-        normalize_advantage: bool = True,
+        normalize_advantage: bool | str = True,
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
@@ -177,6 +181,8 @@ class ACKTR(OnPolicyAlgorithm):
         check_radius(vf_max_kl, "vf_max_kl")
         if not damping > 0:
             raise ValueError(f"Invalid damping: {damping}")
+        if normalize_advantage not in (True, False, "returns"):
+            raise ValueError(f"Invalid normalize_advantage: {normalize_advantage!r} (True, False or 'returns')")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")
         if not (isinstance(n_steps, int) and n_steps >= 1):
@@ -261,7 +267,9 @@ class ACKTR(OnPolicyAlgorithm):
             values = values.flatten()
 
             advantages = rollout_data.advantages
-            if self.normalize_advantage and len(advantages) > 1:
+            if self.normalize_advantage == "returns":
+                advantages = advantages / self.policy.value_target_spread()
+            elif self.normalize_advantage and len(advantages) > 1:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             policy_loss = -(advantages * log_prob).mean()
             value_loss = F.mse_loss(rollout_data.returns, values)

@@ -232,6 +232,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         # sigma, and the running (bias-uncorrected) mean of the squared value targets with its total weight.
         self.register_buffer("value_scale", th.ones((), dtype=th.float32))
         self.register_buffer("value_target_moments", th.zeros(2, dtype=th.float64))
+        # The running (bias-uncorrected) mean of the value targets, with the weights of value_target_moments.
+        self.register_buffer("value_target_mean", th.zeros((), dtype=th.float64))
         shape = self.observation_space.shape if self._normalizes_observations else ()
         self.register_buffer("observation_mean", th.zeros(shape, dtype=th.float64))
         self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
@@ -321,6 +323,9 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             th.stack([distributed.mean_over_ranks(targets.square().mean()), th.ones((), dtype=th.float64)])
             * (1 - VALUE_SCALE_DECAY)
         )
+        self.value_target_mean.mul_(VALUE_SCALE_DECAY).add_(
+            distributed.mean_over_ranks(targets.mean()) * (1 - VALUE_SCALE_DECAY)
+        )
         new_scale = max(math.sqrt(float(moments[0] / moments[1])), MIN_VALUE_SCALE)
         ratio = float(self.value_scale) / new_scale
         if not math.isfinite(ratio):
@@ -332,6 +337,16 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
                 buffer.mul_(ratio)
         self.value_scale.fill_(new_scale)
         return new_scale
+
+    def value_target_spread(self) -> float:
+        """The running standard deviation of the value targets (centred, unlike ``sigma``): the scale ACKTR's
+        ``normalize_advantage="returns"`` divides advantages by. 1 before any rollout was observed."""
+        weight = float(self.value_target_moments[1])
+        if weight <= 0:
+            return 1.0
+        mean = float(self.value_target_mean) / weight
+        variance = float(self.value_target_moments[0]) / weight - mean * mean
+        return max(math.sqrt(max(variance, 0.0)), MIN_VALUE_SCALE)
 
     # -- forward passes ------------------------------------------------------------------------------------------
 
@@ -446,6 +461,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             "kl_log_bias": 0.0,
             "value_scale": 1.0,
             "value_target_moments": 0.0,
+            "value_target_mean": 0.0,
             "observation_mean": 0.0,
             "observation_var": 1.0,
             "observation_count": 0.0,

@@ -150,7 +150,7 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "max_grad_norm": ("optional_float", 0, _UNBOUNDED, True, True),
     "target_kl": ("optional_float", 0, _UNBOUNDED, True, True),
     "calibrate_kl": ("bool", 0, 0, False, False),
-    "normalize_advantage": ("bool", 0, 0, False, False),
+    "normalize_advantage": ("bool_or_returns", 0, 0, False, False),
     "use_sde": ("bool", 0, 0, False, False),
     "use_rms_prop": ("bool", 0, 0, False, False),
     "policy": ("str", 0, 0, False, False),
@@ -229,6 +229,8 @@ def validate_config(config: dict[str, Any], source: str | Path) -> dict[str, Any
                     checked[key] = _check_number(value, "float", rule)
             elif kind == "bool" and not isinstance(value, bool):
                 raise ValueError("must be true or false")
+            elif kind == "bool_or_returns" and not (isinstance(value, bool) or value == "returns"):
+                raise ValueError("must be true, false or 'returns'")
             elif kind == "str" and not isinstance(value, str):
                 raise ValueError("must be a string")
             elif kind == "dict" and not isinstance(value, dict):

@@ -122,6 +122,8 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
     recorder = _TrustRegionRecorder()
     if algorithm == "acktr":
         agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).learn(steps, callback=recorder)
+    elif algorithm == "acktr_returns":  # advantages divided by the spread of the returns instead of normalized
+        agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage="returns").learn(steps, callback=recorder)
     else:
         # A learning rate large enough that both regions bind (at A2C's own 7e-4 they rarely do this early).
         model = A2C(
@@ -132,7 +134,7 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
-@pytest.mark.parametrize("algorithm", ["acktr", "a2c_plugin"])
+@pytest.mark.parametrize("algorithm", ["acktr", "acktr_returns", "a2c_plugin"])
 def test_trust_region_scales_do_not_depend_on_the_reward_scale(algorithm: str, env_id: str) -> None:
     runs = {scale: _scaled_reward_run(algorithm, env_id, scale, steps=384) for scale in (0.01, 1.0, 100.0)}
     reference = runs[1.0]
@@ -291,3 +293,20 @@ def test_acktr_loads_with_the_policy_kwargs_it_was_built_with(tmp_path: Path) ->
     assert loaded.policy.optimizer.param_groups[0]["damping"] == 0.2
     assert loaded.policy.net_arch == [16]
     loaded.learn(8)
+
+
+def test_value_target_spread_is_the_running_standard_deviation_of_the_returns() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    policy = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
+    assert policy.value_target_spread() == 1.0, "no rollout observed yet"
+    first = torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64)
+    policy.observe_value_targets(first)
+    assert policy.value_target_spread() == pytest.approx(float(first.std(unbiased=False)))
+    second = 100 + first
+    policy.observe_value_targets(second)
+    both_weights = torch.tensor([0.1 * 0.9, 0.1])  # decay 0.9 per rollout, then normalized by the total weight
+    mean = float((both_weights * torch.stack([first.mean(), second.mean()])).sum() / both_weights.sum())
+    square = float((both_weights * torch.stack([first.square().mean(), second.square().mean()])).sum())
+    assert policy.value_target_spread() == pytest.approx((square / float(both_weights.sum()) - mean**2) ** 0.5)
+    with pytest.raises(ValueError, match="Invalid normalize_advantage: 'batch'"):
+        agents.ACKTR("MlpPolicy", env, normalize_advantage="batch")
