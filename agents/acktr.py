@@ -51,7 +51,7 @@ class ACKTR(OnPolicyAlgorithm):
     A thin SB3 algorithm over :class:`agents.policies.KroneckerActorCriticPolicy`, as SB3's A2C is over
     ``ActorCriticPolicy``: the policy owns the preconditioner, the curvature pass, the trust regions, their
     calibration and the value scale, so one ACKTR update is the step SB3's A2C takes with that policy on the same
-    batch. Each update, on the whole rollout (``n_steps * n_envs`` transitions):
+    batch (given the same advantages). Each update, on the whole rollout (``n_steps * n_envs`` transitions):
 
     1. n-step returns (``gae_lambda=1``) or GAE advantages, as SB3's A2C; the returns update the policy's running
        value scale ``sigma`` (root mean square of the targets), the observations its observation normalization.
@@ -61,10 +61,10 @@ class ACKTR(OnPolicyAlgorithm):
        actor and critic (a CNN trunk) receive both (the cross terms vanish in expectation, since the score of a
        sampled action has mean zero).
     3. The gradient of A2C's loss ``policy_loss + ent_coef * entropy_loss + vf_coef * value_loss`` (the value
-       loss's gradient reaches the critic divided by ``sigma**2``; advantages normalized over the batch by
-       default), preconditioned by EKFAC (default) or K-FAC, and a momentum step scaled by the KL trust region:
-       ``u = momentum buf + D``, ``nu = min(1, sqrt(2 radius / (lr^2 u^T F u)))`` (the region bounds the step
-       actually taken, momentum included). No gradient-norm clipping unless ``max_grad_norm`` is set.
+       loss's gradient reaches the critic divided by ``sigma**2``; advantages divided by the running spread of
+       the returns by default), preconditioned by EKFAC (default) or K-FAC, and a momentum step scaled by the KL
+       trust region: ``u = momentum buf + D``, ``nu = min(1, sqrt(2 radius / (lr^2 u^T F u)))`` (the region
+       bounds the step actually taken, momentum included). No gradient-norm clipping unless ``max_grad_norm`` is set.
 
     Trust regions. With separate actor and critic networks (``MlpPolicy``; the paper's MuJoCo setting) each gets
     its own region, as the paper applies K-FAC to each separately: the policy's KL is bounded by ``max_kl``, and
@@ -120,12 +120,12 @@ class ACKTR(OnPolicyAlgorithm):
         factor_decay, factor_update_interval, eigen_update_interval, scale_update_interval: statistics of the
             preconditioner (see :class:`acktr_kfe.EKFAC`).
         max_grad_norm: optional clipping of the raw gradient norm before preconditioning (off by default).
-        normalize_advantage: ``True`` (default): normalize advantages over the batch (the policy's step and the
-            weight of the entropy bonus then do not depend on the reward scale); ``"returns"``: divide them by the
-            running standard deviation of the value targets (:meth:`~agents.policies.KroneckerActorCriticPolicy.
-            value_target_spread`), which is also free of the reward's units but keeps their size relative to the
-            returns, so steps shrink inside the trust region when the advantages carry little (what VecNormalize's
-            reward scaling with raw advantages does); ``False``: raw advantages.
+        normalize_advantage: ``"returns"`` (default): divide advantages by the running standard deviation of the
+            value targets (:meth:`~agents.policies.KroneckerActorCriticPolicy.value_target_spread`): free of the
+            reward's units, and keeping their size relative to the returns, so steps shrink inside the trust
+            region when the advantages carry little (what VecNormalize's reward scaling with raw advantages does;
+            measured in docs/ACKTR.md); ``True``: normalize them over the batch (SB3's A2C; every step then reaches
+            the region's edge); ``False``: raw advantages.
         policy_kwargs: further arguments of the policy (``preconditioner_kwargs`` among them); they may not
             repeat an argument ACKTR takes itself.
         Other arguments: as SB3's ``A2C``.
@@ -161,7 +161,7 @@ class ACKTR(OnPolicyAlgorithm):
         eigen_update_interval: int = 10,
         scale_update_interval: int = 1,
         max_grad_norm: float | None = None,
-        normalize_advantage: bool | str = True,
+        normalize_advantage: bool | str = "returns",
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
