@@ -181,10 +181,20 @@ def init_from_environment(
     return rank(), world_size()
 
 
-def shutdown() -> None:
-    """Destroy the default process group, if one is initialized (at the end of a script; safe to call always)."""
+def shutdown(synchronize: bool = False) -> None:
+    """Destroy the default process group, if one is initialized (at the end of a script; safe to call always).
+
+    Args:
+        synchronize: first wait at a barrier until every rank got here (on a normal exit): a rank that tears its
+            group down while a peer still talks to it can abort in gloo's threads ("terminate called without an
+            active exception"). Leave it off on an error path, where a hung peer would hold the barrier until the
+            timeout; a barrier that fails (a peer gone) is ignored.
+    """
     global _timeout
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            with contextlib.suppress(RuntimeError):  # a peer is gone: there is nothing left to wait for
+                dist.barrier()
         dist.destroy_process_group()
     _timeout = None
 

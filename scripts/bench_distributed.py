@@ -164,11 +164,13 @@ def worker_main(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     distributed.init_from_environment("cpu", timeout=300.0)
+    finished = False
     try:
         result = _autoencoder_worker(args) if args.worker == "autoencoder" else _acktr_worker(args)
         Path(args.result).write_text(json.dumps(result))
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(synchronize=finished)
     return 0
 
 

@@ -97,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = run_options(args)
+    code = 1
     try:
-        return _main(args, options)
+        code = _main(args, options)
+        return code
     finally:
-        distributed.shutdown()
+        distributed.shutdown(synchronize=code == 0)
 
 
 def _main(args: argparse.Namespace, options: dict) -> int:

@@ -255,10 +255,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     rank, ranks = distributed.init_from_environment(device, timeout=args.dist_timeout)
+    finished = False
     try:
-        return _main(args, rank, ranks)
+        result = _main(args, rank, ranks)
+        finished = True
+        return result
     finally:
-        distributed.shutdown()
+        distributed.shutdown(synchronize=finished)
 
 
 def _main(args: argparse.Namespace, rank: int, ranks: int) -> dict[str, Any]:

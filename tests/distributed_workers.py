@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import acktr_kfe
@@ -230,8 +229,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     result = PROGRAMS[name](rank, size)
     torch.save(result, out_dir / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.shutdown(synchronize=True)
     return 0
 
 
