@@ -197,13 +197,15 @@ def _check_number(value: Any, kind: str, rule: tuple[str, float, float, bool, bo
     return value
 
 
-def validate_config(config: dict[str, Any], source: str | Path) -> dict[str, Any]:
+def validate_config(config: dict[str, Any], source: str | Path, algorithm: type | None = None) -> dict[str, Any]:
     """Check the type and range of every known value of a resolved config; numbers given as strings
     (``"1e-3"``) become floats.
 
     Args:
         config: the resolved settings.
         source: the file they come from, named in the message.
+        algorithm: the algorithm class they are for, when known: ``normalize_advantage: returns`` is ACKTR's only
+            (SB3's A2C and PPO would read the string as true).
 
     Returns:
         the config with numeric strings converted.
@@ -240,6 +242,11 @@ def validate_config(config: dict[str, Any], source: str | Path) -> dict[str, Any
         except ValueError as error:
             extra = " (or 'lin_<start>' for a linear decay to 0)" if kind == "schedule" else ""
             raise ValueError(f"{source}: invalid {key}: {value!r} ({error}{extra})") from None
+    if algorithm is not None and algorithm is not ACKTR and config.get("normalize_advantage") == "returns":
+        raise ValueError(
+            f"{source}: invalid normalize_advantage: 'returns' (ACKTR's option; {algorithm.__name__} takes true "
+            "or false)"
+        )
     normalize = config.get("normalize")
     if not (
         normalize is None

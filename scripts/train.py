@@ -189,7 +189,7 @@ def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
         config = {"policy": "CnnPolicy" if kind == "atari" else "MlpPolicy", "n_envs": 8, "total_timesteps": 100_000}
     else:
         config = resolve_config(path, args.env, algorithm)
-    config = validate_config(config, path)
+    config = validate_config(config, path, algorithm)
     config.setdefault("policy", "MlpPolicy")
     config.setdefault("n_envs", 8)
     config.setdefault("total_timesteps", 100_000)

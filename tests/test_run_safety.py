@@ -399,3 +399,16 @@ def test_resume_of_a_run_that_died_before_its_first_checkpoint_says_so(tmp_path:
     (run / "config.yml").write_text("env: CartPole-v1\nalgo: acktr\nseed: 0\n")
     with pytest.raises(FileNotFoundError, match=r"stopped before its first checkpoint.*fresh --log-dir"):
         load_script("train").main(["--log-dir", str(run), "--resume"])
+
+
+def test_normalize_advantage_returns_is_refused_for_sb3_algorithms_and_accepted_for_acktr() -> None:
+    from stable_baselines3 import A2C
+
+    from agents.acktr import ACKTR
+
+    config = {"normalize_advantage": "returns"}
+    assert validate_config(config, "x.yml", ACKTR) == config
+    with pytest.raises(ValueError, match=r"x\.yml: invalid normalize_advantage: 'returns' \(ACKTR's option; A2C"):
+        validate_config(config, "x.yml", A2C)
+    with pytest.raises(ValueError, match="must be true, false or 'returns'"):
+        validate_config({"normalize_advantage": "batch"}, "x.yml")
