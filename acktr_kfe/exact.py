@@ -155,12 +155,12 @@ class _ExactOptimizer(Optimizer):
         self,
         model: nn.Module,
         loss_fn: LossFn,
+        lr: float = 0.1,
         *,
-        lr: float,
-        damping: float,
-        momentum: float,
-        weight_decay: float,
-        max_elements: int,
+        damping: float = 1e-4,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -274,27 +274,6 @@ class IEF(_ExactOptimizer):
         max_elements: the largest ``N * P`` allowed; a larger per-example gradient matrix raises ``ValueError``.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        lr: float = 0.1,
-        *,
-        damping: float = 1e-4,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
-    ) -> None:
-        super().__init__(
-            model,
-            loss_fn,
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            max_elements=max_elements,
-        )
-
     def _solve(self, rows: Tensor, outputs: Tensor, inputs: Tensor, targets: Tensor, damping: float) -> Tensor:
         output_grads = self._grads.output_gradients(outputs, targets)
         s = output_grads.reshape(rows.shape[0], -1).double().square().sum(dim=1)
@@ -312,27 +291,6 @@ class EF(_ExactOptimizer):
 
     Arguments as :class:`IEF`.
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        lr: float = 0.1,
-        *,
-        damping: float = 1e-4,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
-    ) -> None:
-        super().__init__(
-            model,
-            loss_fn,
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            max_elements=max_elements,
-        )
 
     def _solve(self, rows: Tensor, outputs: Tensor, inputs: Tensor, targets: Tensor, damping: float) -> Tensor:
         ones = torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device)
