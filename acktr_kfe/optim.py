@@ -408,6 +408,7 @@ class KroneckerPreconditioner(Optimizer):
         loss: Tensor,
         *,
         logits: Tensor | None = None,
+        logit_grad_norms: Tensor | None = None,
         retain_graph: bool = False,
         accumulate_grad: bool = False,
     ) -> None:
@@ -415,8 +416,11 @@ class KroneckerPreconditioner(Optimizer):
 
         Args:
             loss: the curvature loss, e.g. ``acktr_kfe.softmax_fisher_loss(logits)`` for the Fisher.
-            logits: the model output at which the per-example gradient norms are taken (required for
-                ``curvature="ief"``, ignored otherwise).
+            logits: the model output at which the per-example gradient norms are taken (``curvature="ief"``
+                needs it or ``logit_grad_norms``; ignored otherwise).
+            logit_grad_norms: for ``curvature="ief"``, the per-example norms ``||d loss / d logits||``, shape
+                ``(N,)``, when the caller knows them in closed form (they carry the same ``1 / N`` as the recorded
+                output gradients of a mean-reduced loss).
             retain_graph: keep the graph for a following ``loss.backward()`` of the training loss.
             accumulate_grad: also accumulate this loss's gradient into ``.grad`` (for ``empirical`` and
                 ``ief``, where the curvature loss is the training loss); by default ``.grad`` is untouched.
@@ -428,10 +432,13 @@ class KroneckerPreconditioner(Optimizer):
             return
         norms = None
         if self.curvature is Curvature.IEF:
-            if logits is None:
+            if logit_grad_norms is not None:
+                norms = logit_grad_norms.detach()
+            elif logits is None:
                 raise ValueError("curvature='ief' needs the logits: curvature_backward(loss, logits=logits)")
-            (logit_grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
-            norms = logit_grad.reshape(logit_grad.shape[0], -1).norm(dim=1).detach()
+            else:
+                (logit_grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+                norms = logit_grad.reshape(logit_grad.shape[0], -1).norm(dim=1).detach()
         with self.record_curvature(logit_grad_norms=norms):
             if accumulate_grad:
                 loss.backward(retain_graph=retain_graph)

@@ -403,21 +403,19 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         by the norm of ``d(-log pi(a_n | s_n)) / d z_n`` at the action network's outputs ``z_n`` (the logits, or the
         Gaussian's mean; Wu et al. 2024), plus the critic's Gauss-Newton pass (whose per-example output gradient is
         1, so the rescaling leaves it as it is), weighted by ``vf_fisher_coef``."""
-        if not self.optimizer._wants_statistics():
-            return
         count = normalized.shape[0]
         # Both the recorded output gradients and these norms carry the 1 / N of the mean-reduced losses.
-        self._record_pass(-distribution.log_prob(actions).mean(), ief_output_grad_norms(distribution, actions) / count)
+        self.optimizer.curvature_backward(
+            -distribution.log_prob(actions).mean(),
+            logit_grad_norms=ief_output_grad_norms(distribution, actions) / count,
+            retain_graph=True,
+        )
         if self.vf_fisher_coef > 0:
-            ones = th.full((count,), 1.0 / count, dtype=normalized.dtype, device=normalized.device)
-            self._record_pass(self.vf_fisher_coef * acktr_kfe.gauss_newton_loss(normalized), ones)
-
-    def _record_pass(self, loss: th.Tensor, norms: th.Tensor) -> None:
-        """A backward pass of ``loss`` that feeds the statistics with the per-example ``norms``, leaving ``.grad``
-        alone (autograd is asked for each block's last parameter, which reaches every layer's output)."""
-        inputs = [block.adapter.parameters()[-1] for block in self.optimizer.blocks]
-        with self.optimizer.record_curvature(logit_grad_norms=norms.detach()):
-            th.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+            self.optimizer.curvature_backward(
+                self.vf_fisher_coef * acktr_kfe.gauss_newton_loss(normalized),
+                logit_grad_norms=th.full((count,), 1.0 / count, dtype=normalized.dtype, device=normalized.device),
+                retain_graph=True,
+            )
 
     def _after_step(self, optimizer: th.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After each optimizer step: the measured KL on the last evaluated minibatch, and the calibration."""

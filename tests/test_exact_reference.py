@@ -308,8 +308,16 @@ def test_ief_output_gradients_are_divided_by_logit_gradient_norm() -> None:
     scaled = grads / logit_grads.norm(dim=1).reshape(-1, 1, 1)
     expected_g = torch.einsum("nti,ntj->ij", scaled, scaled) / x.shape[0]
 
+    start = copy.deepcopy(model)
     optimizer = exact_optimizer(KFAC, model, curvature="ief")
     out = model(x)
     optimizer.curvature_backward(loss_fn(out, y), logits=out, accumulate_grad=True)
     optimizer.step()
     torch.testing.assert_close(optimizer.state[model[3].weight]["G"], expected_g)
+    # The norms given in closed form (mean loss: 1 / N of the per-example ones) record the same factor.
+    given = exact_optimizer(KFAC, start, curvature="ief")
+    given.curvature_backward(
+        loss_fn(start(x), y), logit_grad_norms=logit_grads.norm(dim=1) / x.shape[0], accumulate_grad=True
+    )
+    given.step()
+    torch.testing.assert_close(given.state[start[3].weight]["G"], expected_g)
