@@ -107,6 +107,13 @@ def kfac_reconstruction(state: dict) -> torch.Tensor:
     return torch.kron(factor_g, factor_a)
 
 
+def assert_scale_is_kfe_diagonal(state: dict, block: torch.Tensor) -> torch.Tensor:
+    """EKFAC's scale equals the exact block's diagonal in the layer's KFE; returns the KFE basis."""
+    basis = torch.kron(state["eigvecs_G"], state["eigvecs_A"])
+    torch.testing.assert_close(state["scale"].reshape(-1), (basis.T @ block @ basis).diagonal())
+    return basis
+
+
 def exact_optimizer(cls: type, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
     """An optimizer whose first step is a plain preconditioned step on the batch's own statistics."""
     options = {
@@ -197,10 +204,7 @@ def test_ekfac_scale_equals_kfe_diagonal_of_exact_second_moment(kind: str, bias:
     optimizer = exact_optimizer(EKFAC, model)
     one_step(optimizer, model, x, y)
     for i in TRACKED:
-        state = optimizer.state[model[i].weight]
-        basis = torch.kron(state["eigvecs_G"], state["eigvecs_A"])
-        diagonal = (basis.T @ blocks[i] @ basis).diagonal()
-        torch.testing.assert_close(state["scale"].reshape(-1), diagonal)
+        assert_scale_is_kfe_diagonal(optimizer.state[model[i].weight], blocks[i])
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
