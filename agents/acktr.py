@@ -24,10 +24,10 @@ from acktr_kfe.trust_region import check_radius
 
 from .policies import (
     ACKTR_PRECONDITIONER_DEFAULTS,
-    POLICY_CURVATURES,
     KroneckerActorCriticCnnPolicy,
     KroneckerActorCriticPolicy,
     KroneckerMultiInputActorCriticPolicy,
+    check_curvature,
     check_preconditioner,
 )
 
@@ -173,8 +173,7 @@ class ACKTR(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ) -> None:
         check_preconditioner(preconditioner)
-        if curvature not in POLICY_CURVATURES:
-            raise ValueError(f"Invalid curvature: {curvature!r}. Valid values: {', '.join(POLICY_CURVATURES)}")
+        check_curvature(curvature)
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         check_radius(max_kl)

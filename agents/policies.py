@@ -96,6 +96,12 @@ def preconditioner_names() -> tuple[str, ...]:
     return acktr_kfe.available_preconditioners()
 
 
+def check_curvature(curvature: Any) -> None:
+    """``ValueError`` naming ``curvature`` and :data:`POLICY_CURVATURES` unless it is one of them."""
+    if curvature not in POLICY_CURVATURES:
+        raise ValueError(f"Invalid curvature: {curvature!r}. Valid values: {', '.join(POLICY_CURVATURES)}")
+
+
 def check_preconditioner(name: Any) -> None:
     """``ValueError`` naming ``name`` and the registered preconditioners unless it is one of them."""
     acktr_kfe.preconditioner_class(name)
@@ -205,8 +211,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         **kwargs: Any,
     ) -> None:
         check_preconditioner(preconditioner)
-        if curvature not in POLICY_CURVATURES:
-            raise ValueError(f"Invalid curvature: {curvature!r}. Valid values: {', '.join(POLICY_CURVATURES)}")
+        check_curvature(curvature)
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         reserved = sorted({"lr", "max_kl", "trust_regions", "curvature"} & set(preconditioner_kwargs or {}))
