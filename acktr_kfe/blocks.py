@@ -179,6 +179,30 @@ class CurvatureBlock(ABC):
         del estimate
 
     # --- preconditioning -----------------------------------------------------------------------------------
+    def momentum_in_basis(self) -> bool:
+        """Whether the block preconditions in a basis of its own where its damped curvature is diagonal
+        (:meth:`to_basis`, :meth:`from_basis`, :meth:`damped_basis_curvature`). The optimizer then keeps the layer's
+        momentum buffer in those coordinates between basis refreshes, so that a step costs one rotation in (of the
+        gradient) and one out (of the step), and the buffer's quadratic form is elementwise."""
+        return False
+
+    def to_basis(self, matrix: Tensor) -> Tensor:
+        """A layer-shaped matrix in the block's basis (see :meth:`momentum_in_basis`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no basis of its own")
+
+    def from_basis(self, matrix: Tensor) -> Tensor:
+        """Inverse of :meth:`to_basis`."""
+        raise NotImplementedError(f"{type(self).__name__} has no basis of its own")
+
+    def damped_basis_curvature(self, damping: float) -> Tensor:
+        """The damped curvature in the block's basis, as its layer-shaped diagonal."""
+        raise NotImplementedError(f"{type(self).__name__} has no basis of its own")
+
+    def basis_key(self) -> tuple[Any, ...]:
+        """Changes whenever the basis does (a refresh, an adopted or loaded basis): the optimizer's momentum in the
+        basis is valid while it holds. Tensors in it are compared by identity, other entries by value."""
+        return ()
+
     @abstractmethod
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
         """``(F_block + damping)^-1 grad`` for a layer-shaped gradient ``(out, in+1)``, by the block's damping rule."""
@@ -348,6 +372,23 @@ class KroneckerBlock(CurvatureBlock):
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
         return self.from_kfe(self.to_kfe(grad).div_(self.damped_kfe_curvature(damping)))
 
+    def momentum_in_basis(self) -> bool:
+        return True
+
+    def to_basis(self, matrix: Tensor) -> Tensor:
+        return self.to_kfe(matrix)
+
+    def from_basis(self, matrix: Tensor) -> Tensor:
+        return self.from_kfe(matrix)
+
+    def damped_basis_curvature(self, damping: float) -> Tensor:
+        return self.damped_kfe_curvature(damping)
+
+    def basis_key(self) -> tuple[Any, ...]:
+        # A refresh stores new tensors; an adopted (broadcast) basis is written in place, which bumps _version.
+        vecs_a, vecs_g = self.eigvecs_a, self.eigvecs_g
+        return (vecs_a, vecs_a._version, vecs_g, vecs_g._version)
+
     def quadratic(self, matrix: Tensor, damping: float) -> Tensor:
         return (self.damped_kfe_curvature(damping) * self.to_kfe(matrix).square()).sum()
 
@@ -412,6 +453,11 @@ class KFACBlock(KroneckerBlock):
         inv_g = (vecs_g / (vals_g + root / pi)) @ vecs_g.T
         self._inverses = (damping, inv_g, inv_a)
         return inv_g, inv_a
+
+    def momentum_in_basis(self) -> bool:
+        # Factored damping preconditions with the two damped inverses (two products, no rotation): the momentum
+        # buffer stays in parameter coordinates.
+        return not self.factored
 
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
         if self.factored:

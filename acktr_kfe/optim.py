@@ -349,6 +349,9 @@ class KroneckerPreconditioner(Optimizer):
         self.last_predicted_kls: Tensor | None = None
         self.last_eigh_ms: float = 0.0
         self.skipped_steps = 0
+        # Per block whose momentum lives in its basis (CurvatureBlock.momentum_in_basis): the buffer in basis
+        # coordinates, the basis it is in, and the parameter-space buffers it was stored as (with their versions).
+        self._basis_buffers: dict[CurvatureBlock, tuple[Tensor, tuple[Any, ...], list[tuple[Tensor, int]]]] = {}
         # (first norm, growth that triggers the next warning) of the parameters and of the gradient.
         self._growth: list[tuple[float | None, float]] = [(None, f) for f in GROWTH_WARNING_FACTORS]
 
@@ -593,6 +596,9 @@ class KroneckerPreconditioner(Optimizer):
             self.computed_refreshes[block.name] = self.computed_refreshes.get(block.name, 0) + 1
             failed += [f"{key} of layer {block.name}" for key in result.failed]
         self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)
+        for block in blocks:  # a momentum buffer kept in the old basis is rotated in afresh at the next step
+            if block.has("momentum_in_basis"):
+                del block.state["momentum_in_basis"]
         failed_elsewhere = False
         if owners is not None:
             data_parallel.broadcast_from_owners([b.basis_tensors() for b in blocks], owners, what="eigenbases")
@@ -710,6 +716,8 @@ class KroneckerPreconditioner(Optimizer):
         grafted = self.step_norm is StepNorm.ADAM
         measured = regions.measured(radii, on_step)
         directions: dict[Tensor, Tensor] = {}
+        # Blocks whose momentum buffer lives in their basis: the direction and the damped curvature there.
+        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor]] = {}
         block_dampings: dict[CurvatureBlock, float] = {}
         quadratics = regions.zeros(params[0])
 
@@ -723,8 +731,23 @@ class KroneckerPreconditioner(Optimizer):
             if weight_decay:
                 grad = grad + weight_decay * adapter.param_matrix()
             block_damping = damping
+            region = regions.region(block.weight)
             if block.ready:
                 block_damping = block_dampings[block] = self._block_damping(block, damping)
+                if momentum and block.momentum_in_basis() and all(p.grad is not None for p in adapter.parameters()):
+                    # The step in the block's basis: one rotation in here, one out in the update, and the buffer's
+                    # quadratic form elementwise (D^T grad and buf^T grad are the same in any orthonormal basis).
+                    grad_in_basis = block.to_basis(grad)
+                    curvature = block.damped_basis_curvature(block_damping)
+                    direction = grad_in_basis / curvature
+                    basis_steps[block] = (direction, curvature)
+                    if region is not None and not grafted:
+                        buffer = self._basis_buffer(block) if measured[region] else None
+                        buffer_quadratic = None if buffer is None else (curvature * buffer.square()).sum()
+                        quadratics[region] += step_quadratic(
+                            direction, grad_in_basis, momentum, buffer, buffer_quadratic
+                        )
+                    continue
                 direction = block.precondition(grad, block_damping)
             else:
                 if block.name not in self._warned_missing:
@@ -734,7 +757,6 @@ class KroneckerPreconditioner(Optimizer):
                         "its gradient is used unpreconditioned"
                     )
                 direction = grad
-            region = regions.region(block.weight)
             if region is not None and not grafted:
                 buffer = self._buffer_matrix(block) if measured[region] else None
                 buffer_quadratic = None
@@ -746,8 +768,9 @@ class KroneckerPreconditioner(Optimizer):
             for param, part in zip(adapter.parameters(), adapter.split(direction)):
                 if param.grad is not None:  # a bias frozen after construction stays where it is
                     directions[param] = part
+        in_basis = {param for block in basis_steps for param in block.adapter.parameters()}
         for param in params:
-            if param in directions:
+            if param in directions or param in in_basis:
                 continue
             grad = param.grad + weight_decay * param if weight_decay else param.grad
             diagonal = self._fisher_diagonals.get(id(param))
@@ -766,7 +789,7 @@ class KroneckerPreconditioner(Optimizer):
                 quadratics[region] += step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
 
         # A non-finite direction (overflowing statistics, a degenerate basis) must never reach the parameters.
-        check = [d.sum() for d in directions.values()]
+        check = [d.sum() for d in directions.values()] + [d.sum() for d, _ in basis_steps.values()]
         if self.step_norm is StepNorm.NATURAL:
             scales = regions.scales(quadratics, lr, radii)
             check += [scales.sum(), torch.stack(quadratics).sum()]
@@ -775,13 +798,15 @@ class KroneckerPreconditioner(Optimizer):
             self._failure("step", "non-finite preconditioned direction or trust-region scale; the step was skipped")
             return loss
         if self.step_norm is StepNorm.ADAM:
-            scales, quadratics = self._grafted_update(directions, block_dampings, lr, momentum, weight_decay, radii)
+            scales, quadratics = self._grafted_update(
+                directions, basis_steps, block_dampings, lr, momentum, weight_decay, radii
+            )
             if scales is None:
                 self.skipped_steps += 1
                 self._failure("step", "non-finite step size; the step was skipped")
                 return loss
         else:
-            self._natural_update(directions, scales, lr, momentum, on_step)
+            self._natural_update(directions, basis_steps, scales, lr, momentum, on_step)
         self._consecutive_failures["step"] = 0
 
         self.last_kl_clip_scales = scales
@@ -824,9 +849,29 @@ class KroneckerPreconditioner(Optimizer):
                 )
 
     def _natural_update(
-        self, directions: dict[Tensor, Tensor], scales: Tensor, lr: float, momentum: float, on_step: bool
+        self,
+        directions: dict[Tensor, Tensor],
+        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor]],
+        scales: Tensor,
+        lr: float,
+        momentum: float,
+        on_step: bool,
     ) -> None:
         """The natural-gradient momentum step ``p <- p - lr buf`` with the trust-region scales applied."""
+        for block, (direction, _) in basis_steps.items():
+            step_scale = self.trust_regions.scale_of(block.weight, scales)
+            buffer = self._basis_buffer(block)
+            if buffer is None:
+                buffer = direction * step_scale
+            elif on_step:
+                buffer = buffer.mul(momentum).add_(direction).mul_(step_scale)
+            else:
+                buffer = buffer.mul(momentum).addcmul_(direction, step_scale)
+            parts = self._parameter_buffers(block, buffer)
+            for param, part in zip(block.adapter.parameters(), parts):
+                self.state[param]["momentum_buffer"] = part
+                param.add_(part, alpha=-lr)
+            self._keep_basis_buffer(block, buffer, parts)
         for param, direction in directions.items():
             step_scale = self.trust_regions.scale_of(param, scales)
             if not momentum:
@@ -861,6 +906,7 @@ class KroneckerPreconditioner(Optimizer):
     def _grafted_update(
         self,
         directions: dict[Tensor, Tensor],
+        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor]],
         block_dampings: dict[CurvatureBlock, float],
         lr: float,
         momentum: float,
@@ -873,12 +919,31 @@ class KroneckerPreconditioner(Optimizer):
         of the step ``u`` actually taken. Returns the scales (``None`` when a step size is not finite) and the
         quadratic forms per region."""
         regions = self.trust_regions
-        quadratics = regions.zeros(next(iter(directions)))
+        quadratics = regions.zeros(self.param_groups[0]["params"][0])
         steps: dict[Tensor, Tensor] = {}
         checks: list[Tensor] = []
         # New moments and momentum buffers, stored only once every check has passed: a skipped step leaves them.
         pending: dict[Tensor, dict[str, Tensor]] = {}
+        pending_in_basis: dict[CurvatureBlock, tuple[Tensor, list[Tensor]]] = {}
+        for block, (direction, curvature) in basis_steps.items():
+            params = block.adapter.parameters()
+            adam_norm_sq = sum(self._adam_step(p, weight_decay, pending).square().sum() for p in params)
+            previous = self._basis_buffer(block)
+            buffer = direction.clone() if previous is None else previous.mul(momentum).add_(direction)
+            buffer_norm = torch.linalg.vector_norm(buffer)  # the rotation keeps the norm
+            length = torch.sqrt(adam_norm_sq) / buffer_norm.clamp_min(torch.finfo(buffer_norm.dtype).tiny)
+            checks += [adam_norm_sq, buffer_norm, length]
+            parts = self._parameter_buffers(block, buffer)
+            pending_in_basis[block] = (buffer, parts)
+            for param, part in zip(params, parts):
+                pending[param]["momentum_buffer"] = part
+                steps[param] = part * length
+            region = regions.region(block.weight)
+            if region is not None and radii[region] is not None:
+                quadratics[region] += length.square() * (curvature * buffer.square()).sum()
         for block in self._blocks:
+            if block in basis_steps:
+                continue
             params = [p for p in block.adapter.parameters() if p in directions]
             if not params:
                 continue
@@ -911,9 +976,48 @@ class KroneckerPreconditioner(Optimizer):
             return None, quadratics
         for param, entries in pending.items():
             self.state[param].update(entries)
+        for block, (buffer, parts) in pending_in_basis.items():
+            self._keep_basis_buffer(block, buffer, parts)
         for param, step in steps.items():
             param.addcmul_(step, regions.scale_of(param, scales), value=-lr)
         return scales, quadratics
+
+    def _basis_buffer(self, block: CurvatureBlock) -> Tensor | None:
+        """The layer's momentum buffer in the block's basis: the one kept from the last step while the basis and the
+        stored buffers are unchanged, else the stored buffers rotated in (after a refresh, a load, or a change made
+        outside the optimizer); ``None`` before the first step."""
+        buffers = [self.state[p].get("momentum_buffer") for p in block.adapter.parameters()]
+        if any(b is None for b in buffers):
+            return None
+        kept = self._basis_buffers.get(block)
+        if kept is not None:
+            buffer, key, stored = kept
+            same_basis = len(key) == len(current := block.basis_key()) and all(
+                a is b if isinstance(a, Tensor) else a == b for a, b in zip(key, current)
+            )
+            if same_basis and all(b is s and b._version == v for b, (s, v) in zip(buffers, stored)):
+                return buffer
+        return block.to_basis(block.adapter.join(buffers))
+
+    def _parameter_buffers(self, block: CurvatureBlock, buffer: Tensor) -> list[Tensor]:
+        """A buffer in the block's basis rotated back, one contiguous tensor per parameter."""
+        return [part.contiguous() for part in block.adapter.split(block.from_basis(buffer))]
+
+    def _keep_basis_buffer(self, block: CurvatureBlock, buffer: Tensor, parts: list[Tensor]) -> None:
+        """Keep the buffer in the block's basis for the next step, and in the state (``momentum_in_basis``, until the
+        next refresh) so that a resumed run continues from the same numbers."""
+        self.state[block.weight]["momentum_in_basis"] = buffer
+        self._basis_buffers[block] = (buffer, block.basis_key(), [(part, part._version) for part in parts])
+
+    def _restore_basis_buffers(self) -> None:
+        """After a load: the saved buffers in basis coordinates, for the stored buffers and basis they came with."""
+        self._basis_buffers.clear()
+        for block in self._blocks:
+            buffer = self.state[block.weight].get("momentum_in_basis") if block.has("momentum_in_basis") else None
+            parts = [self.state[p].get("momentum_buffer") for p in block.adapter.parameters()]
+            if buffer is None or not block.ready or not block.momentum_in_basis() or any(b is None for b in parts):
+                continue
+            self._basis_buffers[block] = (buffer, block.basis_key(), [(part, part._version) for part in parts])
 
     def _buffer_matrix(self, block: CurvatureBlock) -> Tensor | None:
         """The layer's momentum buffer as one ``(out, in+1)`` matrix, or ``None`` before the first step."""
@@ -965,6 +1069,7 @@ class KroneckerPreconditioner(Optimizer):
         self._step, self._consecutive_failures, self.skipped_steps = step, failures, skipped
         self._all_layers_have_factors = False
         self._bind_blocks()
+        self._restore_basis_buffers()
 
     def _validate_state(self, state_dict: dict[str, Any]) -> None:
         """Check every tensor of a state to load (shape, floating dtype, finite values) before anything changes:
@@ -989,6 +1094,7 @@ class KroneckerPreconditioner(Optimizer):
             non_negative: tuple[str, ...] = ("adam_exp_avg_sq",)
             if block is not None:
                 shapes.update(block.state_shapes())
+                shapes["momentum_in_basis"] = (block.adapter.out_dim, block.adapter.in_dim)
                 counts = tuple({*counts, *block.count_keys})
                 non_negative += block.non_negative_keys
             for key, value in saved_state.get(saved_id, {}).items():
