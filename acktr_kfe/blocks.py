@@ -165,8 +165,24 @@ class CurvatureBlock(ABC):
         return False
 
     def refresh(self, tolerance: float | None) -> RefreshResult:
-        """Recompute the basis from the statistics (nothing for a block without a basis)."""
-        del tolerance
+        """Recompute the basis from the statistics: :meth:`compute_refresh` of :meth:`refresh_inputs`, installed."""
+        return self.install_refresh(self.compute_refresh(self.refresh_inputs(copy=False), tolerance))
+
+    def refresh_inputs(self, copy: bool) -> dict[str, Tensor]:
+        """What :meth:`compute_refresh` reads from the state; with ``copy`` the tensors that later steps change in
+        place are copied, so that the refresh can run while training goes on (``refresh_delay``)."""
+        del copy
+        return {}
+
+    def compute_refresh(self, inputs: dict[str, Tensor], tolerance: float | None) -> dict[str, Any]:
+        """The new basis from ``inputs`` alone (no state is read or written: it may run in another thread), as a
+        mapping of tensors and counts that :meth:`install_refresh` stores (and a state_dict can hold)."""
+        del inputs, tolerance
+        return {}
+
+    def install_refresh(self, computed: dict[str, Any]) -> RefreshResult:
+        """Store a basis from :meth:`compute_refresh` (nothing for a block without a basis)."""
+        del computed
         return RefreshResult()
 
     def basis_statistics(self, rows: Sequence[Rows]) -> Tensor | None:
@@ -319,36 +335,51 @@ class KroneckerBlock(CurvatureBlock):
     def wants_refresh(self, scheduled: bool) -> bool:
         return self.has_statistics and (scheduled or not self.ready)
 
-    def refresh(self, tolerance: float | None) -> RefreshResult:
+    def refresh_inputs(self, copy: bool) -> dict[str, Tensor]:
+        state = self.state
+        inputs = {key: state[key].clone() if copy else state[key] for key in ("A", "G")}
+        for key in ("A", "G"):  # the last basis, replaced (never changed in place) by a refresh
+            for name in (f"eigvals_{key}", f"eigvecs_{key}"):
+                if name in state:
+                    inputs[name] = state[name]
+        return inputs
+
+    def compute_refresh(self, inputs: dict[str, Tensor], tolerance: float | None) -> dict[str, Any]:
         """Eigendecompose A and G: a warm refresh (one step of subspace iteration from the last basis) when
         ``tolerance`` is set and its off-diagonal mass is within it, else :func:`acktr_kfe.eigen.robust_eigh`. A
         failed decomposition keeps the last good basis (the factor's diagonal when there is none)."""
-        result = RefreshResult()
-        state = self.state
+        computed: dict[str, Any] = {"full": 0, "warm": 0, "failed": []}
         for key in ("A", "G"):
             vals_key, vecs_key = f"eigvals_{key}", f"eigvecs_{key}"
-            if tolerance is not None and vecs_key in state:
-                warm = warm_eigh(state[key], state[vals_key], state[vecs_key])
+            if tolerance is not None and vecs_key in inputs:
+                warm = warm_eigh(inputs[key], inputs[vals_key], inputs[vecs_key])
                 if warm is not None and warm[2] <= tolerance:
-                    state[vals_key], state[vecs_key] = warm[0], warm[1]
-                    result.warm += 1
+                    computed[vals_key], computed[vecs_key] = warm[0], warm[1]
+                    computed["warm"] += 1
                     continue
-            result.full += 1
-            decomposition = robust_eigh(state[key])
+            computed["full"] += 1
+            decomposition = robust_eigh(inputs[key])
             if decomposition is None:
-                result.failed.append(key)
-                if vecs_key in state:
+                computed["failed"].append(key)
+                if vecs_key in inputs:
                     continue  # keep the last good basis
                 # No basis yet: the factor's diagonal (its own eigenbasis when the factor is diagonal).
-                matrix = state[key]
+                matrix = inputs[key]
                 decomposition = (
                     torch.nan_to_num(matrix.diagonal().clone()).clamp_min(0),
                     torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device),
                 )
-            state[vals_key], state[vecs_key] = decomposition
+            computed[vals_key], computed[vecs_key] = decomposition
+        return computed
+
+    def install_refresh(self, computed: dict[str, Any]) -> RefreshResult:
+        state = self.state
+        for key in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G"):
+            if key in computed:
+                state[key] = computed[key]
         self.invalidate()
         self._on_refreshed()
-        return result
+        return RefreshResult(full=computed["full"], warm=computed["warm"], failed=list(computed["failed"]))
 
     def _on_refreshed(self) -> None:
         """Called after the basis was recomputed."""

@@ -25,6 +25,8 @@ import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,7 +36,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import distributed as data_parallel
-from .blocks import CurvatureBlock, EKFACBlock, EmbeddingDiagonalBlock, KFACBlock, Rows, block_class_for
+from .blocks import (
+    CurvatureBlock,
+    EKFACBlock,
+    EmbeddingDiagonalBlock,
+    KFACBlock,
+    RefreshResult,
+    Rows,
+    block_class_for,
+)
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
 from .layers import adapter_for
@@ -166,6 +176,21 @@ def _check_interval(value: Any, name: str) -> int:
     return value
 
 
+@dataclass
+class _PendingRefresh:
+    """Basis refreshes running in the background (``refresh_delay``): installed at step ``due``."""
+
+    due: int
+    blocks: list[CurvatureBlock]
+    future: Future
+
+
+def _drop_basis_buffer(block: CurvatureBlock) -> None:
+    """After the block's basis changed: its momentum buffer kept in the old basis is rotated in afresh."""
+    if block.has("momentum_in_basis"):
+        del block.state["momentum_in_basis"]
+
+
 def _is_number(value: Any) -> bool:
     """A real number (Python's or NumPy's); a string, a tensor or a bool read from a config or a state is not."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -241,6 +266,7 @@ class KroneckerPreconditioner(Optimizer):
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
         refresh_tolerance: float | None = None,
+        refresh_delay: int = 0,
         statistics_fraction: float = 1.0,
         block_options: Mapping[str, Any] | None = None,
         distributed: bool = True,
@@ -325,6 +351,16 @@ class KroneckerPreconditioner(Optimizer):
         if refresh_tolerance is not None and not (0.0 < refresh_tolerance < 1.0):
             raise ValueError(f"Invalid refresh_tolerance: {refresh_tolerance!r} (must be in (0, 1), or None)")
         self.refresh_tolerance = refresh_tolerance
+        if isinstance(refresh_delay, bool) or not isinstance(refresh_delay, int) or refresh_delay < 0:
+            raise ValueError(f"Invalid refresh_delay: {refresh_delay!r} (must be an integer >= 0)")
+        if refresh_delay >= self.eigen_update_interval:
+            raise ValueError(
+                f"Invalid refresh_delay: {refresh_delay} (must be less than eigen_update_interval="
+                f"{self.eigen_update_interval}, so that each refresh lands before the next one starts)"
+            )
+        self.refresh_delay = refresh_delay
+        self._pending_refresh: _PendingRefresh | None = None
+        self._refresh_worker: ThreadPoolExecutor | None = None
         if isinstance(statistics_fraction, bool) or not (0.0 < statistics_fraction <= 1.0):
             raise ValueError(f"Invalid statistics_fraction: {statistics_fraction!r} (must be in (0, 1])")
         self.statistics_fraction = float(statistics_fraction)
@@ -549,8 +585,19 @@ class KroneckerPreconditioner(Optimizer):
             if missing:
                 self._update_statistics(missing)
 
+        if self._pending_refresh is not None and self._pending_refresh.due <= step:
+            self._install_pending_refresh()
         refresh = [block for block in self._blocks if block.wants_refresh(self._is_eigen_step(step))]
-        if refresh:
+        if refresh and self.refresh_delay:
+            # A block without a basis gets its first one now; the others keep theirs until the background
+            # refresh lands, refresh_delay steps later.
+            later = [block for block in refresh if block.ready]
+            first = [block for block in refresh if not block.ready]
+            if first:
+                self._refresh_bases(first)
+            if later:
+                self._start_refresh(later, step + self.refresh_delay)
+        elif refresh:
             self._refresh_bases(refresh)
         if self._is_scale_step(step):
             self._update_basis_statistics(rows)
@@ -590,15 +637,8 @@ class KroneckerPreconditioner(Optimizer):
         for index, block in enumerate(blocks):
             if owners is not None and owners[index] != here and block.ready:
                 continue
-            result = block.refresh(self.refresh_tolerance)
-            self.refresh_counts["full"] += result.full
-            self.refresh_counts["warm"] += result.warm
-            self.computed_refreshes[block.name] = self.computed_refreshes.get(block.name, 0) + 1
-            failed += [f"{key} of layer {block.name}" for key in result.failed]
+            failed += self._count_refresh(block, block.refresh(self.refresh_tolerance))
         self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)
-        for block in blocks:  # a momentum buffer kept in the old basis is rotated in afresh at the next step
-            if block.has("momentum_in_basis"):
-                del block.state["momentum_in_basis"]
         failed_elsewhere = False
         if owners is not None:
             data_parallel.broadcast_from_owners([b.basis_tensors() for b in blocks], owners, what="eigenbases")
@@ -606,7 +646,19 @@ class KroneckerPreconditioner(Optimizer):
                 self.last_refresh_owners[block.name] = owner
                 if owner != here:
                     block.adopt_basis()
+                    _drop_basis_buffer(block)
             failed_elsewhere = data_parallel.agree_any(bool(failed), what="the eigendecomposition check")
+        self._refresh_failures(failed, failed_elsewhere)
+
+    def _count_refresh(self, block: CurvatureBlock, result: RefreshResult) -> list[str]:
+        """Count one block's refresh; its failed factors, for the failure warning."""
+        self.refresh_counts["full"] += result.full
+        self.refresh_counts["warm"] += result.warm
+        self.computed_refreshes[block.name] = self.computed_refreshes.get(block.name, 0) + 1
+        _drop_basis_buffer(block)
+        return [f"{key} of layer {block.name}" for key in result.failed]
+
+    def _refresh_failures(self, failed: list[str], failed_elsewhere: bool = False) -> None:
         if failed or failed_elsewhere:
             # One failure per refresh round, however many factors failed in it (on any rank).
             where = ", ".join(failed) if failed else "a layer refreshed on another rank"
@@ -617,6 +669,54 @@ class KroneckerPreconditioner(Optimizer):
             )
         else:
             self._consecutive_failures["eigh"] = 0
+
+    def _start_refresh(self, blocks: list[CurvatureBlock], due: int) -> None:
+        """Start the refreshes of ``blocks`` in a background thread, on copies of their factors; they are installed
+        at step ``due``. On a GPU they run in a side stream."""
+        if self.synchronized:
+            raise RuntimeError(
+                f"{type(self).__name__}: refresh_delay={self.refresh_delay} is not supported with data parallel "
+                "training (each rank refreshes its share and broadcasts it in the step); use refresh_delay=0"
+            )
+        if self._pending_refresh is not None:  # cannot happen while refresh_delay < eigen_update_interval
+            self._install_pending_refresh()
+        inputs = [block.refresh_inputs(copy=True) for block in blocks]
+        device = blocks[0].weight.device
+        stream = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # after the copies above
+        tolerance = self.refresh_tolerance
+
+        def compute() -> list[dict[str, Any]]:
+            if stream is None:
+                return [block.compute_refresh(i, tolerance) for block, i in zip(blocks, inputs)]
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                computed = [block.compute_refresh(i, tolerance) for block, i in zip(blocks, inputs)]
+            stream.synchronize()  # this thread waits; the training stream never does
+            return computed
+
+        if self._refresh_worker is None:
+            self._refresh_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="acktr-kfe-refresh")
+            weakref.finalize(self, self._refresh_worker.shutdown, wait=False)
+        self._pending_refresh = _PendingRefresh(due, list(blocks), self._refresh_worker.submit(compute))
+
+    def _install_pending_refresh(self) -> None:
+        """Wait for the background refreshes (if still running) and install their bases."""
+        pending, self._pending_refresh = self._pending_refresh, None
+        if pending is None:
+            return
+        start = time.perf_counter()
+        computed = pending.future.result()
+        failed: list[str] = []
+        for block, result in zip(pending.blocks, computed):
+            if block.weight.device.type == "cuda":  # made in the side stream, used in the current one from now on
+                for value in result.values():
+                    if isinstance(value, Tensor):
+                        value.record_stream(torch.cuda.current_stream(block.weight.device))
+            failed += self._count_refresh(block, block.install_refresh(result))
+        self.last_eigh_ms = 1000.0 * (time.perf_counter() - start)  # the wait, not the decompositions
+        self._refresh_failures(failed)
 
     def _update_basis_statistics(self, rows: dict[CurvatureBlock, list[Rows]]) -> None:
         """Each block's estimate in its basis (EKFAC's scale), folded in only if every one is finite."""
@@ -1054,6 +1154,14 @@ class KroneckerPreconditioner(Optimizer):
             "consecutive_failures": dict(self._consecutive_failures),
             "skipped_steps": self.skipped_steps,
         }
+        pending = self._pending_refresh
+        if pending is not None:
+            # Refreshes still in the background: saved with the step they land at, so a resumed run installs the
+            # same bases at the same step.
+            state["kronecker"]["pending_refresh"] = {
+                "due": pending.due,
+                "blocks": {block.name: computed for block, computed in zip(pending.blocks, pending.future.result())},
+            }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1065,11 +1173,46 @@ class KroneckerPreconditioner(Optimizer):
             raise ValueError(f"cannot load {found} into {type(self).__name__}")
         step, failures, skipped = _validate_counters(extra)
         self._validate_state(state_dict)
+        pending = self._validate_pending_refresh(extra.get("pending_refresh"), step)
         super().load_state_dict(state_dict)
         self._step, self._consecutive_failures, self.skipped_steps = step, failures, skipped
+        if self._pending_refresh is not None:
+            self._pending_refresh.future.cancel()
+        self._pending_refresh = pending
         self._all_layers_have_factors = False
         self._bind_blocks()
         self._restore_basis_buffers()
+
+    def _validate_pending_refresh(self, saved: Any, step: int) -> _PendingRefresh | None:
+        """The saved background refreshes, checked (layers, step, shapes, finite values) and ready to install."""
+        if saved is None:
+            return None
+        blocks = {block.name: block for block in self._blocks}
+        if (
+            not isinstance(saved, dict)
+            or not isinstance(saved.get("due"), int)
+            or not isinstance(saved.get("blocks"), dict)
+            or not step <= saved["due"] < step + self.eigen_update_interval
+        ):
+            raise ValueError(f"corrupted optimizer state: pending_refresh {saved!r:.200}")
+        chosen, computed = [], []
+        for name, result in saved["blocks"].items():
+            block = blocks.get(name)
+            if block is None or not isinstance(result, dict):
+                raise ValueError(f"corrupted optimizer state: pending_refresh of unknown layer {name!r}")
+            shapes = block.state_shapes()
+            converted = {}
+            for key, value in result.items():
+                if isinstance(value, Tensor):
+                    if key not in shapes or tuple(value.shape) != shapes[key] or not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"corrupted optimizer state: pending_refresh {key} of layer {name}")
+                    value = value.to(device=block.weight.device, dtype=block.dtype)
+                converted[key] = value
+            chosen.append(block)
+            computed.append(converted)
+        future: Future = Future()
+        future.set_result(computed)
+        return _PendingRefresh(saved["due"], chosen, future)
 
     def _validate_state(self, state_dict: dict[str, Any]) -> None:
         """Check every tensor of a state to load (shape, floating dtype, finite values) before anything changes:
@@ -1192,6 +1335,13 @@ class KFAC(KroneckerPreconditioner):
             (:func:`acktr_kfe.eigen.warm_eigh`, a matrix product and a QR) and keeps it when the off-diagonal mass
             of the factor in it, ``||offdiag(Q^T A Q)||_F / ||Q^T A Q||_F``, is at most this tolerance; otherwise,
             and for the first basis, a full eigendecomposition. ``refresh_counts`` counts both kinds.
+        refresh_delay: ``0`` (default): a basis refresh runs inside the step that schedules it. ``d >= 1`` (less
+            than ``eigen_update_interval``): it runs in a background thread (on a GPU, in a side stream) on a copy of
+            the factors of that step, while the steps in between keep the last basis; its result is installed at
+            the start of the step ``d`` steps later, waiting for it there if it has not finished (the ACKTR paper
+            computed its inverses asynchronously). The bases, and so the run, do not depend on timing: a run is
+            the same for the same ``d`` however long the decompositions take, and a state saved in between holds
+            the pending result. A layer's first basis is computed in the step. Not with data parallel training.
         statistics_fraction: the fraction of each recorded batch's examples that feeds the factors and the EKFAC
             scale, drawn at random on each statistics step (the ACKTR paper and kfac-jax estimate the curvature on
             part of the batch); 1 uses every example. The gradient always uses the whole batch.
@@ -1257,6 +1407,7 @@ class KFAC(KroneckerPreconditioner):
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
         refresh_tolerance: float | None = None,
+        refresh_delay: int = 0,
         statistics_fraction: float = 1.0,
         distributed: bool = True,
         average_gradients: bool | None = None,
@@ -1282,6 +1433,7 @@ class KFAC(KroneckerPreconditioner):
             damping_scaling=damping_scaling,
             step_norm=step_norm,
             refresh_tolerance=refresh_tolerance,
+            refresh_delay=refresh_delay,
             statistics_fraction=statistics_fraction,
             distributed=distributed,
             average_gradients=average_gradients,
@@ -1316,7 +1468,7 @@ class EKFAC(KroneckerPreconditioner):
 
     Args:
         model, lr, momentum, weight_decay, damping, max_kl, damping_scaling, step_norm, refresh_tolerance,
-        statistics_fraction, factor_decay,
+        refresh_delay, statistics_fraction, factor_decay,
         factor_update_interval, eigen_update_interval, curvature, loss_reduction, exclude, max_consecutive_failures,
         fisher_diagonals, trust_regions, trust_region_mode: as :class:`KFAC`.
         scale_update_interval: steps between scale estimates.
@@ -1355,6 +1507,7 @@ class EKFAC(KroneckerPreconditioner):
         damping_scaling: str | DampingScaling = "relative",
         step_norm: str | StepNorm = "adam",
         refresh_tolerance: float | None = None,
+        refresh_delay: int = 0,
         statistics_fraction: float = 1.0,
         distributed: bool = True,
         average_gradients: bool | None = None,
@@ -1385,6 +1538,7 @@ class EKFAC(KroneckerPreconditioner):
             damping_scaling=damping_scaling,
             step_norm=step_norm,
             refresh_tolerance=refresh_tolerance,
+            refresh_delay=refresh_delay,
             statistics_fraction=statistics_fraction,
             distributed=distributed,
             average_gradients=average_gradients,
