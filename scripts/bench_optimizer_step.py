@@ -3,8 +3,10 @@
 Each optimizer runs at its default intervals, so factor, scale and eigendecomposition work is amortized as in real
 training; steps are timed in interleaved rounds of 100 (each round holds the same amortized work) and the median
 round is reported, so that a slow spell of a shared machine does not decide the result.
-The table prints each one's mean step time and its ratio to SGD's, beside the floor that any method which
-preconditions every step with two basis products per layer cannot beat:
+The table prints each one's mean step time and its ratio to SGD's, and the layer-sized matrix products of its
+preconditioning per layer and step (counted over 10 more steps: a rotation into or out of the eigenbasis is two,
+as is K-FAC's factored solve), beside the floor that any method which preconditions every step with two basis
+products per layer cannot beat:
 ``1 + 2 sum(out in (out + in)) / (3 B sum(out in))``.
 
     python scripts/bench_optimizer_step.py                     # CPU, and CUDA when available
@@ -14,11 +16,12 @@ preconditions every step with two basis products per layer cannot beat:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,8 +30,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from acktr_kfe import EKFAC, KFAC  # noqa: E402
+from acktr_kfe.blocks import EKFACBlock, KFACBlock, KroneckerBlock  # noqa: E402
 from agents.supervised import MNISTAutoencoder, autoencoder_loss, load_mnist  # noqa: E402
 from agents.supervised.data import DatasetFilesMissingError  # noqa: E402
+
+
+class _ParameterMomentumBlock(EKFACBlock):
+    """EKFAC's block with the momentum buffer left in parameter coordinates (how every step ran before the buffer
+    moved to the eigenbasis): the reference for the products that move saves."""
+
+    def momentum_in_basis(self) -> bool:
+        return False
+
+
+class _EKFACParameterMomentum(EKFAC):
+    block_class = _ParameterMomentumBlock
+
 
 OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
@@ -38,7 +55,39 @@ OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     "EKFAC-ra": lambda m: EKFAC(m, scale_mode="running"),
     # The configuration agents.supervised uses on this task: factors and scale every 10 steps.
     "EKFAC 10/10": lambda m: EKFAC(m, factor_update_interval=10, scale_update_interval=10),
+    # With a trust region on the step taken, the momentum buffer's quadratic form is needed every step: kept in
+    # the eigenbasis it is elementwise (two basis products per layer-step saved).
+    "EKFAC max_kl": lambda m: EKFAC(m, max_kl=1e-3),
+    "EKFAC max_kl, buffer in parameter coordinates": lambda m: _EKFACParameterMomentum(m, max_kl=1e-3),
 }
+
+
+@contextlib.contextmanager
+def counting_products() -> Iterator[dict[str, int]]:
+    """Count the preconditioner's layer-sized matrix products: a rotation to or from the eigenbasis is two, and so
+    is K-FAC's factored solve (one damped inverse on each side)."""
+    counts = {"products": 0}
+    originals = {
+        (KroneckerBlock, "to_kfe"): KroneckerBlock.to_kfe,
+        (KroneckerBlock, "from_kfe"): KroneckerBlock.from_kfe,
+        (KFACBlock, "precondition"): KFACBlock.precondition,
+    }
+
+    def counted(cls: type, name: str, original: Callable) -> Callable:
+        def wrapper(self, *args):
+            if name != "precondition" or self.factored:
+                counts["products"] += 2
+            return original(self, *args)
+
+        return wrapper
+
+    for (cls, name), original in originals.items():
+        setattr(cls, name, counted(cls, name, original))
+    try:
+        yield counts
+    finally:
+        for (cls, name), original in originals.items():
+            setattr(cls, name, original)
 
 
 def preconditioning_floor(model: torch.nn.Module, batch: int) -> float:
@@ -92,9 +141,20 @@ def bench_device(device: torch.device, images: torch.Tensor, steps: int, rounds:
     # so the median round is an unbiased and robust estimate; a burst of load from elsewhere hits one round.
     rows = []
     sgd = statistics.median(setups["SGD"][2])
+    layers = sum(isinstance(m, torch.nn.Linear) for m in MNISTAutoencoder().modules())
     for name, (_, _, times) in setups.items():
+        with counting_products() as counts:  # 10 more steps, untimed
+            run(name, 10)
         median = statistics.median(times)
-        rows.append({"optimizer": name, "ms": 1000 * median, "ratio": median / sgd, "spread": max(times) / min(times)})
+        rows.append(
+            {
+                "optimizer": name,
+                "ms": 1000 * median,
+                "ratio": median / sgd,
+                "spread": max(times) / min(times),
+                "products": counts["products"] / (10 * layers),
+            }
+        )
     return rows
 
 
@@ -131,12 +191,15 @@ def main(argv: list[str] | None = None) -> None:
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} thr)"
         rows = bench_device(device, images, args.steps, args.rounds, args.warmup)
         print(f"\n{label}: floor for every-step two-basis-product preconditioning = {floor:.2f} x SGD\n")
-        print("| optimizer | ms / step (median round) | ratio to SGD | ratio / floor | slowest / fastest round |")
-        print("|---|---:|---:|---:|---:|")
+        print(
+            "| optimizer | ms / step (median round) | ratio to SGD | ratio / floor | slowest / fastest round "
+            "| basis products / layer-step |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
         for row in rows:
             print(
                 f"| {row['optimizer']} | {row['ms']:.1f} | {row['ratio']:.2f} | {row['ratio'] / floor:.2f} "
-                f"| {row['spread']:.2f} |"
+                f"| {row['spread']:.2f} | {row['products']:.1f} |"
             )
 
 

@@ -112,3 +112,31 @@ def test_state_dict_round_trip_continues_identically_on_the_device(device: str, 
         # Bit for bit on CPU; CUDA's convolution backward may sum in another order from one call to the next.
         tolerance = 0.0 if device == "cpu" else 1e-10
         torch.testing.assert_close(p, q, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_delayed_refresh_installs_the_basis_of_its_start_step_on_the_device(device: str) -> None:
+    """refresh_delay on the device: the background refresh (a side stream on a GPU) installs, two steps later, the
+    decomposition of the factor it started from."""
+    from acktr_kfe.eigen import robust_eigh
+
+    model, x, y = _on(device, "conv-1")
+    optimizer = EKFAC(
+        model, lr=0.1, step_norm="natural", factor_update_interval=1, eigen_update_interval=3, refresh_delay=2
+    )
+    block = optimizer.blocks[0]
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    for _ in range(4):  # step 3 starts a refresh from its factors
+        step()
+    started_from = block.factor_a.clone()
+    step()
+    step()  # installed at the start of step 5
+    expected = robust_eigh(started_from)[1]
+    assert block.eigvecs_a.device.type == device
+    torch.testing.assert_close(block.eigvecs_a.abs(), expected.abs(), rtol=1e-4, atol=1e-5)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
