@@ -272,3 +272,19 @@ def test_one_implicit_trust_region_reads_and_sets_the_groups_max_kl() -> None:
     assert group["max_kl"] == 0.5
     with pytest.raises(IndexError, match="trust region 1 does not exist"):
         regions.set_radius(1, 0.5, group)
+
+
+@pytest.mark.parametrize(("locations", "d_in", "d_out"), [(50, 5, 3), (2, 7, 6)])
+def test_kfe_scale_takes_either_product_order_to_the_same_sum(locations: int, d_in: int, d_out: int) -> None:
+    """The EKFAC scale sum_n (U_G^T grad_n U_A)^2 whether the rows are rotated first (few locations) or each
+    example's gradient is formed first (many locations, as in an early convolution)."""
+    from acktr_kfe.eigen import kfe_scale
+
+    generator = torch.Generator().manual_seed(0)
+    acts = torch.randn(4, locations, d_in, generator=generator, dtype=torch.float64)
+    grads = torch.randn(4, locations, d_out, generator=generator, dtype=torch.float64)
+    basis_a = torch.linalg.qr(torch.randn(d_in, d_in, generator=generator, dtype=torch.float64))[0]
+    basis_g = torch.linalg.qr(torch.randn(d_out, d_out, generator=generator, dtype=torch.float64))[0]
+    per_example = torch.einsum("nto,nti->noi", grads, acts)
+    expected = (basis_g.T @ per_example @ basis_a).square().sum(0)
+    torch.testing.assert_close(kfe_scale(acts, grads, basis_a, basis_g), expected)
