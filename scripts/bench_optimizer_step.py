@@ -112,10 +112,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_device(device: torch.device, images: torch.Tensor, steps: int, rounds: int, warmup: int) -> list[dict]:
+def bench_device(
+    device: torch.device, images: torch.Tensor, steps: int, rounds: int, warmup: int, names: list[str]
+) -> list[dict]:
     images = images.to(device)
     setups = {}
-    for name, build in OPTIMIZERS.items():
+    for name in names:
+        build = OPTIMIZERS[name]
         torch.manual_seed(0)
         model = MNISTAutoencoder().to(device)
         setups[name] = (model, build(model), [])
@@ -169,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets" / "mnist")
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS), metavar="NAME",
+        help=f"which to time (SGD, the reference, always runs); choices: {', '.join(OPTIMIZERS)}",
+    )
     args = parser.parse_args(argv)
+    names = ["SGD", *[name for name in args.optimizers if name != "SGD"]]
     if args.steps < 1 or args.rounds < 1 or args.batch_size < 1:
         parser.error("--steps, --rounds and --batch-size must be >= 1")
     if args.threads is not None:
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     for device_name in devices:
         device = torch.device(device_name)
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} thr)"
-        rows = bench_device(device, images, args.steps, args.rounds, args.warmup)
+        rows = bench_device(device, images, args.steps, args.rounds, args.warmup, names)
         print(f"\n{label}: floor for every-step two-basis-product preconditioning = {floor:.2f} x SGD\n")
         print(
             "| optimizer | ms / step (median round) | ratio to SGD | ratio / floor | slowest / fastest round "
