@@ -143,14 +143,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-dir", type=Path, default=None, help="run folder (default: runs/<algo>_<env>_<seed>)")
     parser.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
     parser.add_argument("--checkpoint-every", type=int, default=10_000, help="environment steps between saves")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for MLPs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: 1 for MLP policies, torch's default for CNN policies)",
+    )
     parser.add_argument(
         "--dist-timeout", type=float, default=600.0, help="under torchrun: seconds a rank waits for a hung peer"
     )
     args = parser.parse_args(argv)
     if args.total_timesteps is not None and args.total_timesteps < 1:
         parser.error(f"--total-timesteps must be >= 1, got {args.total_timesteps}")
-    if args.checkpoint_every < 1 or args.threads < 1:
+    if args.checkpoint_every < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--checkpoint-every and --threads must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -243,6 +248,19 @@ def resumed_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     return config
 
 
+# torch's own default, read before any run of this process changes it.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def default_threads(config: dict[str, Any]) -> int:
+    """Torch threads when --threads is not given: one for MLP policies, whose small products lose more to
+    threading overhead than they gain (and leave a core to the environments), torch's default for CNN policies,
+    whose convolutions and large preconditioner products gain (ACKTR on ALE/Pong-v5, 2-core CPU: 360 env steps/s
+    with two threads against 276 with one; docs/BENCHMARKS.md)."""
+    policy = str(config.get("policy", "MlpPolicy"))
+    return TORCH_DEFAULT_THREADS if "Cnn" in policy else 1
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train (or resume) a run and evaluate it; returns the contents of results.json.
 
@@ -290,7 +308,7 @@ def _main(args: argparse.Namespace, rank: int, ranks: int) -> dict[str, Any]:
             refused = error
         if distributed.agree_any(refused is not None, what="the run folder's check"):  # every rank stops
             raise refused or RunFolderError(f"rank 0 could not use the run folder {run_dir} (its message says why)")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads(config))
     policy, kwargs = model_arguments(config)
     identity = {"env": args.env, "algo": args.algo, "preconditioner": preconditioner_of(config, args.algo)}
     if ranks > 1 and args.algo != "acktr" and config.get("policy") != "KroneckerActorCriticPolicy":

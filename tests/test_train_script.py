@@ -160,3 +160,10 @@ def test_train_feeds_each_rollout_to_the_kronecker_policy_under_sb3_a2c(tmp_path
     assert isinstance(model.policy, KroneckerActorCriticPolicy)
     # ValueTargetScale ran: the value scale left 1 and the observation statistics were fed.
     assert float(model.policy.value_scale) != 1.0 and float(model.policy.observation_count) > 0
+
+
+def test_threads_default_to_one_for_mlp_policies_and_torch_default_for_cnn_policies() -> None:
+    train = load_script("train")
+    assert train.default_threads({"policy": "MlpPolicy"}) == 1
+    assert train.default_threads({}) == 1
+    assert train.default_threads({"policy": "CnnPolicy"}) == train.TORCH_DEFAULT_THREADS
