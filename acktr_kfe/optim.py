@@ -673,11 +673,6 @@ class KroneckerPreconditioner(Optimizer):
     def _start_refresh(self, blocks: list[CurvatureBlock], due: int) -> None:
         """Start the refreshes of ``blocks`` in a background thread, on copies of their factors; they are installed
         at step ``due``. On a GPU they run in a side stream."""
-        if self.synchronized:
-            raise RuntimeError(
-                f"{type(self).__name__}: refresh_delay={self.refresh_delay} is not supported with data parallel "
-                "training (each rank refreshes its share and broadcasts it in the step); use refresh_delay=0"
-            )
         if self._pending_refresh is not None:  # cannot happen while refresh_delay < eigen_update_interval
             self._install_pending_refresh()
         inputs = [block.refresh_inputs(copy=True) for block in blocks]
@@ -775,6 +770,11 @@ class KroneckerPreconditioner(Optimizer):
         records = {m: [r for r in rs if r.grad_output.numel() > 0] for m, rs in popped.items()}
         records = {m: rs for m, rs in records.items() if rs}
         synchronized = self.synchronized
+        if synchronized and self.refresh_delay:  # checked on every step, before any work of a data-parallel run
+            raise RuntimeError(
+                f"{type(self).__name__}: refresh_delay={self.refresh_delay} is not supported with data parallel "
+                "training (each rank refreshes its share and broadcasts it in the step); use refresh_delay=0"
+            )
         if synchronized and self.average_gradients:
             data_parallel.average_gradients(params)  # data parallel without DDP: the mean gradient over the ranks
         empty = bool(popped) and not records

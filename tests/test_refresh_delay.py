@@ -115,3 +115,13 @@ def test_corrupted_pending_refresh_is_refused_on_load() -> None:
 def test_invalid_refresh_delay_is_refused(delay) -> None:
     with pytest.raises(ValueError, match="refresh_delay"):
         EKFAC(mlp(), lr=0.1, refresh_delay=delay, **OPTIONS)
+
+
+def test_refresh_delay_is_refused_under_data_parallel_before_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp()
+    optimizer = EKFAC(model, lr=0.1, refresh_delay=1, **OPTIONS)
+    monkeypatch.setattr(EKFAC, "synchronized", property(lambda self: True))  # as with a process group of 2 ranks
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="refresh_delay=1 is not supported with data parallel"):
+        one_step(optimizer, model, 0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
