@@ -673,8 +673,7 @@ class KroneckerPreconditioner(Optimizer):
     def _start_refresh(self, blocks: list[CurvatureBlock], due: int) -> None:
         """Start the refreshes of ``blocks`` in a background thread, on copies of their factors; they are installed
         at step ``due``. On a GPU they run in a side stream."""
-        if self._pending_refresh is not None:  # cannot happen while refresh_delay < eigen_update_interval
-            self._install_pending_refresh()
+        self._install_pending_refresh()  # none pending while refresh_delay < eigen_update_interval
         inputs = [block.refresh_inputs(copy=True) for block in blocks]
         device = blocks[0].weight.device
         stream = None
@@ -816,8 +815,9 @@ class KroneckerPreconditioner(Optimizer):
         grafted = self.step_norm is StepNorm.ADAM
         measured = regions.measured(radii, on_step)
         directions: dict[Tensor, Tensor] = {}
-        # Blocks whose momentum buffer lives in their basis: the direction and the damped curvature there.
-        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor]] = {}
+        # Blocks whose momentum buffer lives in their basis: the direction, the damped curvature and the previous
+        # buffer there (None before the first step; rotated in once per step at most).
+        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor, Tensor | None]] = {}
         block_dampings: dict[CurvatureBlock, float] = {}
         quadratics = regions.zeros(params[0])
 
@@ -840,9 +840,10 @@ class KroneckerPreconditioner(Optimizer):
                     grad_in_basis = block.to_basis(grad)
                     curvature = block.damped_basis_curvature(block_damping)
                     direction = grad_in_basis / curvature
-                    basis_steps[block] = (direction, curvature)
+                    previous = self._basis_buffer(block)
+                    basis_steps[block] = (direction, curvature, previous)
                     if region is not None and not grafted:
-                        buffer = self._basis_buffer(block) if measured[region] else None
+                        buffer = previous if measured[region] else None
                         buffer_quadratic = None if buffer is None else (curvature * buffer.square()).sum()
                         quadratics[region] += step_quadratic(
                             direction, grad_in_basis, momentum, buffer, buffer_quadratic
@@ -889,7 +890,7 @@ class KroneckerPreconditioner(Optimizer):
                 quadratics[region] += step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
 
         # A non-finite direction (overflowing statistics, a degenerate basis) must never reach the parameters.
-        check = [d.sum() for d in directions.values()] + [d.sum() for d, _ in basis_steps.values()]
+        check = [d.sum() for d in directions.values()] + [step[0].sum() for step in basis_steps.values()]
         if self.step_norm is StepNorm.NATURAL:
             scales = regions.scales(quadratics, lr, radii)
             check += [scales.sum(), torch.stack(quadratics).sum()]
@@ -951,16 +952,15 @@ class KroneckerPreconditioner(Optimizer):
     def _natural_update(
         self,
         directions: dict[Tensor, Tensor],
-        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor]],
+        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor, Tensor | None]],
         scales: Tensor,
         lr: float,
         momentum: float,
         on_step: bool,
     ) -> None:
         """The natural-gradient momentum step ``p <- p - lr buf`` with the trust-region scales applied."""
-        for block, (direction, _) in basis_steps.items():
+        for block, (direction, _, buffer) in basis_steps.items():
             step_scale = self.trust_regions.scale_of(block.weight, scales)
-            buffer = self._basis_buffer(block)
             if buffer is None:
                 buffer = direction * step_scale
             elif on_step:
@@ -1006,7 +1006,7 @@ class KroneckerPreconditioner(Optimizer):
     def _grafted_update(
         self,
         directions: dict[Tensor, Tensor],
-        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor]],
+        basis_steps: dict[CurvatureBlock, tuple[Tensor, Tensor, Tensor | None]],
         block_dampings: dict[CurvatureBlock, float],
         lr: float,
         momentum: float,
@@ -1025,10 +1025,9 @@ class KroneckerPreconditioner(Optimizer):
         # New moments and momentum buffers, stored only once every check has passed: a skipped step leaves them.
         pending: dict[Tensor, dict[str, Tensor]] = {}
         pending_in_basis: dict[CurvatureBlock, tuple[Tensor, list[Tensor]]] = {}
-        for block, (direction, curvature) in basis_steps.items():
+        for block, (direction, curvature, previous) in basis_steps.items():
             params = block.adapter.parameters()
             adam_norm_sq = sum(self._adam_step(p, weight_decay, pending).square().sum() for p in params)
-            previous = self._basis_buffer(block)
             buffer = direction.clone() if previous is None else previous.mul(momentum).add_(direction)
             buffer_norm = torch.linalg.vector_norm(buffer)  # the rotation keeps the norm
             length = torch.sqrt(adam_norm_sq) / buffer_norm.clamp_min(torch.finfo(buffer_norm.dtype).tiny)
@@ -1117,7 +1116,7 @@ class KroneckerPreconditioner(Optimizer):
             parts = [self.state[p].get("momentum_buffer") for p in block.adapter.parameters()]
             if buffer is None or not block.ready or not block.momentum_in_basis() or any(b is None for b in parts):
                 continue
-            self._basis_buffers[block] = (buffer, block.basis_key(), [(part, part._version) for part in parts])
+            self._keep_basis_buffer(block, buffer, parts)
 
     def _buffer_matrix(self, block: CurvatureBlock) -> Tensor | None:
         """The layer's momentum buffer as one ``(out, in+1)`` matrix, or ``None`` before the first step."""

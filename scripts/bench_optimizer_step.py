@@ -73,7 +73,7 @@ def counting_products() -> Iterator[dict[str, int]]:
         (KFACBlock, "precondition"): KFACBlock.precondition,
     }
 
-    def counted(cls: type, name: str, original: Callable) -> Callable:
+    def counted(name: str, original: Callable) -> Callable:
         def wrapper(self, *args):
             if name != "precondition" or self.factored:
                 counts["products"] += 2
@@ -82,7 +82,7 @@ def counting_products() -> Iterator[dict[str, int]]:
         return wrapper
 
     for (cls, name), original in originals.items():
-        setattr(cls, name, counted(cls, name, original))
+        setattr(cls, name, counted(name, original))
     try:
         yield counts
     finally:

@@ -119,3 +119,29 @@ def test_a_refresh_drops_the_saved_buffer_in_the_old_basis() -> None:
     torch.nn.functional.cross_entropy(model(x), y).backward()
     optimizer._update_curvature(optimizer._capture.pop_records(), 2)  # the refresh of step 2, before its update
     assert "momentum_in_basis" not in optimizer.state[weight]
+
+
+def test_after_a_refresh_the_buffer_is_rotated_into_the_new_basis_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp()
+    optimizer = EKFAC(
+        model,
+        lr=0.1,
+        momentum=0.9,
+        max_kl=1e-3,
+        step_norm="natural",
+        factor_update_interval=1,
+        eigen_update_interval=3,
+        scale_update_interval=1,
+    )
+    train(optimizer, model, range(3))
+    calls = {"to_kfe": 0}
+    original = KroneckerBlock.to_kfe
+
+    def counted(self, matrix):
+        calls["to_kfe"] += 1
+        return original(self, matrix)
+
+    monkeypatch.setattr(KroneckerBlock, "to_kfe", counted)
+    train(optimizer, model, range(3, 4))  # step 3 refreshes every basis
+    # Per layer: the gradient, and the buffer once (for the trust region's quadratic form and the update alike).
+    assert calls["to_kfe"] == 2 * len(optimizer.blocks)
