@@ -33,6 +33,24 @@ from .policies import (
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
+# The value of an argument whose default depends on the action space (resolved when the env is known).
+AUTO = "auto"
+# Defaults by kind of action space (docs/ACKTR.md, "Defaults by action space", has the runs behind them).
+# Discrete actions (also MultiDiscrete and MultiBinary): the ACKTR paper's 20-step rollouts, n-step returns and
+# radius 0.001 (tuned on CartPole-v1). Continuous actions (Box): 128-step rollouts, GAE 0.95, radius 0.01 and a
+# diagonal Gaussian starting at standard deviation exp(-1) = 0.37 (tuned on HalfCheetah-v5 and Hopper-v5 with one
+# env: from never reaching their thresholds in 200k steps to medians of 50k and 62k steps).
+DISCRETE_DEFAULTS: dict[str, Any] = {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001}
+CONTINUOUS_DEFAULTS: dict[str, Any] = {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01, "log_std_init": -1.0}
+
+
+def action_space_defaults(action_space: spaces.Space) -> dict[str, Any]:
+    """ACKTR's defaults for ``n_steps``, ``gae_lambda`` and ``max_kl`` on an action space, and for ``Box`` actions
+    the policy's ``log_std_init``."""
+    if isinstance(action_space, spaces.Box):
+        return dict(CONTINUOUS_DEFAULTS)
+    return dict(DISCRETE_DEFAULTS)
+
 # ACKTR's own arguments that configure its policy (they become policy_kwargs).
 _POLICY_ARGUMENTS = ("preconditioner", "max_kl", "vf_max_kl", "calibrate_kl", "vf_fisher_coef", "curvature")
 _PRECONDITIONER_ARGUMENTS = (
@@ -98,14 +116,18 @@ class ACKTR(OnPolicyAlgorithm):
         learning_rate: the natural-gradient step size ``eta`` of the paper (or a schedule of the remaining
             progress): ACKTR's preconditioner takes the natural step (``step_norm="natural"``), where the
             policy's default under SB3's A2C and PPO grafts Adam's step length.
-        n_steps: steps per environment per update.
+        n_steps: steps per environment per update; ``"auto"`` (default): 20 for discrete actions, 128 for ``Box``
+            actions (:func:`action_space_defaults`).
         gamma: discount factor.
-        gae_lambda: GAE parameter (1.0: plain n-step returns, as the paper).
+        gae_lambda: GAE parameter (1.0: plain n-step returns, as the paper); ``"auto"`` (default): 1.0 for discrete
+            actions, 0.95 for ``Box`` actions.
         ent_coef: entropy bonus coefficient.
         vf_coef: value loss coefficient in the training loss.
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass.
         max_kl: trust-region radius of the policy (joint with the critic when layers are shared), as KL per
-            update; ``None`` disables it.
+            update; ``None`` disables it; ``"auto"`` (default): 0.001 for discrete actions, 0.01 for ``Box`` actions.
+            For ``Box`` actions the Gaussian policy also starts at standard deviation ``exp(-1)`` unless
+            ``policy_kwargs`` sets ``log_std_init``.
         vf_max_kl: trust-region radius of a separate critic, a KL in nats of its Gaussian reading (see above): the
             value moves by about ``sqrt(2 vf_max_kl) sigma / vf_fisher_coef`` per update at most, whatever the
             reward scale; ``None`` disables it.
@@ -143,13 +165,13 @@ class ACKTR(OnPolicyAlgorithm):
         policy: str | type[KroneckerActorCriticPolicy],
         env: GymEnv | str,
         learning_rate: float | Schedule = 0.25,
-        n_steps: int = 20,
+        n_steps: int | str = AUTO,
         gamma: float = 0.99,
-        gae_lambda: float = 1.0,
+        gae_lambda: float | str = AUTO,
         ent_coef: float = 0.0,
         vf_coef: float = 0.5,
         vf_fisher_coef: float = 1.0,
-        max_kl: float | None = 0.001,
+        max_kl: float | str | None = AUTO,
         vf_max_kl: float | None = 0.003,
         calibrate_kl: bool = True,
         damping: float = 0.1,
@@ -176,16 +198,19 @@ class ACKTR(OnPolicyAlgorithm):
         check_curvature(curvature)
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
-        check_radius(max_kl)
+        if max_kl != AUTO:
+            check_radius(max_kl)
         check_radius(vf_max_kl, "vf_max_kl")
+        if gae_lambda != AUTO and not (isinstance(gae_lambda, int | float) and 0 <= gae_lambda <= 1):
+            raise ValueError(f"Invalid gae_lambda: {gae_lambda!r} (a number in [0, 1], or 'auto')")
         if not damping > 0:
             raise ValueError(f"Invalid damping: {damping}")
         if normalize_advantage not in (True, False, "returns"):
             raise ValueError(f"Invalid normalize_advantage: {normalize_advantage!r} (True, False or 'returns')")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")
-        if not (isinstance(n_steps, int) and n_steps >= 1):
-            raise ValueError(f"Invalid n_steps: {n_steps!r} (must be an integer >= 1)")
+        if n_steps != AUTO and not (isinstance(n_steps, int) and not isinstance(n_steps, bool) and n_steps >= 1):
+            raise ValueError(f"Invalid n_steps: {n_steps!r} (an integer >= 1, or 'auto')")
         if isinstance(policy, type) and not issubclass(policy, KroneckerActorCriticPolicy):
             raise TypeError(
                 f"ACKTR needs a KroneckerActorCriticPolicy (or its aliases {', '.join(self.policy_aliases)}), not "
@@ -226,14 +251,25 @@ class ACKTR(OnPolicyAlgorithm):
         for name in (*_POLICY_ARGUMENTS, *_PRECONDITIONER_ARGUMENTS):
             setattr(self, name, arguments[name])
         self.normalize_advantage = normalize_advantage
+        if getattr(self, "action_space", None) is not None:  # unset inside ACKTR.load, which restores the values
+            self._resolve_defaults()
         if _init_setup_model:
             self._setup_model()
+
+    def _resolve_defaults(self) -> None:
+        """Replace the arguments left at ``"auto"`` by :func:`action_space_defaults` of the env."""
+        defaults = action_space_defaults(self.action_space)
+        for name in ("n_steps", "gae_lambda", "max_kl"):
+            if getattr(self, name) == AUTO:
+                setattr(self, name, defaults[name])
 
     def _setup_model(self) -> None:
         # ACKTR's own arguments reach the policy here, not through self.policy_kwargs, so that the saved
         # policy_kwargs are the user's and ``ACKTR.load(path, policy_kwargs=...)`` passes SB3's equality check.
         user_kwargs = self.policy_kwargs
         policy_kwargs = {**user_kwargs, **{name: getattr(self, name) for name in _POLICY_ARGUMENTS}}
+        if isinstance(self.action_space, spaces.Box):
+            policy_kwargs.setdefault("log_std_init", CONTINUOUS_DEFAULTS["log_std_init"])
         preconditioner_kwargs = {**ACKTR_PRECONDITIONER_DEFAULTS, **(user_kwargs.get("preconditioner_kwargs") or {})}
         preconditioner_kwargs.update({name: getattr(self, name) for name in _PRECONDITIONER_ARGUMENTS})
         accepted = inspect.signature(acktr_kfe.preconditioner_class(self.preconditioner)).parameters

@@ -56,6 +56,65 @@ def test_acktr_rejects_invalid_hyperparameters_before_building() -> None:
         ACKTR("MlpPolicy", "CartPole-v1", damping=-1.0)
 
 
+@pytest.mark.parametrize(
+    ("env_id", "expected"),
+    [
+        ("CartPole-v1", {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001}),
+        ("Pendulum-v1", {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01}),
+    ],
+)
+def test_auto_defaults_follow_the_action_space(env_id: str, expected: dict) -> None:
+    model = ACKTR("MlpPolicy", env_id, seed=0)
+    assert {name: getattr(model, name) for name in expected} == expected
+    assert model.rollout_buffer.buffer_size == expected["n_steps"]
+    assert model.policy.max_kl == expected["max_kl"]
+    if env_id == "Pendulum-v1":  # a Gaussian policy starting at standard deviation exp(-1)
+        torch.testing.assert_close(model.policy.log_std.detach(), torch.full((1,), -1.0))
+
+
+def test_explicit_values_override_the_action_space_defaults(tmp_path: Path) -> None:
+    model = ACKTR(
+        "MlpPolicy",
+        "Pendulum-v1",
+        n_steps=16,
+        gae_lambda=1.0,
+        max_kl=None,
+        policy_kwargs={"log_std_init": 0.5},
+        seed=0,
+    )
+    assert (model.n_steps, model.gae_lambda, model.max_kl, model.policy.max_kl) == (16, 1.0, None, None)
+    torch.testing.assert_close(model.policy.log_std.detach(), torch.full((1,), 0.5))
+    # A saved model keeps its resolved values; the policy's log std comes back with its parameters.
+    model.save(tmp_path / "acktr")
+    loaded = ACKTR.load(tmp_path / "acktr")
+    assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl) == (16, 1.0, None)
+    torch.testing.assert_close(loaded.policy.log_std, model.policy.log_std)
+
+
+def test_auto_defaults_survive_save_and_load(tmp_path: Path) -> None:
+    model = ACKTR("MlpPolicy", "Pendulum-v1", seed=0)
+    model.save(tmp_path / "acktr")
+    loaded = ACKTR.load(tmp_path / "acktr", env=make_vec_env("Pendulum-v1", n_envs=1, seed=0))
+    assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl) == (128, 0.95, 0.01)
+    assert loaded.rollout_buffer.buffer_size == 128
+    loaded.learn(128)  # it trains with the values it was saved with
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("n_steps", "fast", r"Invalid n_steps: 'fast' \(an integer >= 1, or 'auto'\)"),
+        ("n_steps", 0, r"Invalid n_steps: 0"),
+        ("gae_lambda", 1.5, r"Invalid gae_lambda: 1.5 \(a number in \[0, 1\], or 'auto'\)"),
+        ("gae_lambda", "high", r"Invalid gae_lambda: 'high'"),
+        ("max_kl", "wide", r"max_kl"),
+    ],
+)
+def test_invalid_values_of_auto_arguments_are_refused(argument: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ACKTR("MlpPolicy", "Pendulum-v1", **{argument: value})
+
+
 class _EpisodeReturns(BaseCallback):
     """The true return of every finished training episode (from the Monitor)."""
 

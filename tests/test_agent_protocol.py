@@ -165,6 +165,7 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
         env,
         learning_rate=acktr.learning_rate,
         n_steps=8,
+        gae_lambda=acktr.gae_lambda,  # ACKTR's defaults for the action space (GAE and radius for Box actions)
         ent_coef=0.01,
         vf_coef=0.5,
         max_grad_norm=float("inf"),
@@ -172,7 +173,11 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
         seed=0,
         # ACKTR's preconditioner takes the natural step; the policy's own default (for SB3's learning rates) grafts
         # Adam's step length, so the plug-in is told to take ACKTR's.
-        policy_kwargs={**acktr.policy_kwargs, "preconditioner_kwargs": {"step_norm": "natural"}},
+        policy_kwargs={
+            **acktr.policy_kwargs,
+            "max_kl": acktr.max_kl,
+            "preconditioner_kwargs": {"step_norm": "natural"},
+        },
     )
     a2c.policy.load_state_dict(acktr.policy.state_dict())
     for _ in range(3):  # three updates: momentum, calibration and the value scale come into play
