@@ -64,8 +64,13 @@ def trpo_class() -> type:
     return TRPO
 
 
-def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict[str, Any]:
-    """Train one algorithm on one env and seed; the episode returns against env steps, and the wall-clock."""
+def run_one(
+    algo: str, env_id: str, seed: int, steps: int, threads: int, defaults_n_envs: int | None = None
+) -> dict[str, Any]:
+    """Train one algorithm on one env and seed; the episode returns against env steps, and the wall-clock.
+
+    ``defaults_n_envs``: instead of the configs, the algorithm's own constructor defaults on that many envs (raw
+    rewards and observations, no VecNormalize), as ``ACKTR("MlpPolicy", env)`` or ``A2C("MlpPolicy", env)``."""
     import torch
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -75,17 +80,21 @@ def run_one(algo: str, env_id: str, seed: int, steps: int, threads: int) -> dict
     from envs import make_env
 
     torch.set_num_threads(threads)
-    if algo.startswith("acktr"):
+    if defaults_n_envs is not None:
+        config: dict[str, Any] = {"n_envs": defaults_n_envs, "normalize": False}
+    elif algo.startswith("acktr"):
         config = resolve_config(ROOT / "configs" / "acktr.yml", env_id, ACKTR)
+    else:
+        config = baseline_config(algo, env_id)
+        if config is None:
+            raise ValueError(f"configs/baselines.yml has no {algo} entry for {env_id}")
+    if algo.startswith("acktr"):
         variant = algo.split("_", 1)[1]
         config["preconditioner"] = "ekfac" if variant == "ief" else variant
         if variant == "ief":
             config["curvature"] = "ief"
         cls: Any = ACKTR
     else:
-        config = baseline_config(algo, env_id)
-        if config is None:
-            raise ValueError(f"configs/baselines.yml has no {algo} entry for {env_id}")
         cls = trpo_class() if algo == "trpo" else {"a2c": A2C, "ppo": PPO}[algo]
     env = make_env(env_id, n_envs=config.get("n_envs", 1), seed=seed, **env_options(config))
     policy, kwargs = model_arguments(config)

@@ -3,6 +3,8 @@ one run after another.
 
     python scripts/bench_throughput.py                                # the RL benchmark's envs and ALE/Pong-v5
     python scripts/bench_throughput.py --envs ALE/Pong-v5 --steps 25600       # 6,400 Atari steps per run
+    python scripts/bench_throughput.py --envs HalfCheetah-v5 --algos a2c acktr_ekfac --defaults 1
+                                            # ACKTR("MlpPolicy", env) against A2C("MlpPolicy", env), one raw env
 
 scripts/bench_rl.py runs several trainings at once and long ones, so its steps-per-second column depends on what
 else the machine was doing. This script trains each algorithm for a short, fixed number of env steps (whole
@@ -45,20 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20_000, help="env steps per run (Atari: a quarter of it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--defaults",
+        type=int,
+        metavar="N_ENVS",
+        default=None,
+        help="each algorithm with its own constructor defaults on N_ENVS raw envs, instead of the configs",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_throughput")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.threads < 1:
-        parser.error(f"--steps and --threads must be >= 1, got {args.steps} and {args.threads}")
+    if args.steps < 1 or args.threads < 1 or (args.defaults is not None and args.defaults < 1):
+        parser.error(
+            f"--steps, --threads and --defaults must be >= 1, got {args.steps}, {args.threads} and {args.defaults}"
+        )
     from envs import env_kind
 
     rows = []
     for env_id in args.envs:
         steps = args.steps // 4 if env_kind(env_id) == "atari" else args.steps
         for algo in args.algos:
-            if not algo.startswith("acktr") and baseline_config(algo, env_id) is None:
+            if args.defaults is None and not algo.startswith("acktr") and baseline_config(algo, env_id) is None:
                 print(f"{env_id} {algo}: no entry in configs/baselines.yml, left out", flush=True)
                 continue
-            record = run_one(algo, env_id, args.seed, steps, args.threads)
+            record = run_one(algo, env_id, args.seed, steps, args.threads, defaults_n_envs=args.defaults)
             rows.append((env_id, algo, record["timesteps"], record["seconds"]))
             print(f"{env_id} {algo}: {record['timesteps'] / record['seconds']:,.0f} env steps/s", flush=True)
     report = table(rows)

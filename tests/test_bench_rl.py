@@ -52,6 +52,19 @@ def test_each_algorithm_runs_with_its_config(algo: str) -> None:
     assert result["episodes"] and result["seconds"] > 0
 
 
+def test_throughput_with_constructor_defaults_uses_raw_envs_and_the_defaults(tmp_path: Path) -> None:
+    throughput = load_script("bench_throughput")
+    code = throughput.main(
+        ["--envs", "Pendulum-v1", "--algos", "a2c", "acktr_ekfac", "--defaults", "1", "--steps", "256",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    table = (tmp_path / "throughput.md").read_text()
+    assert "| Pendulum-v1 | acktr_ekfac | 256 |" in table, table  # two whole 128-step rollouts of one env
+    with pytest.raises(SystemExit):
+        throughput.main(["--defaults", "0"])
+
+
 def test_report_rebuilds_table_and_plot_from_logs(tmp_path: Path) -> None:
     bench = load_script("bench_rl")
     import json
