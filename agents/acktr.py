@@ -268,8 +268,8 @@ class ACKTR(OnPolicyAlgorithm):
         # policy_kwargs are the user's and ``ACKTR.load(path, policy_kwargs=...)`` passes SB3's equality check.
         user_kwargs = self.policy_kwargs
         policy_kwargs = {**user_kwargs, **{name: getattr(self, name) for name in _POLICY_ARGUMENTS}}
-        if isinstance(self.action_space, spaces.Box):
-            policy_kwargs.setdefault("log_std_init", CONTINUOUS_DEFAULTS["log_std_init"])
+        if "log_std_init" in (defaults := action_space_defaults(self.action_space)):
+            policy_kwargs.setdefault("log_std_init", defaults["log_std_init"])
         preconditioner_kwargs = {**ACKTR_PRECONDITIONER_DEFAULTS, **(user_kwargs.get("preconditioner_kwargs") or {})}
         preconditioner_kwargs.update({name: getattr(self, name) for name in _PRECONDITIONER_ARGUMENTS})
         accepted = inspect.signature(acktr_kfe.preconditioner_class(self.preconditioner)).parameters

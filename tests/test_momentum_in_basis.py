@@ -50,6 +50,21 @@ def test_momentum_in_the_eigenbasis_takes_the_parameter_space_steps(
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def kl_bounded_ekfac(model: torch.nn.Module, *, factors: int, eigen: int, scale: int) -> EKFAC:
+    """EKFAC with momentum, the natural step and a KL trust region on the step taken; factors, eigenbasis and
+    scale updated every ``factors``, ``eigen`` and ``scale`` steps."""
+    return EKFAC(
+        model,
+        lr=0.1,
+        momentum=0.9,
+        max_kl=1e-3,
+        step_norm="natural",
+        factor_update_interval=factors,
+        eigen_update_interval=eigen,
+        scale_update_interval=scale,
+    )
+
+
 def count_rotations(monkeypatch: pytest.MonkeyPatch, in_basis: bool) -> tuple[int, int]:
     """Rotations (to_kfe + from_kfe calls, two matrix products each) per layer and step, with the trust region
     on the step taken: (steps without a refresh, their rotations)."""
@@ -65,16 +80,7 @@ def count_rotations(monkeypatch: pytest.MonkeyPatch, in_basis: bool) -> tuple[in
     if not in_basis:
         monkeypatch.setattr(KroneckerBlock, "momentum_in_basis", lambda self: False)
     model = mlp()
-    optimizer = EKFAC(
-        model,
-        lr=0.1,
-        momentum=0.9,
-        max_kl=1e-3,
-        step_norm="natural",
-        eigen_update_interval=100,
-        scale_update_interval=100,
-        factor_update_interval=100,
-    )
+    optimizer = kl_bounded_ekfac(model, factors=100, eigen=100, scale=100)
     train(optimizer, model, range(3))  # the first steps create the basis and the buffer
     calls["count"] = 0
     train(optimizer, model, range(3, 7))
@@ -123,16 +129,7 @@ def test_a_refresh_drops_the_saved_buffer_in_the_old_basis() -> None:
 
 def test_after_a_refresh_the_buffer_is_rotated_into_the_new_basis_once(monkeypatch: pytest.MonkeyPatch) -> None:
     model = mlp()
-    optimizer = EKFAC(
-        model,
-        lr=0.1,
-        momentum=0.9,
-        max_kl=1e-3,
-        step_norm="natural",
-        factor_update_interval=1,
-        eigen_update_interval=3,
-        scale_update_interval=1,
-    )
+    optimizer = kl_bounded_ekfac(model, factors=1, eigen=3, scale=1)
     train(optimizer, model, range(3))
     calls = {"to_kfe": 0}
     original = KroneckerBlock.to_kfe
