@@ -15,7 +15,7 @@ from torch import nn
 
 from envs import env_kind
 
-from .acktr import ACKTR
+from .acktr import AUTO, ACKTR
 from .policies import POLICY_CURVATURES, KroneckerActorCriticPolicy, preconditioner_names
 
 ALGORITHMS: dict[str, type] = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
@@ -159,6 +159,8 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "policy_kwargs": ("dict", 0, 0, False, False),
     "rollout_buffer_kwargs": ("dict", 0, 0, False, False),
 }
+# ACKTR's arguments whose default depends on the action space: a config may write "auto" for them.
+AUTO_KEYS = ("n_steps", "gae_lambda", "max_kl")
 # Keys whose values come from a list, read when a config is checked (a preconditioner registered later counts).
 CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
     "preconditioner": preconditioner_names,
@@ -212,6 +214,8 @@ def validate_config(config: dict[str, Any], source: str | Path, algorithm: type 
 
     Raises:
         ValueError: ``"<source>: invalid <key>: <value> (<what it must be>)"`` for the first bad value.
+
+    ``n_steps``, ``gae_lambda`` and ``max_kl`` may be ``"auto"`` for ACKTR (its defaults by action space).
     """
     checked = dict(config)
     for key, value in config.items():
@@ -219,6 +223,13 @@ def validate_config(config: dict[str, Any], source: str | Path, algorithm: type 
         if rule is None:
             continue
         kind = rule[0]
+        if key in AUTO_KEYS and value == AUTO:
+            if algorithm is not None and algorithm is not ACKTR:
+                raise ValueError(
+                    f"{source}: invalid {key}: 'auto' (ACKTR's option, resolved from the action space; "
+                    f"{algorithm.__name__} takes a number)"
+                )
+            continue
         try:
             if kind in ("int", "float"):
                 checked[key] = _check_number(value, kind, rule)

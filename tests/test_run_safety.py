@@ -412,3 +412,17 @@ def test_normalize_advantage_returns_is_refused_for_sb3_algorithms_and_accepted_
         validate_config(config, "x.yml", A2C)
     with pytest.raises(ValueError, match="must be true, false or 'returns'"):
         validate_config({"normalize_advantage": "batch"}, "x.yml")
+
+
+def test_auto_defaults_are_accepted_for_acktr_configs_and_refused_for_sb3_algorithms() -> None:
+    from stable_baselines3 import PPO
+
+    from agents.acktr import ACKTR
+
+    config = {"n_steps": "auto", "gae_lambda": "auto", "max_kl": "auto"}
+    assert validate_config(config, "x.yml", ACKTR) == config
+    assert validate_config(config, "x.yml") == config
+    with pytest.raises(ValueError, match=r"x\.yml: invalid n_steps: 'auto' \(ACKTR's option.*PPO takes a number"):
+        validate_config({"n_steps": "auto"}, "x.yml", PPO)
+    with pytest.raises(ValueError, match=r"invalid gamma: 'auto'"):
+        validate_config({"gamma": "auto"}, "x.yml", ACKTR)
