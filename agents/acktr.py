@@ -282,6 +282,13 @@ class ACKTR(OnPolicyAlgorithm):
         finally:
             self.policy_kwargs = user_kwargs
 
+    def _update_current_progress_remaining(self, num_timesteps: int, total_timesteps: int) -> None:
+        """SB3's progress remaining, held at 0 once ``num_timesteps`` passes ``total_timesteps`` (the last rollout
+        overshoots when ``total_timesteps`` is not a multiple of ``n_steps * n_envs``): a schedule such as
+        ``lambda progress: 0.25 * progress`` then gives 0, not the negative learning rate the optimizer refuses."""
+        super()._update_current_progress_remaining(num_timesteps, total_timesteps)
+        self._current_progress_remaining = max(0.0, self._current_progress_remaining)
+
     @property
     def shared_layers(self) -> bool:
         """Whether actor and critic share layers (one joint trust region)."""

@@ -495,10 +495,27 @@ class KroneckerMultiInputActorCriticPolicy(KroneckerActorCriticPolicy):
         super().__init__(*args, **kwargs)
 
 
+class NonNegativeProgress:
+    """A schedule of SB3's progress remaining, evaluated at ``max(progress, 0)``: SB3's progress goes below 0 on a
+    last rollout that overshoots ``total_timesteps``, where ``lambda progress: 0.25 * progress`` would hand the
+    optimizer a negative learning rate."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def __call__(self, progress_remaining: float) -> float:
+        return self.schedule(max(0.0, progress_remaining))
+
+
 class ValueTargetScale(BaseCallback):
     """Feeds each rollout to a :class:`KroneckerActorCriticPolicy` under SB3's A2C or PPO (ACKTR does it itself):
     ``model.learn(n, callback=ValueTargetScale())`` makes the critic's trust region reward-scale free there too,
-    and normalizes the observations."""
+    and normalizes the observations. It also holds the learning-rate schedule's progress at 0 past the end of the
+    run (:class:`NonNegativeProgress`)."""
+
+    def _on_training_start(self) -> None:
+        if not isinstance(self.model.lr_schedule, NonNegativeProgress):
+            self.model.lr_schedule = NonNegativeProgress(self.model.lr_schedule)
 
     def _on_step(self) -> bool:
         return True

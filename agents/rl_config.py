@@ -15,7 +15,7 @@ from torch import nn
 
 from envs import env_kind
 
-from .acktr import AUTO, ACKTR
+from .acktr import ACKTR, AUTO
 from .policies import POLICY_CURVATURES, KroneckerActorCriticPolicy, preconditioner_names
 
 ALGORITHMS: dict[str, type] = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}

@@ -197,3 +197,12 @@ def test_uncalibrated_trust_region_overshoots_and_calibration_fixes_it() -> None
         model.learn(4000, callback=recorder)
         medians[calibrate] = np.median(np.array(recorder.rows)[len(recorder.rows) // 4 :, 0]) / model.max_kl
     assert medians[False] > 1.5 > medians[True]
+
+
+def test_linear_schedule_past_the_last_rollout_gives_zero_learning_rate_not_an_error() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    # 40 steps of rollouts for a 30-step run: SB3's progress remaining would end at 1 - 40 / 30 < 0.
+    model = ACKTR("MlpPolicy", env, seed=0, device="cpu", learning_rate=lambda progress: 0.25 * progress)
+    model.learn(30)
+    assert model.num_timesteps == 40 and model._current_progress_remaining == 0.0
+    assert model.policy.optimizer.param_groups[0]["lr"] == 0.0

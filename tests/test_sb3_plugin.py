@@ -196,3 +196,17 @@ def test_ief_curvature_pass_leaves_the_gradients_alone_and_bad_curvatures_are_re
         agents.ACKTR("MlpPolicy", env, curvature="empirical")
     with pytest.raises(ValueError, match="Invalid curvature: 'gn'"):
         A2C(KroneckerActorCriticPolicy, env, policy_kwargs={"curvature": "gn"})
+
+
+def test_linear_schedule_past_the_last_rollout_gives_zero_learning_rate_not_an_error() -> None:
+    from agents.policies import NonNegativeProgress, ValueTargetScale
+
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    # 40 steps of rollouts for a 30-step run: SB3's progress remaining ends at 1 - 40 / 30 < 0.
+    model = A2C(KroneckerActorCriticPolicy, env, n_steps=20, seed=0, learning_rate=lambda progress: 0.25 * progress)
+    model.learn(30, callback=ValueTargetScale())
+    assert model.num_timesteps == 40 and model._current_progress_remaining < 0
+    assert model.policy.optimizer.param_groups[0]["lr"] == 0.0
+    model.learn(30, callback=ValueTargetScale())  # a second learn wraps the schedule once, not twice
+    assert isinstance(model.lr_schedule, NonNegativeProgress)
+    assert not isinstance(model.lr_schedule.schedule, NonNegativeProgress)
