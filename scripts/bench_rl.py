@@ -3,6 +3,7 @@ hyperparameters.
 
     python scripts/bench_rl.py                                   # every env, algorithm and seed (long)
     python scripts/bench_rl.py --envs CartPole-v1 --seeds 0 --workers 2
+    python scripts/bench_rl.py --envs Hopper-v5 --algos acktr_ekfac a2c --defaults 1   # constructor defaults, 1 env
 
 Each run trains one algorithm on one env for the env's step budget (the same for every algorithm) and records
 the training episodes' true returns (the Monitor sits beneath every normalization wrapper). Reported per env and
@@ -12,7 +13,9 @@ seeds reached; ratios to A2C become bounds when a median is beyond the budget), 
 last 10 episodes) and env steps per second. The table is printed as markdown and written
 to OUT/results.md, per-run records to OUT/runs.jsonl, learning curves to OUT/curves.png.
 
-ACKTR's hyperparameters come from configs/acktr.yml, A2C's, PPO's and TRPO's from configs/baselines.yml. TRPO
+ACKTR's hyperparameters come from configs/acktr.yml, A2C's, PPO's and TRPO's from configs/baselines.yml; with
+``--defaults N_ENVS`` each algorithm runs with its own constructor defaults on that many raw envs instead (what
+``ACKTR("MlpPolicy", env)`` gives a user), and the report keeps those runs apart from the configured ones. TRPO
 needs sb3-contrib (``pip install sb3-contrib``); it is imported only when a TRPO run starts.
 """
 
@@ -121,6 +124,7 @@ def run_one(
         "timesteps": int(model.num_timesteps),  # whole rollouts: at least ``steps``
         "seconds": seconds,
         "episodes": episodes,
+        "defaults_n_envs": defaults_n_envs,
     }
 
 
@@ -230,18 +234,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override every env's step budget")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--defaults",
+        type=int,
+        metavar="N_ENVS",
+        default=None,
+        help="each algorithm's constructor defaults on N_ENVS raw envs instead of the configs",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_rl")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from OUT/runs.jsonl")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.threads < 1:
         parser.error(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
+    if args.defaults is not None and args.defaults < 1:
+        parser.error(f"--defaults must be a number of envs >= 1, got {args.defaults}")
     if args.steps is not None:
         for env_id in BENCHMARKS:
             BENCHMARKS[env_id] = (args.steps, BENCHMARKS[env_id][1])
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     if not args.report:
-        jobs = [(a, e, s, BENCHMARKS[e][0], args.threads) for e in args.envs for a in args.algos for s in args.seeds]
+        jobs = [
+            (a, e, s, BENCHMARKS[e][0], args.threads, args.defaults)
+            for e in args.envs
+            for a in args.algos
+            for s in args.seeds
+        ]
         with ProcessPoolExecutor(max_workers=args.workers) as pool, log.open("a") as handle:
             futures = [pool.submit(run_one, *job) for job in jobs]
             for done, future in enumerate(futures, 1):
@@ -257,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     if not log.is_file():
         parser.error(f"no runs recorded in {log}")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r["env"] in args.envs and r["algo"] in args.algos]
+    records = [
+        r
+        for r in records
+        if r["env"] in args.envs and r["algo"] in args.algos and r.get("defaults_n_envs") == args.defaults
+    ]
     report = table(records)
     (args.out / "results.md").write_text(report + "\n")
     plot(records, args.out / "curves.png")

@@ -65,6 +65,26 @@ def test_throughput_with_constructor_defaults_uses_raw_envs_and_the_defaults(tmp
         throughput.main(["--defaults", "0"])
 
 
+def test_constructor_defaults_runs_are_recorded_and_reported_apart_from_configured_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    bench = load_script("bench_rl")
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", ThreadPoolExecutor)  # the loaded script cannot be pickled
+    configured = {**record("a2c", [500.0] * 30), "env": "Pendulum-v1"}
+    (tmp_path / "runs.jsonl").write_text(json.dumps(configured) + "\n")
+    argv = ["--envs", "Pendulum-v1", "--algos", "acktr_ekfac", "--seeds", "0", "--steps", "256", "--out", str(tmp_path)]
+    assert bench.main([*argv, "--defaults", "1"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert records[-1]["defaults_n_envs"] == 1 and records[-1]["timesteps"] == 256  # two 128-step rollouts, one env
+    table = (tmp_path / "results.md").read_text()
+    assert "acktr_ekfac" in table and "| a2c |" not in table  # the configured A2C run is kept apart
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--defaults", "0"])
+
+
 def test_report_rebuilds_table_and_plot_from_logs(tmp_path: Path) -> None:
     bench = load_script("bench_rl")
     import json
