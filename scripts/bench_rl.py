@@ -67,6 +67,25 @@ def trpo_class() -> type:
     return TRPO
 
 
+def add_defaults_argument(parser: argparse.ArgumentParser) -> None:
+    """``--defaults N_ENVS`` (this script's and bench_throughput.py's): each algorithm's constructor defaults on
+    N_ENVS raw envs instead of the configs; a number below 1 is refused by the parser."""
+
+    def env_count(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a number of envs >= 1, got {value}")
+        return value
+
+    parser.add_argument(
+        "--defaults",
+        type=env_count,
+        metavar="N_ENVS",
+        default=None,
+        help="each algorithm's constructor defaults on N_ENVS raw envs instead of the configs",
+    )
+
+
 def run_one(
     algo: str, env_id: str, seed: int, steps: int, threads: int, defaults_n_envs: int | None = None
 ) -> dict[str, Any]:
@@ -234,20 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override every env's step budget")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument(
-        "--defaults",
-        type=int,
-        metavar="N_ENVS",
-        default=None,
-        help="each algorithm's constructor defaults on N_ENVS raw envs instead of the configs",
-    )
+    add_defaults_argument(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_rl")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from OUT/runs.jsonl")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.threads < 1:
         parser.error(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
-    if args.defaults is not None and args.defaults < 1:
-        parser.error(f"--defaults must be a number of envs >= 1, got {args.defaults}")
     if args.steps is not None:
         for env_id in BENCHMARKS:
             BENCHMARKS[env_id] = (args.steps, BENCHMARKS[env_id][1])

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_rl import ALGOS, baseline_config, run_one  # noqa: E402
+from bench_rl import ALGOS, add_defaults_argument, baseline_config, run_one  # noqa: E402
 
 ENVS = ("CartPole-v1", "Pendulum-v1", "HalfCheetah-v5", "Hopper-v5", "ALE/Pong-v5")
 
@@ -47,19 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20_000, help="env steps per run (Atari: a quarter of it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--defaults",
-        type=int,
-        metavar="N_ENVS",
-        default=None,
-        help="each algorithm with its own constructor defaults on N_ENVS raw envs, instead of the configs",
-    )
+    add_defaults_argument(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_throughput")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.threads < 1 or (args.defaults is not None and args.defaults < 1):
-        parser.error(
-            f"--steps, --threads and --defaults must be >= 1, got {args.steps}, {args.threads} and {args.defaults}"
-        )
+    if args.steps < 1 or args.threads < 1:
+        parser.error(f"--steps and --threads must be >= 1, got {args.steps} and {args.threads}")
     from envs import env_kind
 
     rows = []
