@@ -862,9 +862,7 @@ class KroneckerPreconditioner(Optimizer):
                 buffer = self._buffer_matrix(block) if measured[region] else None
                 buffer_quadratic = None
                 if buffer is not None:
-                    buffer_quadratic = (
-                        block.quadratic(buffer, block_damping) if block.ready else buffer.square().sum()
-                    )
+                    buffer_quadratic = block.quadratic(buffer, block_damping) if block.ready else buffer.square().sum()
                 quadratics[region] += step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
             for param, part in zip(adapter.parameters(), adapter.split(direction)):
                 if param.grad is not None:  # a bias frozen after construction stays where it is

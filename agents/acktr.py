@@ -51,6 +51,7 @@ def action_space_defaults(action_space: spaces.Space) -> dict[str, Any]:
         return dict(CONTINUOUS_DEFAULTS)
     return dict(DISCRETE_DEFAULTS)
 
+
 # ACKTR's own arguments that configure its policy (they become policy_kwargs).
 _POLICY_ARGUMENTS = ("preconditioner", "max_kl", "vf_max_kl", "calibrate_kl", "vf_fisher_coef", "curvature")
 _PRECONDITIONER_ARGUMENTS = (

@@ -36,6 +36,7 @@ step uniformly instead of undoing it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -260,6 +261,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         options.setdefault("fisher_diagonals", log_std_fisher_diagonals(self))
         cls = acktr_kfe.preconditioner_class(self.preconditioner)
         self.optimizer = cls(self, **options)
+        self.optimizer.register_step_pre_hook(self._before_step)
         self.optimizer.register_step_post_hook(self._after_step)
         # The critic starts at zero, so the first rollout's advantages are the returns themselves, in whatever units
         # the rewards have (the trust regions above were found with the head as SB3 initialized it: a zero head
@@ -421,6 +423,29 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
                 logit_grad_norms=th.full((count,), 1.0 / count, dtype=normalized.dtype, device=normalized.device),
                 retain_graph=True,
             )
+
+    def _before_step(self, optimizer: th.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Before each optimizer step: a negative learning rate from a schedule that went past the end of the run.
+
+        SB3's progress remaining goes below 0 on a last rollout that overshoots ``total_timesteps``, where a schedule
+        such as ``lambda progress: 0.25 * progress`` turns negative. ``callback=ValueTargetScale()`` holds the
+        progress at 0; without it, a negative rate after earlier steps is taken as that overshoot and stepped at 0
+        (with a warning) rather than raised at the end of the run, where the run's work would be lost. A negative
+        rate on the first step is an invalid rate: it raises."""
+        for group in optimizer.param_groups:
+            lr = group["lr"]
+            if not (isinstance(lr, float | int) and lr < 0):
+                continue
+            if optimizer.steps == 0:
+                raise ValueError(f"Invalid learning rate: {lr!r} (must be >= 0)")
+            warnings.warn(
+                f"learning rate {lr:.3g} < 0 after {optimizer.steps} steps: the schedule went past the end of the "
+                "run (SB3's progress remaining is below 0 on a last rollout that overshoots total_timesteps); this "
+                "step uses 0. Pass callback=ValueTargetScale() to learn, which holds the progress at 0.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            group["lr"] = 0.0
 
     def _after_step(self, optimizer: th.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After each optimizer step: the measured KL on the last evaluated minibatch, and the calibration."""

@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets" / "mnist")
     parser.add_argument(
-        "--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS), metavar="NAME",
+        "--optimizers",
+        nargs="+",
+        choices=list(OPTIMIZERS),
+        default=list(OPTIMIZERS),
+        metavar="NAME",
         help=f"which to time (SGD, the reference, always runs); choices: {', '.join(OPTIMIZERS)}",
     )
     args = parser.parse_args(argv)

@@ -115,3 +115,18 @@ def test_missing_baseline_entries_and_a_missing_sb3_contrib_are_explained(monkey
     monkeypatch.setitem(sys.modules, "sb3_contrib", None)  # as if it were not installed
     with pytest.raises(ImportError, match="pip install sb3-contrib"):
         bench.trpo_class()
+
+
+def test_validated_on_set_is_kept_apart_from_the_tuned_on_set_and_labelled_in_the_report(tmp_path: Path) -> None:
+    import json
+
+    bench = load_script("bench_rl")
+    assert not set(bench.TUNED_ON) & set(bench.VALIDATED_ON)
+    runs = [record("a2c", [500.0] * 30), {**record("a2c", [-90.0] * 30), "env": "Acrobot-v1"}]
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in runs))
+    assert bench.main(["--report", "--out", str(tmp_path), "--set", "validated"]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "Acrobot-v1, validated on" in table and "CartPole-v1" not in table
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 0  # the tuned-on set by default
+    table = (tmp_path / "results.md").read_text()
+    assert "CartPole-v1" in table and "Acrobot-v1" not in table

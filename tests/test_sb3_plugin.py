@@ -210,3 +210,22 @@ def test_linear_schedule_past_the_last_rollout_gives_zero_learning_rate_not_an_e
     model.learn(30, callback=ValueTargetScale())  # a second learn wraps the schedule once, not twice
     assert isinstance(model.lr_schedule, NonNegativeProgress)
     assert not isinstance(model.lr_schedule.schedule, NonNegativeProgress)
+
+
+def test_schedule_past_the_last_rollout_without_the_callback_warns_and_steps_at_zero_instead_of_raising() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    model = A2C(KroneckerActorCriticPolicy, env, n_steps=20, seed=0, learning_rate=lambda progress: 0.25 * progress)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    with pytest.warns(RuntimeWarning, match="schedule went past the end of the run"):
+        model.learn(30)  # the last rollout overshoots: progress 1 - 40 / 30 < 0
+    assert model.policy.optimizer.param_groups[0]["lr"] == 0.0
+    assert model.policy.optimizer.steps == 2
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.policy.parameters()))
+
+
+def test_schedule_negative_from_the_first_update_is_refused_with_its_value() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    # Valid when the policy is built (progress 1), negative at the first update (progress 1 - 20 / 20 = 0).
+    model = A2C(KroneckerActorCriticPolicy, env, n_steps=20, seed=0, learning_rate=lambda progress: progress - 0.5)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -0\.5 \(must be >= 0\)"):
+        model.learn(20)

@@ -153,9 +153,7 @@ def test_train_feeds_each_rollout_to_the_kronecker_policy_under_sb3_a2c(tmp_path
 
     train = load_script("train")
     run = tmp_path / "a2c"
-    train.main(
-        ["--algo", "a2c", "--preconditioner", "ekfac", "--total-timesteps", "200", "--log-dir", str(run)]
-    )
+    train.main(["--algo", "a2c", "--preconditioner", "ekfac", "--total-timesteps", "200", "--log-dir", str(run)])
     model = A2C.load(run / "model.zip", device="cpu")
     assert isinstance(model.policy, KroneckerActorCriticPolicy)
     # ValueTargetScale ran: the value scale left 1 and the observation statistics were fed.
