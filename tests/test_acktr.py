@@ -199,6 +199,22 @@ def test_uncalibrated_trust_region_overshoots_and_calibration_fixes_it() -> None
     assert medians[False] > 1.5 > medians[True]
 
 
+def test_calibration_shrinks_radii_after_overshoots_and_never_enlarges_them_after_undershoots() -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), seed=0, max_kl=0.001, vf_max_kl=0.003)
+    regions, optimizer = model.policy.trust_regions, model.policy.optimizer
+    optimizer.last_predicted_kls = torch.tensor([1e-3, 3e-3])
+    for _ in range(20):  # steps measured at a tenth of their prediction (a damped model near a deterministic policy)
+        regions.update(optimizer, policy_kl=1e-4, vf_kl=3e-4)
+    assert regions.log_bias == [0.0, 0.0]
+    regions.set_radii(optimizer)
+    assert optimizer.trust_regions.radii(optimizer.param_groups[0]) == pytest.approx([0.001, 0.003])
+    regions.update(optimizer, policy_kl=4e-3, vf_kl=3e-3)  # the policy's step measured at 4 times its prediction
+    assert regions.log_bias[0] == pytest.approx(0.1 * np.log(4.0)) and regions.log_bias[1] == 0.0
+    regions.set_radii(optimizer)
+    radii = optimizer.trust_regions.radii(optimizer.param_groups[0])
+    assert radii == pytest.approx([0.001 / 4.0**0.1, 0.003])
+
+
 def test_linear_schedule_past_the_last_rollout_gives_zero_learning_rate_not_an_error() -> None:
     env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
     # 40 steps of rollouts for a 30-step run: SB3's progress remaining would end at 1 - 40 / 30 < 0.
