@@ -11,10 +11,10 @@ Layers shared by both get one joint region bounded by ``max_kl``.
 
 Calibration: the quadratic model underestimates the KL of the step it proposes (the step is largest where the
 sampled curvature estimate is smallest). After each step the KL is measured on the batch; a running average of
-``log(measured / predicted)`` per region divides the next radius. A step measured below its prediction counts as a
-ratio of 1: the calibration only shrinks the radius. (Near a deterministic policy the damped model overestimates
-the KL and the batch's measured KL misses the rare actions that carry it; letting such steps enlarge the radius made
-1-env CartPole-v1 runs fall back and an Acrobot-v1 policy saturate for good.)
+``log(measured / predicted)`` per region divides the next radius, a bias below 1 counting as 1: the calibration
+shrinks a radius and never enlarges it beyond its target (docs/ACKTR.md, "Calibration that only shrinks the
+radius"). Near a deterministic policy the damped quadratic model overestimates the KL of steps that sharpen the
+policy, and a radius enlarged by those let through the steps that broke it.
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 import acktr_kfe
 from acktr_kfe.trust_region import check_radius
 
-# Running average of log(measured KL / predicted KL) over updates, and the range of the ratio. The calibration only
-# shrinks a radius: a step whose measured KL is below the prediction counts as a ratio of 1, never as a licence to
-# step further than the target (docs/ACKTR.md, "Calibration that only shrinks the radius").
+# Running average of log(measured KL / predicted KL) over updates, and the range of the ratio.
 KL_BIAS_DECAY = 0.9
-KL_BIAS_RANGE = (1.0, 100.0)
+KL_BIAS_RANGE = (0.1, 100.0)
 
 
 def actor_critic_forward(policy: ActorCriticPolicy, obs: th.Tensor) -> tuple[Distribution, th.Tensor]:
@@ -141,9 +139,10 @@ class ActorCriticTrustRegions:
         return math.exp(self.log_bias[0])
 
     def set_radii(self, optimizer: acktr_kfe.KroneckerPreconditioner) -> None:
-        """Give each region of ``optimizer`` its radius for the next step: the target divided by the bias."""
+        """Give each region of ``optimizer`` its radius for the next step: the target divided by the bias, or the
+        target itself where the bias is below 1."""
         for index, target in enumerate(self.targets):
-            bias = math.exp(self.log_bias[index]) if self.calibrate else 1.0
+            bias = max(math.exp(self.log_bias[index]), 1.0) if self.calibrate else 1.0
             optimizer.set_trust_region_radius(index, None if target is None else target / bias)
 
     def measure(

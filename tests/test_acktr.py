@@ -177,11 +177,15 @@ class _KLRecorder(BaseCallback):
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 def test_measured_kl_of_clipped_updates_stays_near_max_kl(env_id: str) -> None:
     max_kl = 1e-3
-    # 20-step rollouts on both (Box actions default to 128): enough updates for the calibration to settle.
-    model = ACKTR("MlpPolicy", make_vec_env(env_id, n_envs=4, seed=0), seed=0, max_kl=max_kl, n_steps=20)
-    recorder = _KLRecorder()
-    model.learn(4000 if env_id == "CartPole-v1" else 8000, callback=recorder)
-    rows = np.array(recorder.rows[len(recorder.rows) // 4 :])  # after the calibration warm-up
+    rows = []
+    # Three seeds pooled (one seed's median ranges over 1.0-1.5): 20-step rollouts on both (Box actions default to
+    # 128), enough updates for the calibration to settle.
+    for seed in (0, 1, 2):
+        model = ACKTR("MlpPolicy", make_vec_env(env_id, n_envs=4, seed=seed), seed=seed, max_kl=max_kl, n_steps=20)
+        recorder = _KLRecorder()
+        model.learn(4000 if env_id == "CartPole-v1" else 8000, callback=recorder)
+        rows += recorder.rows[len(recorder.rows) // 4 :]  # after the calibration warm-up
+    rows = np.array(rows)
     clipped = rows[rows[:, 1] < 1.0]
     assert len(clipped) >= 0.8 * len(rows)
     ratios = clipped[:, 0] / max_kl
@@ -202,12 +206,13 @@ def test_uncalibrated_trust_region_overshoots_and_calibration_fixes_it() -> None
 def test_calibration_shrinks_radii_after_overshoots_and_never_enlarges_them_after_undershoots() -> None:
     model = ACKTR("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), seed=0, max_kl=0.001, vf_max_kl=0.003)
     regions, optimizer = model.policy.trust_regions, model.policy.optimizer
-    optimizer.last_predicted_kls = torch.tensor([1e-3, 3e-3])
+    optimizer.last_predicted_kls = torch.tensor([1e-3, 3e-3], dtype=torch.float64)
     for _ in range(20):  # steps measured at a tenth of their prediction (a damped model near a deterministic policy)
         regions.update(optimizer, policy_kl=1e-4, vf_kl=3e-4)
-    assert regions.log_bias == [0.0, 0.0]
+    assert regions.log_bias[0] < 0 and regions.log_bias[1] < 0  # the running bias itself stays unbiased
     regions.set_radii(optimizer)
     assert optimizer.trust_regions.radii(optimizer.param_groups[0]) == pytest.approx([0.001, 0.003])
+    regions.log_bias[:] = [0.0, 0.0]
     regions.update(optimizer, policy_kl=4e-3, vf_kl=3e-3)  # the policy's step measured at 4 times its prediction
     assert regions.log_bias[0] == pytest.approx(0.1 * np.log(4.0)) and regions.log_bias[1] == 0.0
     regions.set_radii(optimizer)

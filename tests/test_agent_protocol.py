@@ -228,7 +228,7 @@ def test_save_and_load_round_trip_calibration_value_scale_and_statistics(algorit
         model.learn(160)
         cls: type[OnPolicyAlgorithm] = agents.ACKTR
     else:
-        model = A2C(agents.KroneckerActorCriticPolicy, env, n_steps=8, seed=0, learning_rate=0.25)
+        model = A2C(agents.KroneckerActorCriticPolicy, env, n_steps=8, seed=0)
         model.learn(160, callback=agents.ValueTargetScale())
         cls = A2C
     model.save(tmp_path / "model")

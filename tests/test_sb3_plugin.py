@@ -122,8 +122,8 @@ def test_plugin_measures_every_ppo_minibatch_step_and_rejects_reserved_kwargs() 
 def test_plugin_policy_settings_survive_save_and_load(tmp_path) -> None:
     env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
     kwargs = {"preconditioner": "kfac", "max_kl": 0.002, "vf_max_kl": None, "preconditioner_kwargs": {"damping": 0.05}}
-    model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0, learning_rate=0.25, policy_kwargs=kwargs)
-    model.learn(80)
+    model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0, policy_kwargs=kwargs)
+    model.learn(16)
     model.save(tmp_path / "a2c")
     loaded = A2C.load(tmp_path / "a2c", env=env)
     policy = loaded.policy
