@@ -98,7 +98,7 @@ class ActorCriticTrustRegions:
         max_kl: radius of the policy's region (the joint one with shared layers); ``None``: unbounded.
         vf_max_kl: radius of a separate critic's region; ``None``: unbounded.
         vf_fisher_coef: the critic's Gaussian reading (standard deviation ``sigma / vf_fisher_coef``).
-        calibrate: divide the radii by the running bias of the quadratic model.
+        calibrate: divide the radii by the running bias of the quadratic model (by 1 while it is below 1).
         log_bias: a list to keep the running ``log(measured / predicted)`` per region in (updated in place, so
             an owner that saves it keeps the calibration); a new one by default.
     """

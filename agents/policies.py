@@ -170,8 +170,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     root mean square of the value targets, so the value may move by about ``sqrt(2 vf_max_kl) sigma /
     vf_fisher_coef`` per step whatever the reward scale. After every optimizer step the policy measures the KL on
     the minibatch it just evaluated (one forward pass) and, with ``calibrate_kl``, divides the next radius by the
-    running bias of the quadratic model. The last measurement is in ``last_measured_kl`` and
-    ``last_measured_vf_kl``.
+    running bias of the quadratic model (a bias below 1 leaves the radius at its target). The last measurement is
+    in ``last_measured_kl`` and ``last_measured_vf_kl``.
 
     State: the calibration (buffer ``kl_log_bias``), the value scale (buffers ``value_scale`` and
     ``value_target_moments``) and the observation statistics (``observation_mean``, ``observation_var``,
