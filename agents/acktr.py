@@ -95,8 +95,8 @@ class ACKTR(OnPolicyAlgorithm):
     Calibration (``calibrate_kl``, on by default). The quadratic model underestimates the KL of the step it
     proposes: the step is largest where the sampled curvature estimate is smallest, so its errors are amplified.
     After each update the policy measures the KL on the batch (one forward pass) and keeps a running average of
-    ``log(measured / predicted)`` per region; the next update's radius is the target divided by that bias, or
-    the target itself while the bias is below 1 (the calibration never enlarges a radius).
+    ``log(measured / predicted)`` per region; the next update's radius is the target divided by that bias, for
+    discrete actions the target itself while the bias is below 1 (the calibration never enlarges their radii).
 
     Observations (flat ``Box`` spaces) are normalized inside the policy by their running mean and variance
     (``policy_kwargs={"normalize_observations": False}`` turns it off, e.g. behind VecNormalize).

@@ -11,10 +11,11 @@ Layers shared by both get one joint region bounded by ``max_kl``.
 
 Calibration: the quadratic model underestimates the KL of the step it proposes (the step is largest where the
 sampled curvature estimate is smallest). After each step the KL is measured on the batch; a running average of
-``log(measured / predicted)`` per region divides the next radius, a bias below 1 counting as 1: the calibration
-shrinks a radius and never enlarges it beyond its target (docs/ACKTR.md, "Calibration that only shrinks the
-radius"). Near a deterministic policy the damped quadratic model overestimates the KL of steps that sharpen the
-policy, and a radius enlarged by those let through the steps that broke it.
+``log(measured / predicted)`` per region divides the next radius. For discrete actions a bias below 1 counts as
+1, so the calibration never enlarges a radius beyond its target: near a nearly deterministic policy the damped
+model overestimates the KL of the steps that sharpen it, and a radius enlarged by those let through the steps that
+saturated the policy for good (docs/ACKTR.md, "Calibration that only shrinks the radius"). Gaussian policies keep
+the enlargement, which measurably speeds up their early learning.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class ActorCriticTrustRegions:
         max_kl: radius of the policy's region (the joint one with shared layers); ``None``: unbounded.
         vf_max_kl: radius of a separate critic's region; ``None``: unbounded.
         vf_fisher_coef: the critic's Gaussian reading (standard deviation ``sigma / vf_fisher_coef``).
-        calibrate: divide the radii by the running bias of the quadratic model (by 1 while it is below 1).
+        calibrate: divide the radii by the running bias of the quadratic model.
+        enlarge: let a bias below 1 enlarge the radii (up to 10 times); otherwise such a bias counts as 1.
         log_bias: a list to keep the running ``log(measured / predicted)`` per region in (updated in place, so
             an owner that saves it keeps the calibration); a new one by default.
     """
@@ -111,11 +113,13 @@ class ActorCriticTrustRegions:
         vf_fisher_coef: float,
         calibrate: bool = True,
         log_bias: list[float] | None = None,
+        enlarge: bool = False,
     ) -> None:
         check_radius(max_kl)
         check_radius(vf_max_kl, "vf_max_kl")
         self.vf_fisher_coef = vf_fisher_coef
         self.calibrate = calibrate
+        self.enlarge = enlarge
         actor, critic = actor_and_critic_parameters(policy)
         critic_ids = {id(p) for p in critic}
         self.shared_layers = any(id(p) in critic_ids for p in actor)
@@ -139,10 +143,12 @@ class ActorCriticTrustRegions:
         return math.exp(self.log_bias[0])
 
     def set_radii(self, optimizer: acktr_kfe.KroneckerPreconditioner) -> None:
-        """Give each region of ``optimizer`` its radius for the next step: the target divided by the bias, or the
-        target itself where the bias is below 1."""
+        """Give each region of ``optimizer`` its radius for the next step: the target divided by the bias (by 1
+        while the bias is below 1, unless ``enlarge``)."""
         for index, target in enumerate(self.targets):
-            bias = max(math.exp(self.log_bias[index]), 1.0) if self.calibrate else 1.0
+            bias = math.exp(self.log_bias[index]) if self.calibrate else 1.0
+            if not self.enlarge:
+                bias = max(bias, 1.0)
             optimizer.set_trust_region_radius(index, None if target is None else target / bias)
 
     def measure(

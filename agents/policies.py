@@ -170,8 +170,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     root mean square of the value targets, so the value may move by about ``sqrt(2 vf_max_kl) sigma /
     vf_fisher_coef`` per step whatever the reward scale. After every optimizer step the policy measures the KL on
     the minibatch it just evaluated (one forward pass) and, with ``calibrate_kl``, divides the next radius by the
-    running bias of the quadratic model (a bias below 1 leaves the radius at its target). The last measurement is
-    in ``last_measured_kl`` and ``last_measured_vf_kl``.
+    running bias of the quadratic model (for discrete actions, a bias below 1 leaves the radius at its target).
+    The last measurement is in ``last_measured_kl`` and ``last_measured_vf_kl``.
 
     State: the calibration (buffer ``kl_log_bias``), the value scale (buffers ``value_scale`` and
     ``value_target_moments``) and the observation statistics (``observation_mean``, ``observation_var``,
@@ -245,8 +245,15 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
         self.register_buffer("observation_count", th.zeros((), dtype=th.float64))
         self._observations_seen = False  # observation_count > 0, kept on the host (no device sync per forward)
+        # Discrete policies can saturate for good, so their calibration never enlarges a radius (docs/ACKTR.md,
+        # "Calibration that only shrinks the radius"); Gaussian policies keep the enlargement.
         self.trust_regions = ActorCriticTrustRegions(
-            self, self.max_kl, self.vf_max_kl, self.vf_fisher_coef, self.calibrate_kl
+            self,
+            self.max_kl,
+            self.vf_max_kl,
+            self.vf_fisher_coef,
+            self.calibrate_kl,
+            enlarge=isinstance(self.action_space, spaces.Box),
         )
         extra = PRECONDITIONER_NAME_DEFAULTS.get(self.preconditioner, {})
         options = {

@@ -203,9 +203,10 @@ def test_uncalibrated_trust_region_overshoots_and_calibration_fixes_it() -> None
     assert medians[False] > 1.5 > medians[True]
 
 
-def test_calibration_shrinks_radii_after_overshoots_and_never_enlarges_them_after_undershoots() -> None:
+def test_discrete_calibration_shrinks_radii_after_overshoots_and_never_enlarges_them_after_undershoots() -> None:
     model = ACKTR("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), seed=0, max_kl=0.001, vf_max_kl=0.003)
     regions, optimizer = model.policy.trust_regions, model.policy.optimizer
+    assert not regions.enlarge  # discrete actions
     optimizer.last_predicted_kls = torch.tensor([1e-3, 3e-3], dtype=torch.float64)
     for _ in range(20):  # steps measured at a tenth of their prediction (a damped model near a deterministic policy)
         regions.update(optimizer, policy_kl=1e-4, vf_kl=3e-4)
@@ -218,6 +219,17 @@ def test_calibration_shrinks_radii_after_overshoots_and_never_enlarges_them_afte
     regions.set_radii(optimizer)
     radii = optimizer.trust_regions.radii(optimizer.param_groups[0])
     assert radii == pytest.approx([0.001 / 4.0**0.1, 0.003])
+
+
+def test_gaussian_policies_keep_the_calibration_that_enlarges_radii_after_undershoots() -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), seed=0, max_kl=0.01, vf_max_kl=0.003)
+    regions, optimizer = model.policy.trust_regions, model.policy.optimizer
+    assert regions.enlarge
+    optimizer.last_predicted_kls = torch.tensor([1e-2, 3e-3], dtype=torch.float64)
+    regions.update(optimizer, policy_kl=5e-3, vf_kl=3e-3)  # the policy's step measured at half its prediction
+    regions.set_radii(optimizer)
+    radii = optimizer.trust_regions.radii(optimizer.param_groups[0])
+    assert radii == pytest.approx([0.01 * 2.0**0.1, 0.003])
 
 
 def test_linear_schedule_past_the_last_rollout_gives_zero_learning_rate_not_an_error() -> None:
