@@ -438,13 +438,13 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         such as ``lambda progress: 0.25 * progress`` turns negative. ``callback=ValueTargetScale()`` holds the
         progress at 0; without it, a negative rate after earlier steps is taken as that overshoot and stepped at 0
         (with a warning) rather than raised at the end of the run, where the run's work would be lost. A negative
-        rate on the first step is an invalid rate: it raises."""
+        rate on the first step is left to the optimizer, which refuses it as invalid."""
+        if optimizer.steps == 0:
+            return
         for group in optimizer.param_groups:
             lr = group["lr"]
             if not (isinstance(lr, float | int) and lr < 0):
                 continue
-            if optimizer.steps == 0:
-                raise ValueError(f"Invalid learning rate: {lr!r} (must be >= 0)")
             warnings.warn(
                 f"learning rate {lr:.3g} < 0 after {optimizer.steps} steps: the schedule went past the end of the "
                 "run (SB3's progress remaining is below 0 on a last rollout that overshoots total_timesteps); this "
