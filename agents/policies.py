@@ -152,6 +152,15 @@ def curvature_loss(distribution: Distribution, values: th.Tensor, vf_fisher_coef
     return loss
 
 
+def merge_moments(count: Any, mean: Any, var: Any, batch_count: Any, batch_mean: Any, batch_var: Any) -> tuple:
+    """Count, mean and (biased) variance of the union of two samples, from each one's (Chan et al.'s parallel
+    merge; floats or tensors)."""
+    total = count + batch_count
+    delta = batch_mean - mean
+    m2 = var * count + batch_var * batch_count + delta * delta * count * batch_count / total
+    return total, mean + delta * batch_count / total, m2 / total
+
+
 def _scaled_values(normalized: th.Tensor, scale: th.Tensor) -> th.Tensor:
     """``scale * normalized`` in the forward pass; in the backward pass the gradient is divided by ``scale``
     instead of multiplied by it, so a loss on the values in reward units trains the head as the same loss on
@@ -173,10 +182,10 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     running bias of the quadratic model (for discrete actions, a bias below 1 leaves the radius at its target).
     The last measurement is in ``last_measured_kl`` and ``last_measured_vf_kl``.
 
-    State: the calibration (buffer ``kl_log_bias``), the value scale (buffers ``value_scale`` and
-    ``value_target_moments``) and the observation statistics (``observation_mean``, ``observation_var``,
-    ``observation_count``) are saved and loaded with the parameters; the preconditioner's statistics with
-    ``policy.optimizer`` (SB3 saves both).
+    State: the calibration (buffer ``kl_log_bias``), the value scale and spread (buffers ``value_scale``,
+    ``value_target_moments``, ``value_target_mean``, ``value_target_stats``) and the observation statistics
+    (``observation_mean``, ``observation_var``, ``observation_count``) are saved and loaded with the parameters; the
+    preconditioner's statistics with ``policy.optimizer`` (SB3 saves both).
 
     Args:
         preconditioner: ``"ekfac"`` (default) or ``"kfac"``.
@@ -240,6 +249,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.register_buffer("value_target_moments", th.zeros(2, dtype=th.float64))
         # The running (bias-uncorrected) mean of the value targets, with the weights of value_target_moments.
         self.register_buffer("value_target_mean", th.zeros((), dtype=th.float64))
+        # Count, mean and (biased) variance of every value target observed so far.
+        self.register_buffer("value_target_stats", th.tensor([0.0, 0.0, 1.0], dtype=th.float64))
         shape = self.observation_space.shape if self._normalizes_observations else ()
         self.register_buffer("observation_mean", th.zeros(shape, dtype=th.float64))
         self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
@@ -315,13 +326,11 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         mean, var = batch.mean(0), batch.var(0, unbiased=False)
         # Data parallel (torchrun): the moments of every rank's batch, so that all ranks normalize alike.
         mean, var, count = distributed.combine_moments(mean, var, count, what="observation statistics")
-        total = self.observation_count + count
-        delta = mean - self.observation_mean
-        # Parallel merge of two (mean, variance, count) summaries (Chan et al.).
-        m2 = self.observation_var * self.observation_count + var * count
-        m2 += delta.square() * self.observation_count * count / total
-        self.observation_mean += delta * count / total
-        self.observation_var.copy_(m2 / total)
+        total, new_mean, new_var = merge_moments(
+            self.observation_count, self.observation_mean, self.observation_var, count, mean, var
+        )
+        self.observation_mean.copy_(new_mean)
+        self.observation_var.copy_(new_var)
         self.observation_count.copy_(total)
         self._observations_seen = True
 
@@ -340,6 +349,11 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.value_target_mean.mul_(VALUE_SCALE_DECAY).add_(
             distributed.mean_over_ranks(targets.mean()) * (1 - VALUE_SCALE_DECAY)
         )
+        batch_mean, batch_var, batch_count = distributed.combine_moments(
+            targets.mean(), targets.var(unbiased=False), float(targets.numel()), what="value target statistics"
+        )
+        merged = merge_moments(*self.value_target_stats.tolist(), batch_count, float(batch_mean), float(batch_var))
+        self.value_target_stats.copy_(th.tensor(merged, dtype=th.float64))
         new_scale = max(math.sqrt(float(moments[0] / moments[1])), MIN_VALUE_SCALE)
         ratio = float(self.value_scale) / new_scale
         if not math.isfinite(ratio):
@@ -353,14 +367,20 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         return new_scale
 
     def value_target_spread(self) -> float:
-        """The running standard deviation of the value targets (centred, unlike ``sigma``): the scale ACKTR's
-        ``normalize_advantage="returns"`` divides advantages by. 1 before any rollout was observed."""
+        """The scale ACKTR's ``normalize_advantage="returns"`` divides advantages by: the larger of the running
+        standard deviation of the value targets (decay 0.9 per rollout, centred, unlike ``sigma``) and their
+        standard deviation over the whole run so far. The running one follows returns that spread more as the
+        policy improves; the whole run's keeps the scale once a good policy's returns stop varying, where the
+        running one would shrink with them and blow the advantages' noise up to full steps (docs/ACKTR.md,
+        "Advantages: normalized over the batch, or divided by the spread of the returns"). 1 before any rollout
+        was observed."""
         weight = float(self.value_target_moments[1])
         if weight <= 0:
             return 1.0
         mean = float(self.value_target_mean) / weight
-        variance = float(self.value_target_moments[0]) / weight - mean * mean
-        return max(math.sqrt(max(variance, 0.0)), MIN_VALUE_SCALE)
+        running = float(self.value_target_moments[0]) / weight - mean * mean
+        whole_run = float(self.value_target_stats[2])
+        return max(math.sqrt(max(running, whole_run, 0.0)), MIN_VALUE_SCALE)
 
     # -- forward passes ------------------------------------------------------------------------------------------
 
@@ -505,6 +525,15 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
                 getattr(self, name).fill_(value)
+        if prefix + "value_target_stats" in missing_keys:
+            # Saved before the whole run's statistics were kept: they start from the running ones.
+            missing_keys.remove(prefix + "value_target_stats")
+            weight = float(self.value_target_moments[1])
+            stats = [0.0, 0.0, 1.0]
+            if weight > 0:
+                mean = float(self.value_target_mean) / weight
+                stats = [1.0, mean, max(float(self.value_target_moments[0]) / weight - mean * mean, 0.0)]
+            self.value_target_stats.copy_(th.tensor(stats, dtype=th.float64))
         bias = self.trust_regions.log_bias
         bias[:] = self.kl_log_bias[: len(bias)].tolist()
         self._observations_seen = bool(self.observation_count > 0)

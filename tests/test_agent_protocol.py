@@ -216,6 +216,7 @@ def _policy_state(model: OnPolicyAlgorithm) -> dict[str, object]:
         "log_bias": list(policy.trust_regions.log_bias),
         "value_scale": float(policy.value_scale),
         "value_target_moments": policy.value_target_moments.tolist(),
+        "value_target_stats": policy.value_target_stats.tolist(),
         "optimizer": policy.optimizer.state_dict(),
     }
 
@@ -235,7 +236,7 @@ def test_save_and_load_round_trip_calibration_value_scale_and_statistics(algorit
     loaded = cls.load(tmp_path / "model", env=env)
     saved, restored = _policy_state(model), _policy_state(loaded)
     assert saved["log_bias"] != [0.0, 0.0] and saved["value_scale"] != 1.0
-    for key in ("log_bias", "value_scale", "value_target_moments"):
+    for key in ("log_bias", "value_scale", "value_target_moments", "value_target_stats"):
         assert restored[key] == pytest.approx(saved[key]), key
     _assert_same_state(restored["optimizer"], saved["optimizer"])
     # The next update from the same batch is the same step.
@@ -301,7 +302,15 @@ def test_acktr_loads_with_the_policy_kwargs_it_was_built_with(tmp_path: Path) ->
     loaded.learn(8)
 
 
-def test_value_target_spread_is_the_running_standard_deviation_of_the_returns() -> None:
+def _running_spread(rollouts: list[torch.Tensor]) -> float:
+    """The running standard deviation of the value targets: decay 0.9 per rollout, normalized by the total weight."""
+    weights = torch.tensor([0.1 * 0.9 ** (len(rollouts) - 1 - i) for i in range(len(rollouts))], dtype=torch.float64)
+    mean = float((weights * torch.stack([r.mean() for r in rollouts])).sum() / weights.sum())
+    square = float((weights * torch.stack([r.square().mean() for r in rollouts])).sum() / weights.sum())
+    return (square - mean**2) ** 0.5
+
+
+def test_value_target_spread_is_the_larger_of_the_running_and_the_whole_run_standard_deviations() -> None:
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     policy = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
     assert policy.value_target_spread() == 1.0, "no rollout observed yet"
@@ -310,9 +319,37 @@ def test_value_target_spread_is_the_running_standard_deviation_of_the_returns() 
     assert policy.value_target_spread() == pytest.approx(float(first.std(unbiased=False)))
     second = 100 + first
     policy.observe_value_targets(second)
-    both_weights = torch.tensor([0.1 * 0.9, 0.1])  # decay 0.9 per rollout, then normalized by the total weight
-    mean = float((both_weights * torch.stack([first.mean(), second.mean()])).sum() / both_weights.sum())
-    square = float((both_weights * torch.stack([first.square().mean(), second.square().mean()])).sum())
-    assert policy.value_target_spread() == pytest.approx((square / float(both_weights.sum()) - mean**2) ** 0.5)
+    whole_run = float(torch.cat([first, second]).std(unbiased=False))
+    assert policy.value_target_spread() == pytest.approx(max(_running_spread([first, second]), whole_run))
+    # Many rollouts of nearly constant returns (a policy that has learned its task): the running spread shrinks
+    # with them, the whole run's does not, and it is the one used.
+    later = [100 + 0.01 * torch.arange(6, dtype=torch.float64) for _ in range(60)]
+    for rollout in later:
+        policy.observe_value_targets(rollout)
+    every = torch.cat([first, second, *later])
+    assert _running_spread([first, second, *later]) < 0.2 * float(every.std(unbiased=False))
+    assert policy.value_target_spread() == pytest.approx(float(every.std(unbiased=False)), rel=1e-9)
+    # A rollout that spreads more than the whole run did is followed at once.
+    wide = torch.tensor([0.0, 400.0], dtype=torch.float64)
+    policy.observe_value_targets(wide)
+    assert policy.value_target_spread() == pytest.approx(_running_spread([first, second, *later, wide]))
+    assert policy.value_target_spread() > float(torch.cat([every, wide]).std(unbiased=False))
+
+
+def test_policy_saved_before_the_whole_run_spread_was_kept_loads_with_its_running_spread() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    saved = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
+    saved.observe_value_targets(torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64))
+    saved.observe_value_targets(torch.tensor([2.0, 9.0], dtype=torch.float64))
+    spread = saved.value_target_spread()
+    state = {k: v for k, v in saved.state_dict().items() if k != "value_target_stats"}
+    policy = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=1).policy
+    policy.load_state_dict(state)
+    assert policy.value_target_spread() == pytest.approx(spread)
+    assert float(policy.value_scale) == pytest.approx(float(saved.value_scale))
+
+
+def test_normalize_advantage_refuses_unknown_modes() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     with pytest.raises(ValueError, match="Invalid normalize_advantage: 'batch'"):
         agents.ACKTR("MlpPolicy", env, normalize_advantage="batch")
