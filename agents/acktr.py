@@ -80,8 +80,8 @@ class ACKTR(OnPolicyAlgorithm):
        actor and critic (a CNN trunk) receive both (the cross terms vanish in expectation, since the score of a
        sampled action has mean zero).
     3. The gradient of A2C's loss ``policy_loss + ent_coef * entropy_loss + vf_coef * value_loss`` (the value
-       loss's gradient reaches the critic divided by ``sigma**2``; advantages divided by the spread of the
-       returns by default), preconditioned by EKFAC (default) or K-FAC, and a momentum step scaled by the KL
+       loss's gradient reaches the critic divided by ``sigma**2``; advantages divided by the running spread
+       of the returns by default), preconditioned by EKFAC (default) or K-FAC, and a momentum step scaled by the KL
        trust region: ``u = momentum buf + D``, ``nu = min(1, sqrt(2 radius / (lr^2 u^T F u)))`` (the region
        bounds the step actually taken, momentum included). No gradient-norm clipping unless ``max_grad_norm`` is set.
 
@@ -144,8 +144,8 @@ class ACKTR(OnPolicyAlgorithm):
         factor_decay, factor_update_interval, eigen_update_interval, scale_update_interval: statistics of the
             preconditioner (see :class:`acktr_kfe.EKFAC`).
         max_grad_norm: optional clipping of the raw gradient norm before preconditioning (off by default).
-        normalize_advantage: ``"returns"`` (default): divide advantages by the spread of the value targets, the
-            larger of their running and their whole-run standard deviation
+        normalize_advantage: ``"returns"`` (default): divide advantages by the running standard deviation of the
+            value targets, held at least at a quarter of their whole-run one
             (:meth:`~agents.policies.KroneckerActorCriticPolicy.value_target_spread`): free of the reward's units,
             and keeping their size relative to the returns, so steps shrink inside the trust region when the
             advantages carry little, a good policy's included (what VecNormalize's reward scaling with raw
