@@ -145,7 +145,7 @@ class ACKTR(OnPolicyAlgorithm):
             preconditioner (see :class:`acktr_kfe.EKFAC`).
         max_grad_norm: optional clipping of the raw gradient norm before preconditioning (off by default).
         normalize_advantage: ``"returns"`` (default): divide advantages by the running standard deviation of the
-            value targets, held at least at a quarter of their whole-run one
+            value targets, held at least at a quarter of their whole-run one at or above the run's mean return
             (:meth:`~agents.policies.KroneckerActorCriticPolicy.value_target_spread`): free of the reward's units,
             and keeping their size relative to the returns, so steps shrink inside the trust region when the
             advantages carry little, a good policy's included (what VecNormalize's reward scaling with raw

@@ -63,10 +63,11 @@ GAUSSIAN_LOG_STD_FISHER = 2.0
 # sets the scale), and the smallest scale (all-zero targets).
 VALUE_SCALE_DECAY = 0.9
 MIN_VALUE_SCALE = 1e-6
-# ACKTR's advantage scale: the running spread of the value targets is held at least at this fraction of their
-# spread over the whole run. A learning run's running spread stays within 1-4 times below the whole run's
-# (HalfCheetah-v5, Hopper-v5, Pendulum-v1); a good policy's constant returns take it 10-100 times below
-# (InvertedPendulum-v5 at 1000), which is what the floor is for (docs/ACKTR.md, "A floor from the whole run").
+# ACKTR's advantage scale: at or above the run's mean return, the running spread of the value targets is held at
+# least at this fraction of their spread over the whole run. A learning run's running spread stays mostly within
+# 1-3 times below the whole run's (HalfCheetah-v5, Hopper-v5, Pendulum-v1); a good policy's constant returns take
+# it 10-100 times below (InvertedPendulum-v5 at 1000), which is what the floor is for (docs/ACKTR.md, "A floor
+# from the whole run").
 WHOLE_RUN_SPREAD_FLOOR = 0.25
 # Observation normalization: normalized observations are clipped to this range (as SB3's VecNormalize), and a
 # variance below the floor is taken as the floor (a constant observation component).
@@ -374,17 +375,21 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     def value_target_spread(self) -> float:
         """The scale ACKTR's ``normalize_advantage="returns"`` divides advantages by: the running standard
         deviation of the value targets (decay 0.9 per rollout, centred, unlike ``sigma``), held at least at
-        :data:`WHOLE_RUN_SPREAD_FLOOR` times their standard deviation over the whole run so far. The running one
-        follows the returns as the policy improves; the floor catches its collapse once a good policy's returns
-        stop varying, where it would blow the advantages' noise up to full trust-region steps that walk the
-        policy off what it learned (docs/ACKTR.md, "A floor from the whole run"). 1 before any rollout was
-        observed."""
+        :data:`WHOLE_RUN_SPREAD_FLOOR` times their standard deviation over the whole run so far while their
+        running mean is at or above the whole run's. The running one follows the returns as the policy improves;
+        the floor catches its collapse once a good policy's returns stop varying, where it would blow the
+        advantages' noise up to full trust-region steps that walk the policy off what it learned. Below the run's
+        mean the collapse is kept: that noise is then all that moves a policy stuck on returns that fail alike
+        (docs/ACKTR.md, "A floor from the whole run"). 1 before any rollout was observed."""
         weight = float(self.value_target_moments[1])
         if weight <= 0:
             return 1.0
         mean = float(self.value_target_mean) / weight
         running = math.sqrt(max(float(self.value_target_moments[0]) / weight - mean * mean, 0.0))
-        floor = WHOLE_RUN_SPREAD_FLOOR * math.sqrt(max(float(self.value_target_stats[2]), 0.0))
+        _, whole_run_mean, whole_run_var = self.value_target_stats.tolist()
+        # Only at or above the run's mean return: a policy stuck below it (every episode failing alike) is moved
+        # by nothing but the advantages' noise, which the collapsed running spread keeps large enough to explore.
+        floor = WHOLE_RUN_SPREAD_FLOOR * math.sqrt(max(whole_run_var, 0.0)) if mean >= whole_run_mean else 0.0
         return max(running, floor, MIN_VALUE_SCALE)
 
     # -- forward passes ------------------------------------------------------------------------------------------

@@ -310,7 +310,7 @@ def _running_spread(rollouts: list[torch.Tensor]) -> float:
     return (square - mean**2) ** 0.5
 
 
-def test_value_target_spread_is_the_running_standard_deviation_held_above_a_floor_from_the_whole_run() -> None:
+def test_value_target_spread_is_the_running_one_held_above_a_whole_run_floor_at_or_above_the_mean_return() -> None:
     from agents.policies import WHOLE_RUN_SPREAD_FLOOR
 
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
@@ -334,6 +334,14 @@ def test_value_target_spread_is_the_running_standard_deviation_held_above_a_floo
     wide = torch.tensor([0.0, 400.0], dtype=torch.float64)
     policy.observe_value_targets(wide)
     assert policy.value_target_spread() == pytest.approx(_running_spread([first, second, *later, wide]))
+    # Constant returns below the run's mean (every episode failing alike) keep the collapsed running spread.
+    stuck = [0.01 * torch.arange(6, dtype=torch.float64) for _ in range(60)]
+    for rollout in stuck:
+        policy.observe_value_targets(rollout)
+    rollouts = [first, second, *later, wide, *stuck]
+    assert float(policy.value_target_stats[1]) > 1.0, "the run's mean return is above the stuck returns"
+    assert policy.value_target_spread() == pytest.approx(_running_spread(rollouts), rel=1e-6)
+    assert policy.value_target_spread() < 0.5 * WHOLE_RUN_SPREAD_FLOOR * float(torch.cat(rollouts).std(unbiased=False))
 
 
 def test_policy_saved_before_the_whole_run_spread_was_kept_loads_with_its_running_spread() -> None:
