@@ -80,8 +80,8 @@ class ACKTR(OnPolicyAlgorithm):
        actor and critic (a CNN trunk) receive both (the cross terms vanish in expectation, since the score of a
        sampled action has mean zero).
     3. The gradient of A2C's loss ``policy_loss + ent_coef * entropy_loss + vf_coef * value_loss`` (the value
-       loss's gradient reaches the critic divided by ``sigma**2``; advantages divided by the running spread
-       of the returns by default), preconditioned by EKFAC (default) or K-FAC, and a momentum step scaled by the KL
+       loss's gradient reaches the critic divided by ``sigma**2``; advantages divided by the running spread of
+       the returns by default), preconditioned by EKFAC (default) or K-FAC, and a momentum step scaled by the KL
        trust region: ``u = momentum buf + D``, ``nu = min(1, sqrt(2 radius / (lr^2 u^T F u)))`` (the region
        bounds the step actually taken, momentum included). No gradient-norm clipping unless ``max_grad_norm`` is set.
 

@@ -381,16 +381,24 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         advantages' noise up to full trust-region steps that walk the policy off what it learned. Below the run's
         mean the collapse is kept: that noise is then all that moves a policy stuck on returns that fail alike
         (docs/ACKTR.md, "A floor from the whole run"). 1 before any rollout was observed."""
-        weight = float(self.value_target_moments[1])
-        if weight <= 0:
+        moments = self._running_target_moments()
+        if moments is None:
             return 1.0
-        mean = float(self.value_target_mean) / weight
-        running = math.sqrt(max(float(self.value_target_moments[0]) / weight - mean * mean, 0.0))
+        mean, running_var = moments
+        running = math.sqrt(running_var)
         _, whole_run_mean, whole_run_var = self.value_target_stats.tolist()
         # Only at or above the run's mean return: a policy stuck below it (every episode failing alike) is moved
         # by nothing but the advantages' noise, which the collapsed running spread keeps large enough to explore.
         floor = WHOLE_RUN_SPREAD_FLOOR * math.sqrt(max(whole_run_var, 0.0)) if mean >= whole_run_mean else 0.0
         return max(running, floor, MIN_VALUE_SCALE)
+
+    def _running_target_moments(self) -> tuple[float, float] | None:
+        """The running mean and (centred) variance of the value targets, ``None`` before any rollout."""
+        weight = float(self.value_target_moments[1])
+        if weight <= 0:
+            return None
+        mean = float(self.value_target_mean) / weight
+        return mean, max(float(self.value_target_moments[0]) / weight - mean * mean, 0.0)
 
     # -- forward passes ------------------------------------------------------------------------------------------
 
@@ -538,11 +546,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         if prefix + "value_target_stats" in missing_keys:
             # Saved before the whole run's statistics were kept: they start from the running ones.
             missing_keys.remove(prefix + "value_target_stats")
-            weight = float(self.value_target_moments[1])
-            stats = [0.0, 0.0, 1.0]
-            if weight > 0:
-                mean = float(self.value_target_mean) / weight
-                stats = [1.0, mean, max(float(self.value_target_moments[0]) / weight - mean * mean, 0.0)]
+            moments = self._running_target_moments()
+            stats = [0.0, 0.0, 1.0] if moments is None else [1.0, *moments]
             self.value_target_stats.copy_(th.tensor(stats, dtype=th.float64))
         bias = self.trust_regions.log_bias
         bias[:] = self.kl_log_bias[: len(bias)].tolist()
