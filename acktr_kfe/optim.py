@@ -199,8 +199,8 @@ def _is_number(value: Any) -> bool:
 def _validate_group(group: dict[str, Any]) -> None:
     lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
     damping, max_kl = group["damping"], group["max_kl"]
-    if not _is_number(lr) or not lr >= 0:
-        raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
+    if not _is_number(lr) or not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite float >= 0)")
     if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"Invalid momentum: {momentum!r} (must be in [0, 1))")
     if not _is_number(weight_decay) or not weight_decay >= 0.0:
@@ -944,8 +944,18 @@ class KroneckerPreconditioner(Optimizer):
                 self._growth[index] = (first, factor)
                 _warn(
                     f"{type(self).__name__}: the {what} norm grew from {first:.3g} to {norm:.3g} since the first step "
-                    f"(step {self._step}); the run may be diverging: lower lr, raise damping or set max_kl"
+                    f"(step {self._step}); the run may be diverging: {self._divergence_advice()}"
                 )
+
+    def _divergence_advice(self) -> str:
+        """What to change when the norms grow, given the settings in use."""
+        advice = ["lower lr", "raise damping"]
+        if self.step_norm is StepNorm.NATURAL and self.damping_scaling is DampingScaling.RELATIVE:
+            # Relative damping vanishes with the curvature, and so does the trust region's KL (README).
+            advice.append("use damping_scaling='absolute' with step_norm='natural'")
+        if all(radius is None for radius in self.trust_regions.radii(self.param_groups[0])):
+            advice.append("set max_kl")
+        return ", ".join(advice[:-1]) + " or " + advice[-1]
 
     def _natural_update(
         self,
@@ -1511,9 +1521,11 @@ class EKFAC(KroneckerPreconditioner):
     ) -> None:
         self.scale_update_interval = _check_interval(scale_update_interval, "scale_update_interval")
         self.scale_mode = _parse_enum(ScaleMode, scale_mode, "scale_mode")
+        # Without its own value the scale decays as the factors do; a bad value is reported under the name given.
+        name = "factor_decay" if scale_decay is None else "scale_decay"
         scale_decay = factor_decay if scale_decay is None else scale_decay
-        if not 0.0 <= scale_decay < 1.0:
-            raise ValueError(f"Invalid scale_decay: {scale_decay!r} (must be in [0, 1))")
+        if not _is_number(scale_decay) or not 0.0 <= scale_decay < 1.0:
+            raise ValueError(f"Invalid {name}: {scale_decay!r} (must be in [0, 1))")
         self.scale_decay = float(scale_decay)
         super().__init__(
             model,

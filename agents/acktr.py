@@ -8,6 +8,7 @@ or K-FAC from :mod:`acktr_kfe`.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -206,8 +207,14 @@ class ACKTR(OnPolicyAlgorithm):
         check_radius(vf_max_kl, "vf_max_kl")
         if gae_lambda != AUTO and not (isinstance(gae_lambda, int | float) and 0 <= gae_lambda <= 1):
             raise ValueError(f"Invalid gae_lambda: {gae_lambda!r} (a number in [0, 1], or 'auto')")
-        if not damping > 0:
-            raise ValueError(f"Invalid damping: {damping}")
+        if not (isinstance(damping, int | float) and damping > 0 and math.isfinite(damping)):
+            raise ValueError(f"Invalid damping: {damping!r} (must be a finite float > 0)")
+        if not (isinstance(gamma, int | float) and 0 <= gamma <= 1):
+            raise ValueError(f"Invalid gamma: {gamma!r} (a number in [0, 1])")
+        initial_rate = learning_rate(1.0) if callable(learning_rate) else learning_rate
+        if not (isinstance(initial_rate, int | float) and initial_rate >= 0 and math.isfinite(initial_rate)):
+            what = "the learning-rate schedule's value at the start" if callable(learning_rate) else "learning_rate"
+            raise ValueError(f"Invalid learning rate: {initial_rate!r} ({what}; must be a finite float >= 0)")
         if normalize_advantage not in (True, False, "returns"):
             raise ValueError(f"Invalid normalize_advantage: {normalize_advantage!r} (True, False or 'returns')")
         if max_grad_norm is not None and not max_grad_norm > 0:

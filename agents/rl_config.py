@@ -61,6 +61,8 @@ def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, 
         raise ValueError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    data = _algorithm_sections(path, data, algorithm)
+    _check_sections(path, data)
     valid = algorithm_keys(algorithm) | RUN_KEYS
     resolved: dict[str, Any] = {}
     for section in ("default", env_kind(env_id), env_id):
@@ -74,6 +76,40 @@ def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, 
             )
         resolved.update(entries)
     return resolved
+
+
+# Algorithm names a file may be keyed by at its top level (configs/baselines.yml), TRPO's included.
+ALGORITHM_SECTIONS = (*ALGORITHMS, "trpo")
+
+
+def _algorithm_sections(path: Path, data: dict[str, Any], algorithm: type) -> dict[str, Any]:
+    """A file keyed by algorithm names (``a2c:``, ``ppo:``, ... each holding sections): the running algorithm's."""
+    if not data or not set(data) <= set(ALGORITHM_SECTIONS):
+        return data
+    name = next((key for key, cls in ALGORITHMS.items() if cls is algorithm), algorithm.__name__.lower())
+    if name not in data:
+        raise ValueError(f"{path}: it holds settings for {', '.join(sorted(data))}, none for {name}")
+    sections = data[name] or {}
+    if not isinstance(sections, dict):
+        raise ValueError(f"{path}: section {name!r} must be a mapping of sections")
+    return sections
+
+
+def _check_sections(path: Path, data: dict[str, Any]) -> None:
+    """Every top-level section is ``default``, a family or a registered environment id: a misspelt id would
+    otherwise be skipped without a word."""
+    for section in data:
+        if section == "default" or section in FAMILIES:
+            continue
+        try:
+            env_kind(str(section))
+        except ValueError as error:
+            if not str(error).startswith("Unknown environment id"):
+                continue  # a registered family whose package failed to import: reported when it is used
+            raise ValueError(
+                f"{path}: section {section!r} is neither 'default', a family ({', '.join(FAMILIES)}) nor a "
+                f"registered environment id. {error}"
+            ) from None
 
 
 def _schedule(key: str, value: Any) -> Any:

@@ -10,6 +10,7 @@ come from the TensorBoard scalar ``rollout/ep_rew_mean`` that SB3 logs every upd
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,10 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--out", type=Path, default=Path("learning_curves.png"))
     parser.add_argument("--tag", default=TAG, help=f"TensorBoard scalar to plot (default {TAG})")
     args = parser.parse_args(argv)
-    runs = find_runs(args.paths)
+    try:
+        runs = find_runs(args.paths)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     if not runs:
         parser.error(f"no run folders (with config.yml and tb/) under {[str(p) for p in args.paths]}")
     counts = plot(runs, args.out, args.tag)
@@ -101,4 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as failure:
+        sys.exit(f"error: {failure}")

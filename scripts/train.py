@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import torch
 import yaml
 
@@ -134,13 +135,18 @@ def save_final(model: Any, run_dir: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default=None, help="gymnasium id (default: CartPole-v1, or the resumed run's)")
-    parser.add_argument("--config", type=Path, default=None, help="YAML file (default: configs/<algo>.yml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML file (default: configs/acktr.yml; A2C and PPO: configs/baselines.yml)",
+    )
     parser.add_argument("--algo", choices=sorted(ALGORITHMS), default=None, help="(default: acktr, or the run's)")
     parser.add_argument("--preconditioner", choices=list(CHOICES["preconditioner"]()), default=None)
     parser.add_argument("--seed", type=int, default=None, help="(default: 0, or the resumed run's)")
     parser.add_argument("--total-timesteps", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--log-dir", type=Path, default=None, help="run folder (default: runs/<algo>_<env>_<seed>)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="run folder (default: runs/<env>_<algo>_seed<seed>)")
     parser.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
     parser.add_argument("--checkpoint-every", type=int, default=10_000, help="environment steps between saves")
     parser.add_argument(
@@ -153,6 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dist-timeout", type=float, default=600.0, help="under torchrun: seconds a rank waits for a hung peer"
     )
     args = parser.parse_args(argv)
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.total_timesteps is not None and args.total_timesteps < 1:
         parser.error(f"--total-timesteps must be >= 1, got {args.total_timesteps}")
     if args.checkpoint_every < 1 or (args.threads is not None and args.threads < 1):
@@ -165,9 +173,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def default_run_dir(args: argparse.Namespace) -> Path:
-    """runs/<algo>_<env>_seed<seed>, with the defaults for what was not given."""
-    algo, env, seed = (getattr(args, key) if getattr(args, key) is not None else DEFAULTS[key] for key in DEFAULTS)
-    return ROOT / "runs" / f"{algo}_{env.replace('/', '_')}_seed{seed}"
+    """runs/<env>_<algo>_seed<seed> (an ``ALE/`` id's slash as ``_``), with the defaults for what was not given."""
+    env, algo, seed = (getattr(args, key) if getattr(args, key) is not None else DEFAULTS[key] for key in DEFAULTS)
+    return ROOT / "runs" / f"{env.replace('/', '_')}_{algo}_seed{seed}"
 
 
 def rollout_observers(model: Any) -> list[BaseCallback]:
@@ -189,9 +197,17 @@ def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
     """The run's settings from its YAML file (or SB3's defaults) and the flags, validated."""
     path = args.config or ROOT / "configs" / f"{args.algo}.yml"
     if args.config is None and not path.is_file():
-        print(f"(no {path.name}: {args.algo.upper()} runs with SB3's default hyperparameters)")
+        # A2C and PPO: rl-zoo's settings from configs/baselines.yml where it has the env, SB3's defaults elsewhere.
         kind = env_kind(args.env)
         config = {"policy": "CnnPolicy" if kind == "atari" else "MlpPolicy", "n_envs": 8, "total_timesteps": 100_000}
+        baselines = ROOT / "configs" / "baselines.yml"
+        entry = resolve_config(baselines, args.env, algorithm) if baselines.is_file() else {}
+        if entry:
+            path = baselines
+            config.update(entry)
+            print(f"({args.algo.upper()} on {args.env} with rl-zoo's hyperparameters from configs/baselines.yml)")
+        else:
+            print(f"(no {args.algo} entry for {args.env}: {args.algo.upper()} runs with SB3's default hyperparameters)")
     else:
         config = resolve_config(path, args.env, algorithm)
     config = validate_config(config, path, algorithm)
@@ -367,7 +383,10 @@ def _run(
     env_seed = args.seed
     if latest is not None and not read_meta(latest).get("env_state"):
         env_seed = args.seed + int(read_meta(latest)["steps"])  # new episodes, not a replay of the first ones
-    env = make_env(args.env, n_envs=config["n_envs"], seed=env_seed, **env_options(config))
+    try:
+        env = make_env(args.env, n_envs=config["n_envs"], seed=env_seed, **env_options(config))
+    except gym.error.Error as error:  # a registered id whose package is missing (Box2D, MuJoCo, ...)
+        raise ValueError(f"cannot make {args.env}: {error}") from None
     if latest is not None:
         model, env, exact = load_checkpoint(latest, algorithm, env, device=args.device, tensorboard_log=str(tb_dir))
     else:

@@ -52,8 +52,19 @@ def test_acktr_save_and_load_give_same_actions(tmp_path: Path) -> None:
 def test_acktr_rejects_invalid_hyperparameters_before_building() -> None:
     with pytest.raises(ValueError, match=r"Invalid preconditioner: 'shampoo'\. Valid values: 'kfac', 'ekfac'"):
         ACKTR("MlpPolicy", "CartPole-v1", preconditioner="shampoo")
-    with pytest.raises(ValueError, match="Invalid damping: -1"):
+    with pytest.raises(ValueError, match=r"Invalid damping: -1\.0 \(must be a finite float > 0\)"):
         ACKTR("MlpPolicy", "CartPole-v1", damping=-1.0)
+    with pytest.raises(ValueError, match=r"Invalid gamma: 1\.5 \(a number in \[0, 1\]\)"):
+        ACKTR("MlpPolicy", "CartPole-v1", gamma=1.5)
+    # Refused by ACKTR itself, with the range, before SB3 builds the policy with it.
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -0\.1 \(learning_rate; must be a finite float"):
+        ACKTR("MlpPolicy", "CartPole-v1", learning_rate=-0.1)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: inf \(learning_rate"):
+        ACKTR("MlpPolicy", "CartPole-v1", learning_rate=float("inf"))
+    with pytest.raises(
+        ValueError, match=r"Invalid learning rate: -0\.1 \(the learning-rate schedule's value at the start"
+    ):
+        ACKTR("MlpPolicy", "CartPole-v1", learning_rate=lambda progress: -0.1)
 
 
 @pytest.mark.parametrize(

@@ -409,7 +409,14 @@ def test_parameter_norm_growing_tenfold_is_warned_before_anything_is_non_finite(
     assert first_fault is not None, "the run was meant to diverge"
     assert growth is not None and growth < first_fault, (growth, first_fault, messages[:3])
     message = next(m for _, m in messages if "parameter norm grew" in m)
-    assert "lower lr, raise damping or set max_kl" in message
+    # The advice fits the settings: natural steps with the default relative damping and no trust region.
+    assert "lower lr, raise damping, use damping_scaling='absolute' with step_norm='natural' or set max_kl" in message
+
+
+def test_divergence_advice_leaves_out_the_settings_already_in_use() -> None:
+    options = {"lr": 1.0, "step_norm": "natural", "damping_scaling": "absolute", "max_kl": 1e-3}
+    assert EKFAC(make_model(), **options)._divergence_advice() == "lower lr or raise damping"
+    assert EKFAC(make_model())._divergence_advice() == "lower lr, raise damping or set max_kl"
 
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])

@@ -227,5 +227,5 @@ def test_schedule_negative_from_the_first_update_is_refused_with_its_value() -> 
     env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
     # Valid when the policy is built (progress 1), negative at the first update (progress 1 - 20 / 20 = 0).
     model = A2C(KroneckerActorCriticPolicy, env, n_steps=20, seed=0, learning_rate=lambda progress: progress - 0.5)
-    with pytest.raises(ValueError, match=r"Invalid learning rate: -0\.5 \(must be a float >= 0\)"):
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -0\.5 \(must be a finite float >= 0\)"):
         model.learn(20)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from stable_baselines3 import PPO
 
 from agents.acktr import ACKTR
 from agents.policies import KroneckerActorCriticPolicy
@@ -82,6 +83,7 @@ def test_sb3_algorithm_runs_with_preconditioner_flag(tmp_path: Path) -> None:
     assert result["timesteps"] >= 200
     config = yaml.safe_load((tmp_path / "a2c" / "config.yml").read_text())
     assert config["policy"] == "KroneckerActorCriticPolicy"
+    assert config["n_envs"] == 8 and config["ent_coef"] == 0.0  # rl-zoo's A2C entry (configs/baselines.yml)
 
 
 def test_config_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
@@ -92,6 +94,20 @@ def test_config_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
     resolved = resolve_config(ROOT / "configs" / "acktr.yml", "CartPole-v1", ACKTR)
     assert resolved["total_timesteps"] == 100_000 and resolved["policy"] == "MlpPolicy"
     assert resolve_config(ROOT / "configs" / "acktr.yml", "ALE/Pong-v5", ACKTR)["policy"] == "CnnPolicy"
+
+
+def test_config_section_that_is_no_env_id_nor_family_is_refused_with_the_closest_ids(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yml"
+    path.write_text("default:\n  n_envs: 2\nCartpole-v1:\n  n_envs: 4\n")
+    with pytest.raises(ValueError, match=r"section 'Cartpole-v1' is neither 'default', a family .*CartPole-v1"):
+        resolve_config(path, "CartPole-v1", ACKTR)
+
+
+def test_config_keyed_by_algorithm_gives_the_running_algorithms_section(tmp_path: Path) -> None:
+    ppo = resolve_config(ROOT / "configs" / "baselines.yml", "CartPole-v1", PPO)
+    assert ppo["n_steps"] == 32 and ppo["n_epochs"] == 20  # rl-zoo's PPO entry, not A2C's or TRPO's
+    with pytest.raises(ValueError, match=r"settings for a2c, ppo, trpo, none for acktr"):
+        resolve_config(ROOT / "configs" / "baselines.yml", "CartPole-v1", ACKTR)
 
 
 def test_config_schedules_activations_and_policy_names_become_objects() -> None:
@@ -165,3 +181,22 @@ def test_threads_default_to_one_for_mlp_policies_and_torch_default_for_cnn_polic
     assert train.default_threads({"policy": "MlpPolicy"}) == 1
     assert train.default_threads({}) == 1
     assert train.default_threads({"policy": "CnnPolicy"}) == train.TORCH_DEFAULT_THREADS
+
+
+def test_default_run_folder_is_named_env_algo_seed_with_an_atari_ids_slash_replaced() -> None:
+    train = load_script("train")
+    assert train.default_run_dir(train.parse_args([])) == ROOT / "runs" / "CartPole-v1_acktr_seed0"
+    args = train.parse_args(["--env", "ALE/Pong-v5", "--algo", "ppo", "--seed", "3"])
+    assert train.default_run_dir(args) == ROOT / "runs" / "ALE_Pong-v5_ppo_seed3"
+
+
+def test_negative_seed_is_refused_by_the_argument_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_script("train").parse_args(["--seed", "-1"])
+    assert "--seed must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_plot_of_a_missing_folder_is_an_argument_error_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_script("plot").main(["/no/such/runs", "--out", "unused.png"])
+    assert "no such run folder: /no/such/runs" in capsys.readouterr().err
