@@ -8,7 +8,9 @@ or K-FAC from :mod:`acktr_kfe`.
 from __future__ import annotations
 
 import inspect
+import io
 import math
+import pathlib
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -31,6 +33,7 @@ from .policies import (
     check_curvature,
     check_preconditioner,
 )
+from .rl_checkpoint import CorruptedFileError, diagnosed_load
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -375,3 +378,41 @@ class ACKTR(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfACKTR],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfACKTR:
+        """SB3's ``load``, with a damaged file reported as ``CorruptedFileError`` naming the file and the member
+        that does not read, and a policy whose saved parameters are not all finite refused.
+
+        Raises:
+            FileNotFoundError: no file at ``path`` (nor at ``path`` + ``.zip``).
+            CorruptedFileError: the file does not read, or holds non-finite policy parameters.
+        """
+
+        def load() -> SelfACKTR:
+            return super(ACKTR, cls).load(path, env, device, custom_objects, print_system_info, force_reset, **kwargs)
+
+        file = None
+        if isinstance(path, str | pathlib.Path):
+            candidates = [pathlib.Path(path), pathlib.Path(f"{path}.zip")]
+            file = next((candidate for candidate in candidates if candidate.is_file()), None)
+            if file is None:
+                raise FileNotFoundError(f"no saved agent at {path} (nor at {path}.zip)")
+        model = diagnosed_load(load, file, cls.__name__) if file is not None else load()
+        bad = [name for name, param in model.policy.named_parameters() if not bool(th.isfinite(param).all())]
+        if bad:
+            raise CorruptedFileError(
+                f"{file or 'the saved agent'} holds non-finite policy parameters ({', '.join(bad[:4])}"
+                f"{', ...' if len(bad) > 4 else ''}): it was saved from a run that diverged; load an earlier "
+                "checkpoint or train again"
+            )
+        return model

@@ -24,6 +24,7 @@ import random
 import shutil
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,14 @@ def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no saved agent at {path}")
+    return diagnosed_load(lambda: algorithm.load(path, **kwargs), path, algorithm.__name__)
+
+
+def diagnosed_load(load: Callable[[], Any], path: Path, name: str) -> Any:
+    """``load()`` of the agent saved at ``path``; a failure that a damaged file explains raises
+    ``CorruptedFileError`` naming the file and the member that does not read (``name``: the algorithm's)."""
     try:
-        return algorithm.load(path, **kwargs)
+        return load()
     except (*READ_ERRORS, RuntimeError, AssertionError, ValueError) as error:
         failure = error  # diagnosed below, without the loader's advice (such as weights_only=False)
     try:
@@ -154,7 +161,7 @@ def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
         raise failure  # an intact file that does not fit the request, as SB3's "spaces do not match"
     summary = str(failure).splitlines()[0][:200] if str(failure) else ""
     raise CorruptedFileError(
-        f"{path} is not a readable {algorithm.__name__} agent (corrupted, or saved by another algorithm or "
+        f"{path} is not a readable {name} agent (corrupted, or saved by another algorithm or "
         f"version): {type(failure).__name__}: {summary}"
     )
 

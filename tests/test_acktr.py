@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents.acktr import ACKTR
+from agents.rl_checkpoint import CorruptedFileError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -250,3 +252,25 @@ def test_linear_schedule_past_the_last_rollout_gives_zero_learning_rate_not_an_e
     model.learn(30)
     assert model.num_timesteps == 40 and model._current_progress_remaining == 0.0
     assert model.policy.optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_acktr_load_names_a_damaged_member_refuses_non_finite_parameters_and_reads_a_path_without_zip(
+    tmp_path: Path,
+) -> None:
+    model = ACKTR("MlpPolicy", "CartPole-v1", n_steps=8, seed=0)
+    model.save(tmp_path / "agent")
+    assert isinstance(ACKTR.load(tmp_path / "agent"), ACKTR)  # SB3's ".zip" added, as SB3's load does
+    with zipfile.ZipFile(tmp_path / "agent.zip") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as archive:
+        for name, payload in members.items():
+            archive.writestr(name, payload[: len(payload) // 2] if name == "data" else payload)
+    with pytest.raises(CorruptedFileError, match=r"data\.zip is corrupted: its member data \(JSONDecodeError\)"):
+        ACKTR.load(tmp_path / "data.zip")
+    with torch.no_grad():
+        model.policy.value_net.weight.fill_(float("nan"))
+    model.save(tmp_path / "nan.zip")
+    with pytest.raises(CorruptedFileError, match=r"nan\.zip holds non-finite policy parameters \(value_net\.weight"):
+        ACKTR.load(tmp_path / "nan.zip")
+    with pytest.raises(FileNotFoundError, match=r"no saved agent at .*missing \(nor at .*missing\.zip\)"):
+        ACKTR.load(tmp_path / "missing")

@@ -44,12 +44,13 @@ def test_load_mnist_reads_canonical_idx_files(tmp_path: Path, compress: bool) ->
     np.testing.assert_array_equal(targets.numpy(), labels)
 
 
-def test_missing_files_error_names_them(tmp_path: Path) -> None:
+def test_missing_files_error_names_them_and_the_download_command(tmp_path: Path) -> None:
     write_mnist(tmp_path, 3, compress=True, split="train")
     with pytest.raises(
         DatasetFilesMissingError, match=r"t10k-images-idx3-ubyte\[\.gz\], t10k-labels-idx1-ubyte\[\.gz\]"
-    ):
+    ) as raised:
         load_mnist(tmp_path, "test")
+    assert f"python scripts/download_data.py mnist --data-dir {tmp_path}" in str(raised.value)
 
 
 def test_truncated_or_foreign_file_is_rejected_with_its_path(tmp_path: Path) -> None:

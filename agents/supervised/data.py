@@ -77,8 +77,9 @@ def load_mnist(data_dir: str | Path, split: str = "train") -> tuple[Tensor, Tens
     missing = [f"{stem}[.gz]" for stem, path in zip(MNIST_FILES[split], paths) if path is None]
     if missing:
         raise DatasetFilesMissingError(
-            f"MNIST {split} files missing in {directory}: {', '.join(missing)}. Put the IDX files from the "
-            "MNIST distribution there (gzip or raw), or pass the folder that holds them."
+            f"MNIST {split} files missing in {directory}: {', '.join(missing)}. Get them with "
+            f"`python scripts/download_data.py mnist --data-dir {directory}`, put the IDX files from the MNIST "
+            "distribution there (gzip or raw), or pass the folder that holds them."
         )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
