@@ -426,6 +426,11 @@ def _run(
         print(
             f"(the run is at {model.num_timesteps} steps, --total-timesteps {config['total_timesteps']}: no training)"
         )
+    rollout = int(model.n_steps) * int(model.n_envs)
+    if remaining % rollout:
+        # SB3 collects whole rollouts: the run ends at the next multiple of the rollout.
+        end = model.num_timesteps + -(-remaining // rollout) * rollout
+        print(f"(a rollout is {model.n_steps} steps x {model.n_envs} envs: the run ends at {end} steps)")
     progress = ProgressBarCallback()
     try:
         if remaining:

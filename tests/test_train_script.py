@@ -200,3 +200,11 @@ def test_plot_of_a_missing_folder_is_an_argument_error_naming_it(capsys: pytest.
     with pytest.raises(SystemExit):
         load_script("plot").main(["/no/such/runs", "--out", "unused.png"])
     assert "no such run folder: /no/such/runs" in capsys.readouterr().err
+
+
+def test_a_budget_that_is_not_whole_rollouts_is_announced_with_the_step_the_run_ends_at(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = load_script("train").main(["--total-timesteps", "100", "--log-dir", str(tmp_path / "run")])
+    assert "(a rollout is 20 steps x 8 envs: the run ends at 160 steps)" in capsys.readouterr().out
+    assert result["timesteps"] == 160
