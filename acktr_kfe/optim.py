@@ -883,7 +883,7 @@ class KroneckerPreconditioner(Optimizer):
             directions[param] = direction = grad / damped
             region = regions.region(param)
             if region is not None and not grafted:
-                buffer = self.state[param].get("momentum_buffer") if measured[region] else None
+                buffer = self.state.get(param, {}).get("momentum_buffer") if measured[region] else None
                 buffer_quadratic = None if buffer is None else damped * buffer.square().sum()
                 quadratics[region] += step_quadratic(direction, grad, momentum, buffer, buffer_quadratic)
 
@@ -1057,7 +1057,7 @@ class KroneckerPreconditioner(Optimizer):
             adam_norm_sq = sum(self._adam_step(p, weight_decay, pending).square().sum() for p in params)
             buffers = []
             for param in params:
-                buffer = self.state[param].get("momentum_buffer")
+                buffer = self.state.get(param, {}).get("momentum_buffer")
                 if buffer is None or not momentum:
                     buffer = directions[param].clone()
                 else:
@@ -1093,7 +1093,7 @@ class KroneckerPreconditioner(Optimizer):
         """The layer's momentum buffer in the block's basis: the one kept from the last step while the basis and the
         stored buffers are unchanged, else the stored buffers rotated in (after a refresh, a load, or a change made
         outside the optimizer); ``None`` before the first step."""
-        buffers = [self.state[p].get("momentum_buffer") for p in block.adapter.parameters()]
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in block.adapter.parameters()]
         if any(b is None for b in buffers):
             return None
         kept = self._basis_buffers.get(block)
@@ -1121,14 +1121,14 @@ class KroneckerPreconditioner(Optimizer):
         self._basis_buffers.clear()
         for block in self._blocks:
             buffer = self.state[block.weight].get("momentum_in_basis") if block.has("momentum_in_basis") else None
-            parts = [self.state[p].get("momentum_buffer") for p in block.adapter.parameters()]
+            parts = [self.state.get(p, {}).get("momentum_buffer") for p in block.adapter.parameters()]
             if buffer is None or not block.ready or not block.momentum_in_basis() or any(b is None for b in parts):
                 continue
             self._keep_basis_buffer(block, buffer, parts)
 
     def _buffer_matrix(self, block: CurvatureBlock) -> Tensor | None:
         """The layer's momentum buffer as one ``(out, in+1)`` matrix, or ``None`` before the first step."""
-        buffers = [self.state[p].get("momentum_buffer") for p in block.adapter.parameters()]
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in block.adapter.parameters()]
         if any(b is None for b in buffers):
             return None
         return block.adapter.join(buffers)

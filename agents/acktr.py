@@ -139,7 +139,9 @@ class ACKTR(OnPolicyAlgorithm):
             reward scale; ``None`` disables it.
         calibrate_kl: divide the radii by the running bias of the quadratic model (see above).
         damping: Tikhonov damping of the preconditioner.
-        momentum: momentum of the preconditioned step.
+        momentum: momentum of the preconditioned step; 0 by default. The region bounds the step taken,
+            ``momentum buf + D``, and with 0.9 the previous step (already at the radius) kept nearly every step at
+            the radius whether the new gradient carried signal or not (docs/ACKTR.md, "Momentum 0").
         preconditioner: ``"ekfac"`` or ``"kfac"`` (or any name registered with
             :func:`acktr_kfe.register_preconditioner`).
         curvature: the policy's curvature source: ``"fisher"`` (default; actions sampled from the policy, the
@@ -182,7 +184,7 @@ class ACKTR(OnPolicyAlgorithm):
         vf_max_kl: float | None = 0.003,
         calibrate_kl: bool = True,
         damping: float = 0.1,
-        momentum: float = 0.9,
+        momentum: float = 0.0,
         preconditioner: str = "ekfac",
         curvature: str = "fisher",
         factor_decay: float = 0.95,

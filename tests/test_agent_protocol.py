@@ -159,7 +159,10 @@ def _collect_rollout(model: OnPolicyAlgorithm) -> None:
 def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batch(env_id: str) -> None:
     env = make_vec_env(env_id, n_envs=2, seed=0)
     # Batch-normalized advantages, which A2C also has (ACKTR's default divides them by the spread of the returns).
-    acktr = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, ent_coef=0.01, vf_coef=0.5, normalize_advantage=True)
+    # Momentum 0.9 (ACKTR's default is 0) so that the momentum buffers are compared too.
+    acktr = agents.ACKTR(
+        "MlpPolicy", env, n_steps=8, seed=0, ent_coef=0.01, vf_coef=0.5, normalize_advantage=True, momentum=0.9
+    )
     a2c = A2C(
         agents.KroneckerActorCriticPolicy,
         env,
@@ -176,7 +179,7 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
         policy_kwargs={
             **acktr.policy_kwargs,
             "max_kl": acktr.max_kl,
-            "preconditioner_kwargs": {"step_norm": "natural"},
+            "preconditioner_kwargs": {"step_norm": "natural", "momentum": acktr.momentum},
         },
     )
     a2c.policy.load_state_dict(acktr.policy.state_dict())
