@@ -140,9 +140,11 @@ def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
     return diagnosed_load(lambda: algorithm.load(path, **kwargs), path, algorithm.__name__)
 
 
-def diagnosed_load(load: Callable[[], Any], path: Path, name: str) -> Any:
+def diagnosed_load(load: Callable[[], Any], path: Path, name: str, reraise_intact: bool = False) -> Any:
     """``load()`` of the agent saved at ``path``; a failure that a damaged file explains raises
-    ``CorruptedFileError`` naming the file and the member that does not read (``name``: the algorithm's)."""
+    ``CorruptedFileError`` naming the file and the member that does not read (``name``: the algorithm's). With
+    ``reraise_intact``, a failure of a file whose members all read is raised as it came (an ``env`` that does not
+    fit, a file of another algorithm), not reported as a corrupted file."""
     try:
         return load()
     except (*READ_ERRORS, RuntimeError, AssertionError, ValueError) as error:
@@ -157,7 +159,7 @@ def diagnosed_load(load: Callable[[], Any], path: Path, name: str) -> Any:
         raise CorruptedFileError(
             f"{path} is corrupted: its member {member} cannot be read; restore the file from a backup or train again"
         )
-    if isinstance(failure, ValueError) and not isinstance(failure, READ_ERRORS):
+    if reraise_intact or (isinstance(failure, ValueError) and not isinstance(failure, READ_ERRORS)):
         raise failure  # an intact file that does not fit the request, as SB3's "spaces do not match"
     summary = str(failure).splitlines()[0][:200] if str(failure) else ""
     raise CorruptedFileError(

@@ -33,6 +33,12 @@ def _registered_ids() -> list[str]:
     return list(gym.registry.keys())
 
 
+def ale_import_error() -> str | None:
+    """Why ``ale_py`` (the Atari environments) failed to import, or ``None`` when it imported."""
+    _registered_ids()
+    return _ale_import_error
+
+
 def env_kind(env_id: str) -> EnvKind:
     """``"atari"``, ``"mujoco"`` or ``"classic"`` for a registered id.
 

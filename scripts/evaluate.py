@@ -1,8 +1,8 @@
 """Evaluate a trained agent: mean and standard deviation of the return over N episodes, optionally a video.
 
-    python scripts/evaluate.py --run runs/acktr_CartPole-v1_seed0            # a run folder of scripts/train.py
+    python scripts/evaluate.py --run runs/CartPole-v1_acktr_seed0            # a run folder of scripts/train.py
     python scripts/evaluate.py --model agent.zip --env CartPole-v1 --algo acktr --episodes 20
-    python scripts/evaluate.py --run runs/acktr_CartPole-v1_seed0 --video videos/   # needs: pip install moviepy
+    python scripts/evaluate.py --run runs/CartPole-v1_acktr_seed0 --video videos/   # needs: pip install moviepy
 
 Evaluation uses the game's true scores: no reward clipping or episodic life for Atari, frozen observation
 statistics and raw rewards for normalized (MuJoCo) environments.

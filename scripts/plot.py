@@ -4,7 +4,7 @@ One line per algorithm (and preconditioner), the mean over seeds with the min-ma
 come from the TensorBoard scalar ``rollout/ep_rew_mean`` that SB3 logs every update.
 
     python scripts/plot.py runs/ --out runs/learning_curves.png
-    python scripts/plot.py runs/acktr_CartPole-v1_seed0 runs/a2c_CartPole-v1_seed0 --out cartpole.png
+    python scripts/plot.py runs/CartPole-v1_acktr_seed0 runs/CartPole-v1_a2c_seed0 --out cartpole.png
 """
 
 from __future__ import annotations

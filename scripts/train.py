@@ -193,6 +193,14 @@ def preconditioner_of(config: dict[str, Any], algo: str) -> str | None:
     return (config.get("policy_kwargs") or {}).get("preconditioner")
 
 
+def config_source(args: argparse.Namespace) -> Path:
+    """The file a run's settings come from: --config, configs/<algo>.yml, else configs/baselines.yml (A2C, PPO)."""
+    if args.config is not None:
+        return args.config
+    own = ROOT / "configs" / f"{args.algo}.yml"
+    return own if own.is_file() else ROOT / "configs" / "baselines.yml"
+
+
 def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
     """The run's settings from its YAML file (or SB3's defaults) and the flags, validated."""
     path = args.config or ROOT / "configs" / f"{args.algo}.yml"
@@ -395,7 +403,7 @@ def _run(
             model = algorithm(policy, env, seed=args.seed, device=args.device, tensorboard_log=str(tb_dir), **kwargs)
         except (TypeError, ValueError, AssertionError) as error:
             env.close()
-            source = args.config or ROOT / "configs" / f"{args.algo}.yml"
+            source = config_source(args)
             raise ValueError(
                 f"{source}: these settings do not build {args.algo.upper()} on {args.env}: "
                 f"{type(error).__name__}: {error}"

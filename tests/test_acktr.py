@@ -56,6 +56,9 @@ def test_acktr_rejects_invalid_hyperparameters_before_building() -> None:
         ACKTR("MlpPolicy", "CartPole-v1", preconditioner="shampoo")
     with pytest.raises(ValueError, match=r"Invalid damping: -1\.0 \(must be a finite float > 0\)"):
         ACKTR("MlpPolicy", "CartPole-v1", damping=-1.0)
+    ACKTR("MlpPolicy", "CartPole-v1", damping=np.float32(0.1), learning_rate=lambda _: np.float32(0.25))  # NumPy
+    with pytest.raises(ValueError, match=r"Invalid damping: True"):
+        ACKTR("MlpPolicy", "CartPole-v1", damping=True)
     with pytest.raises(ValueError, match=r"Invalid gamma: 1\.5 \(a number in \[0, 1\]\)"):
         ACKTR("MlpPolicy", "CartPole-v1", gamma=1.5)
     # Refused by ACKTR itself, with the range, before SB3 builds the policy with it.

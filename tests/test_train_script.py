@@ -208,3 +208,15 @@ def test_a_budget_that_is_not_whole_rollouts_is_announced_with_the_step_the_run_
     result = load_script("train").main(["--total-timesteps", "100", "--log-dir", str(tmp_path / "run")])
     assert "(a rollout is 20 steps x 8 envs: the run ends at 160 steps)" in capsys.readouterr().out
     assert result["timesteps"] == 160
+
+
+def test_config_sections_are_not_checked_against_the_registry_while_ale_py_fails_to_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import envs
+
+    # The older Atari ids (PongNoFrameskip-v4) come from ale_py too: unknown while it fails, not misspelt.
+    monkeypatch.setattr(envs, "ale_import_error", lambda: "ImportError: no module named ale_py")
+    path = tmp_path / "atari.yml"
+    path.write_text("default:\n  n_envs: 2\nUnregisteredNoFrameskip-v4:\n  n_envs: 16\n")
+    assert resolve_config(path, "CartPole-v1", ACKTR)["n_envs"] == 2
