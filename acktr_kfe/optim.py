@@ -17,7 +17,6 @@ trust-region bookkeeping in :mod:`acktr_kfe.trust_region`.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ from .blocks import (
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
 from .layers import adapter_for
-from .trust_region import TrustRegions, check_radius, step_quadratic
+from .trust_region import TrustRegions, check_radius, is_real_number, step_quadratic
 
 # With a trailing separator: a user's acktr_kfe_runs/ or site-packages/torchvision/ is not the library.
 _LIBRARY_DIRS = tuple(str(Path(p).resolve().parent) + os.sep for p in (__file__, torch.__file__))
@@ -191,21 +190,16 @@ def _drop_basis_buffer(block: CurvatureBlock) -> None:
         del block.state["momentum_in_basis"]
 
 
-def _is_number(value: Any) -> bool:
-    """A real number (Python's or NumPy's); a string, a tensor or a bool read from a config or a state is not."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _validate_group(group: dict[str, Any]) -> None:
     lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
     damping, max_kl = group["damping"], group["max_kl"]
-    if not _is_number(lr) or not (lr >= 0 and math.isfinite(lr)):
+    if not is_real_number(lr) or not (lr >= 0 and math.isfinite(lr)):
         raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite float >= 0)")
-    if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
+    if not is_real_number(momentum) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"Invalid momentum: {momentum!r} (must be in [0, 1))")
-    if not _is_number(weight_decay) or not weight_decay >= 0.0:
+    if not is_real_number(weight_decay) or not weight_decay >= 0.0:
         raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
-    if not _is_number(damping) or not (damping > 0.0 and math.isfinite(damping)):
+    if not is_real_number(damping) or not (damping > 0.0 and math.isfinite(damping)):
         raise ValueError(f"Invalid damping: {damping!r} (must be a finite float > 0)")
     check_radius(max_kl)
 
@@ -1524,7 +1518,7 @@ class EKFAC(KroneckerPreconditioner):
         # Without its own value the scale decays as the factors do; a bad value is reported under the name given.
         name = "factor_decay" if scale_decay is None else "scale_decay"
         scale_decay = factor_decay if scale_decay is None else scale_decay
-        if not _is_number(scale_decay) or not 0.0 <= scale_decay < 1.0:
+        if not is_real_number(scale_decay) or not 0.0 <= scale_decay < 1.0:
             raise ValueError(f"Invalid {name}: {scale_decay!r} (must be in [0, 1))")
         self.scale_decay = float(scale_decay)
         super().__init__(

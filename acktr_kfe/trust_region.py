@@ -25,10 +25,14 @@ import torch
 from torch import Tensor
 
 
+def is_real_number(value: Any) -> bool:
+    """A real number (Python's or NumPy's); a string, a tensor or a bool read from a config or a state is not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_radius(max_kl: Any, name: str = "max_kl") -> None:
     """Raise ``ValueError`` unless ``max_kl`` is a finite float > 0 or ``None``."""
-    number = isinstance(max_kl, numbers.Real) and not isinstance(max_kl, bool)
-    if max_kl is not None and not (number and max_kl > 0.0 and math.isfinite(max_kl)):
+    if max_kl is not None and not (is_real_number(max_kl) and max_kl > 0.0 and math.isfinite(max_kl)):
         raise ValueError(f"Invalid {name}: {max_kl!r} (must be a finite float > 0, or None to disable)")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import io
 import math
-import numbers
 import pathlib
 from typing import Any, ClassVar, TypeVar
 
@@ -24,7 +23,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 import acktr_kfe
-from acktr_kfe.trust_region import check_radius
+from acktr_kfe.trust_region import check_radius, is_real_number
 
 from .policies import (
     ACKTR_PRECONDITIONER_DEFAULTS,
@@ -47,11 +46,6 @@ AUTO = "auto"
 # env: from never reaching their thresholds in 200k steps to medians of 50k and 62k steps).
 DISCRETE_DEFAULTS: dict[str, Any] = {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001}
 CONTINUOUS_DEFAULTS: dict[str, Any] = {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01, "log_std_init": -1.0}
-
-
-def _is_real(value: Any) -> bool:
-    """A real number (Python's or NumPy's, float32 included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def action_space_defaults(action_space: spaces.Space) -> dict[str, Any]:
@@ -218,12 +212,12 @@ class ACKTR(OnPolicyAlgorithm):
         check_radius(vf_max_kl, "vf_max_kl")
         if gae_lambda != AUTO and not (isinstance(gae_lambda, int | float) and 0 <= gae_lambda <= 1):
             raise ValueError(f"Invalid gae_lambda: {gae_lambda!r} (a number in [0, 1], or 'auto')")
-        if not (_is_real(damping) and damping > 0 and math.isfinite(damping)):
+        if not (is_real_number(damping) and damping > 0 and math.isfinite(damping)):
             raise ValueError(f"Invalid damping: {damping!r} (must be a finite float > 0)")
-        if not (_is_real(gamma) and 0 <= gamma <= 1):
+        if not (is_real_number(gamma) and 0 <= gamma <= 1):
             raise ValueError(f"Invalid gamma: {gamma!r} (a number in [0, 1])")
         initial_rate = learning_rate(1.0) if callable(learning_rate) else learning_rate
-        if not (_is_real(initial_rate) and initial_rate >= 0 and math.isfinite(initial_rate)):
+        if not (is_real_number(initial_rate) and initial_rate >= 0 and math.isfinite(initial_rate)):
             what = "the learning-rate schedule's value at the start" if callable(learning_rate) else "learning_rate"
             raise ValueError(f"Invalid learning rate: {initial_rate!r} ({what}; must be a finite float >= 0)")
         if normalize_advantage not in (True, False, "returns"):
