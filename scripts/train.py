@@ -74,6 +74,8 @@ from agents.run_folder import (  # noqa: E402
 from envs import env_kind, make_env  # noqa: E402
 
 DEFAULTS = {"env": "CartPole-v1", "algo": "acktr", "seed": 0}
+# rl-zoo's settings of the algorithms without a file of their own (A2C, PPO).
+BASELINES = ROOT / "configs" / "baselines.yml"
 # What makes a run the run it is: resuming with another value refuses.
 IDENTITY = ("env", "algo", "preconditioner", "seed")
 
@@ -198,20 +200,18 @@ def config_source(args: argparse.Namespace) -> Path:
     if args.config is not None:
         return args.config
     own = ROOT / "configs" / f"{args.algo}.yml"
-    return own if own.is_file() else ROOT / "configs" / "baselines.yml"
+    return own if own.is_file() else BASELINES
 
 
 def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
     """The run's settings from its YAML file (or SB3's defaults) and the flags, validated."""
-    path = args.config or ROOT / "configs" / f"{args.algo}.yml"
-    if args.config is None and not path.is_file():
+    path = config_source(args)
+    if args.config is None and path == BASELINES:
         # A2C and PPO: rl-zoo's settings from configs/baselines.yml where it has the env, SB3's defaults elsewhere.
         kind = env_kind(args.env)
         config = {"policy": "CnnPolicy" if kind == "atari" else "MlpPolicy", "n_envs": 8, "total_timesteps": 100_000}
-        baselines = ROOT / "configs" / "baselines.yml"
-        entry = resolve_config(baselines, args.env, algorithm) if baselines.is_file() else {}
+        entry = resolve_config(path, args.env, algorithm) if path.is_file() else {}
         if entry:
-            path = baselines
             config.update(entry)
             print(f"({args.algo.upper()} on {args.env} with rl-zoo's hyperparameters from configs/baselines.yml)")
         else:
