@@ -57,7 +57,15 @@ def action_space_defaults(action_space: spaces.Space) -> dict[str, Any]:
 
 
 # ACKTR's own arguments that configure its policy (they become policy_kwargs).
-_POLICY_ARGUMENTS = ("preconditioner", "max_kl", "vf_max_kl", "calibrate_kl", "vf_fisher_coef", "curvature")
+_POLICY_ARGUMENTS = (
+    "preconditioner",
+    "max_kl",
+    "vf_max_kl",
+    "calibrate_kl",
+    "vf_fisher_coef",
+    "curvature",
+    "kl_backtrack",
+)
 _PRECONDITIONER_ARGUMENTS = (
     "damping",
     "momentum",
@@ -183,6 +191,7 @@ class ACKTR(OnPolicyAlgorithm):
         max_kl: float | str | None = AUTO,
         vf_max_kl: float | None = 0.003,
         calibrate_kl: bool = True,
+        kl_backtrack: float | None = None,
         damping: float = 0.1,
         momentum: float = 0.0,
         preconditioner: str = "ekfac",

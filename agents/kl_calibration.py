@@ -29,7 +29,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 
 import acktr_kfe
-from acktr_kfe.trust_region import check_radius
+from acktr_kfe.trust_region import check_radius, is_real_number
 
 # Running average of log(measured KL / predicted KL) over updates, and the range of the ratio.
 KL_BIAS_DECAY = 0.9
@@ -91,6 +91,12 @@ def actor_and_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[th.Tens
     return actor, critic
 
 
+def check_backtrack(backtrack: Any) -> None:
+    """``backtrack`` must be ``None`` or a real number >= 1 (a step within its radius is never shrunk)."""
+    if backtrack is not None and not (is_real_number(backtrack) and 1 <= backtrack < math.inf):
+        raise ValueError(f"Invalid kl_backtrack: {backtrack!r} (a finite number >= 1, or None to keep every step)")
+
+
 class ActorCriticTrustRegions:
     """The trust regions of ``policy`` (see the module docstring) and their calibrated radii.
 
@@ -101,6 +107,9 @@ class ActorCriticTrustRegions:
         vf_fisher_coef: the critic's Gaussian reading (standard deviation ``sigma / vf_fisher_coef``).
         calibrate: divide the radii by the running bias of the quadratic model.
         enlarge: let a bias below 1 enlarge the radii (up to 10 times); otherwise such a bias counts as 1.
+        backtrack: a step whose measured KL exceeds ``backtrack`` times its region's radius (the target, before
+            calibration) is shrunk back along its own direction to that radius (:meth:`backtrack_factors`);
+            ``None``: steps are kept as taken.
         log_bias: a list to keep the running ``log(measured / predicted)`` per region in (updated in place, so
             an owner that saves it keeps the calibration); a new one by default.
     """
@@ -114,9 +123,12 @@ class ActorCriticTrustRegions:
         calibrate: bool = True,
         log_bias: list[float] | None = None,
         enlarge: bool = False,
+        backtrack: float | None = None,
     ) -> None:
         check_radius(max_kl)
         check_radius(vf_max_kl, "vf_max_kl")
+        check_backtrack(backtrack)
+        self.backtrack = backtrack
         self.vf_fisher_coef = vf_fisher_coef
         self.calibrate = calibrate
         self.enlarge = enlarge
@@ -162,11 +174,27 @@ class ActorCriticTrustRegions:
         vf_kl = 0.5 * self.vf_fisher_coef**2 * (new_values - old_values).square().mean()
         return policy_kl, vf_kl
 
+    def per_region(self, policy_kl: float, vf_kl: float) -> list[float]:
+        """The measured KL of each region: the policy's and the critic's, or their sum for one joint region."""
+        return [policy_kl + vf_kl] if self.shared_layers else [policy_kl, vf_kl]
+
+    def backtrack_factors(self, policy_kl: float, vf_kl: float) -> list[float]:
+        """Per region, the factor to shrink the last step by: ``sqrt(radius / measured)`` where the measured KL
+        exceeds ``backtrack`` times the region's target radius (the KL grows as the square of the step's length
+        near the old parameters), else 1. A non-finite measurement gives 1: it is the NaN checks' to report."""
+        factors = [1.0] * len(self.regions)
+        if self.backtrack is None:
+            return factors
+        for index, (value, target) in enumerate(zip(self.per_region(policy_kl, vf_kl), self.targets)):
+            if target is not None and math.isfinite(value) and value > self.backtrack * target:
+                factors[index] = math.sqrt(target / value)
+        return factors
+
     def update(self, optimizer: acktr_kfe.KroneckerPreconditioner, policy_kl: float, vf_kl: float) -> None:
         """Fold the measured KLs of the last step into the running bias of each region."""
         if not self.calibrate:
             return
-        measured = [policy_kl + vf_kl] if self.shared_layers else [policy_kl, vf_kl]
+        measured = self.per_region(policy_kl, vf_kl)
         low, high = (math.log(bound) for bound in KL_BIAS_RANGE)
         for index, (value, predicted) in enumerate(zip(measured, optimizer.last_predicted_kls.tolist())):
             if predicted > 0 and value > 0 and math.isfinite(value):

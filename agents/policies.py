@@ -55,7 +55,7 @@ from torch.nn import functional as F
 import acktr_kfe
 from acktr_kfe import distributed
 
-from .kl_calibration import ActorCriticTrustRegions, actor_critic_forward, detached
+from .kl_calibration import ActorCriticTrustRegions, actor_critic_forward, check_backtrack, detached
 
 # Per-example Fisher of a Gaussian's log standard deviation, per action dimension: E[(z^2 - 1)^2] = 2.
 GAUSSIAN_LOG_STD_FISHER = 2.0
@@ -224,10 +224,12 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         vf_fisher_coef: float = 1.0,
         normalize_observations: bool = True,
         curvature: str = "fisher",
+        kl_backtrack: float | None = None,
         **kwargs: Any,
     ) -> None:
         check_preconditioner(preconditioner)
         check_curvature(curvature)
+        check_backtrack(kl_backtrack)
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         reserved = sorted({"lr", "max_kl", "trust_regions", "curvature"} & set(preconditioner_kwargs or {}))
@@ -242,8 +244,11 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.vf_fisher_coef = vf_fisher_coef
         self.normalize_observations = normalize_observations
         self.curvature = curvature
+        self.kl_backtrack = kl_backtrack
         self.last_measured_kl = self.last_measured_vf_kl = float("nan")
+        self.last_backtrack_factors: list[float] = []
         self._pending: tuple[th.Tensor, Any, th.Tensor] | None = None
+        self._step_start: list[list[th.Tensor]] | None = None
         super().__init__(*args, **kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
@@ -271,6 +276,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             self.vf_fisher_coef,
             self.calibrate_kl,
             enlarge=isinstance(self.action_space, spaces.Box),
+            backtrack=self.kl_backtrack,
         )
         extra = PRECONDITIONER_NAME_DEFAULTS.get(self.preconditioner, {})
         options = {
@@ -477,6 +483,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         progress at 0; without it, a negative rate after earlier steps is taken as that overshoot and stepped at 0
         (with a warning) rather than raised at the end of the run, where the run's work would be lost. A negative
         rate on the first step is left to the optimizer, which refuses it as invalid."""
+        if self.kl_backtrack is not None and self._pending is not None:
+            self._step_start = [[p.detach().clone() for p in region] for region, _ in self.trust_regions.regions]
         if optimizer.steps == 0:
             return
         for group in optimizer.param_groups:
@@ -493,18 +501,38 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             group["lr"] = 0.0
 
     def _after_step(self, optimizer: th.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """After each optimizer step: the measured KL on the last evaluated minibatch, and the calibration."""
+        """After each optimizer step: the measured KL on the last evaluated minibatch, the calibration, and with
+        ``kl_backtrack`` the regions whose step overshot shrunk back to their radius (measured again)."""
         if self._pending is None:
             return
-        obs, old_distribution, old_values = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
+        start, self._step_start = self._step_start, None
+        self._measure_step(*pending)
+        # The calibration learns the quadratic model's error on the step it proposed, before any backtracking.
+        self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)
+        factors = self.trust_regions.backtrack_factors(self.last_measured_kl, self.last_measured_vf_kl)
+        self.last_backtrack_factors = factors
+        if start is None or min(factors) >= 1.0:
+            return
+        with th.no_grad():
+            for (region, _), before, factor in zip(self.trust_regions.regions, start, factors):
+                if factor >= 1.0:
+                    continue
+                for param, old in zip(region, before):
+                    param.sub_(old).mul_(factor).add_(old)
+                    buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+                    if buffer is not None:
+                        buffer.mul_(factor)  # the step as kept (the optimizer rebuilds its basis copy from it)
+        self._measure_step(*pending)
+
+    def _measure_step(self, obs: th.Tensor, old_distribution: Any, old_values: th.Tensor) -> None:
+        """``last_measured_kl`` and ``last_measured_vf_kl``: the KLs between the pass before the step and now."""
         with th.no_grad():
             distribution, values = actor_critic_forward(self, obs)
             policy_kl, vf_kl = self.trust_regions.measure(old_distribution, old_values, distribution, values)
             # Data parallel (torchrun): the KL over every rank's batch, so that all ranks calibrate alike.
             policy_kl, vf_kl = distributed.mean_over_ranks(th.stack([policy_kl.double(), vf_kl.double()])).unbind()
         self.last_measured_kl, self.last_measured_vf_kl = policy_kl.item(), vf_kl.item()
-        self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)
 
     # -- state ---------------------------------------------------------------------------------------------------
 

@@ -251,6 +251,68 @@ def test_gaussian_policies_keep_the_calibration_that_enlarges_radii_after_unders
     assert radii == pytest.approx([0.01 * 2.0**0.1, 0.003])
 
 
+def _one_enlarged_step(kl_backtrack: float | None, momentum: float = 0.0) -> tuple[ACKTR, list, list, list]:
+    """One ACKTR update on Pendulum-v1 whose radii the calibration has enlarged tenfold (the largest it allows), so
+    that the step overshoots its target: the model, the parameters before, as proposed, and as kept."""
+    model = ACKTR(
+        "MlpPolicy",
+        make_vec_env("Pendulum-v1", n_envs=1, seed=0),
+        seed=0,
+        n_steps=64,
+        kl_backtrack=kl_backtrack,
+        momentum=momentum,
+    )
+    policy = model.policy
+    policy.trust_regions.log_bias[:] = [np.log(0.1)] * 2
+    params = [p for region, _ in policy.trust_regions.regions for p in region]
+    before = [p.detach().clone() for p in params]
+    proposed: list[torch.Tensor] = []
+    measure = policy._measure_step
+
+    def measure_and_keep(*args: object) -> None:
+        if not proposed:
+            proposed.extend(p.detach().clone() for p in params)
+        measure(*args)
+
+    policy._measure_step = measure_and_keep
+    model.learn(64)
+    return model, before, proposed, [p.detach().clone() for p in params]
+
+
+def test_kl_backtrack_shrinks_an_overshooting_step_along_its_direction_to_the_radius() -> None:
+    model, _, _, _ = _one_enlarged_step(kl_backtrack=None)
+    assert model.policy.last_measured_kl > 3 * model.max_kl  # the setup overshoots without backtracking
+    model, before, proposed, kept = _one_enlarged_step(kl_backtrack=1.5)
+    policy = model.policy
+    factors = policy.last_backtrack_factors
+    assert factors[0] < 0.6
+    count = len(policy.trust_regions.regions[0][0])
+    for index, (old, new, final) in enumerate(zip(before, proposed, kept)):
+        factor = factors[0] if index < count else factors[1]
+        torch.testing.assert_close(final - old, factor * (new - old), rtol=1e-5, atol=1e-7)
+    assert 0.5 * model.max_kl <= policy.last_measured_kl <= 1.5 * model.max_kl
+    assert policy.last_measured_vf_kl <= 1.5 * model.vf_max_kl
+    assert model.logger.name_to_value["train/measured_kl"] == policy.last_measured_kl
+
+
+def test_kl_backtrack_shrinks_the_momentum_buffer_with_the_step() -> None:
+    model, before, _, kept = _one_enlarged_step(kl_backtrack=1.5, momentum=0.9)
+    optimizer = model.policy.optimizer
+    lr = optimizer.param_groups[0]["lr"]
+    assert model.policy.last_backtrack_factors[0] < 1.0
+    params = [p for region, _ in model.policy.trust_regions.regions for p in region]
+    for param, old, final in zip(params, before, kept):
+        buffer = optimizer.state[param].get("momentum_buffer")
+        if buffer is not None:  # the step taken is -lr times the buffer kept for the next one
+            torch.testing.assert_close(final - old, -lr * buffer, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", [0.5, True, float("inf"), "1.5"])
+def test_kl_backtrack_rejects_values_below_one_and_non_numbers(value: object) -> None:
+    with pytest.raises(ValueError, match=r"Invalid kl_backtrack: .*a finite number >= 1, or None"):
+        ACKTR("MlpPolicy", "Pendulum-v1", kl_backtrack=value)
+
+
 def test_linear_schedule_past_the_last_rollout_gives_zero_learning_rate_not_an_error() -> None:
     env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
     # 40 steps of rollouts for a 30-step run: SB3's progress remaining would end at 1 - 40 / 30 < 0.
