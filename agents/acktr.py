@@ -146,6 +146,11 @@ class ACKTR(OnPolicyAlgorithm):
             value moves by about ``sqrt(2 vf_max_kl) sigma / vf_fisher_coef`` per update at most, whatever the
             reward scale; ``None`` disables it.
         calibrate_kl: divide the radii by the running bias of the quadratic model (see above).
+        kl_backtrack: after each update the KL is measured on the batch; a region whose measured KL exceeds
+            ``kl_backtrack`` times its radius has its step shrunk along its own direction by ``sqrt(radius /
+            measured)`` (the KL grows as the step's square), momentum buffer included, and the KL is measured again
+            (one more forward pass). The calibration still learns from the step as proposed. ``None``: steps are
+            kept as taken.
         damping: Tikhonov damping of the preconditioner.
         momentum: momentum of the preconditioned step; 0 by default. The region bounds the step taken,
             ``momentum buf + D``, and with 0.9 the previous step (already at the radius) kept nearly every step at
@@ -365,6 +370,11 @@ class ACKTR(OnPolicyAlgorithm):
         self.logger.record("train/measured_vf_kl", self.policy.last_measured_vf_kl)
         if self.calibrate_kl:
             self.logger.record("train/kl_bias", self.policy.trust_regions.kl_bias)
+        if self.kl_backtrack is not None:
+            factors = self.policy.last_backtrack_factors
+            self.logger.record("train/kl_backtrack_factor", factors[0])
+            if len(factors) > 1:
+                self.logger.record("train/vf_kl_backtrack_factor", factors[1])
         self.logger.record("train/value_scale", float(self.policy.value_scale))
         self.logger.record("train/damping", optimizer.param_groups[0]["damping"])
         self.logger.record("time/eigh_ms", optimizer.last_eigh_ms)

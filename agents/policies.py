@@ -204,6 +204,9 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         max_kl: radius of the policy's trust region (KL per optimizer step); ``None`` disables it.
         vf_max_kl: radius of a separate critic's region (KL of its Gaussian, see above); ``None`` disables it.
         calibrate_kl: calibrate the radii against the measured KL.
+        kl_backtrack: shrink a region's step whose measured KL exceeds ``kl_backtrack`` times its radius back to the
+            radius along its own direction (momentum buffer included), and measure again; ``None``: keep every step.
+            The factors of the last step are in ``last_backtrack_factors``.
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass (the critic's Gaussian has
             standard deviation ``sigma / vf_fisher_coef``).
         normalize_observations: normalize flat ``Box`` observations by their running mean and variance (updated
@@ -512,11 +515,11 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)
         factors = self.trust_regions.backtrack_factors(self.last_measured_kl, self.last_measured_vf_kl)
         self.last_backtrack_factors = factors
-        if start is None or min(factors) >= 1.0:
+        if start is None or all(factor == 1.0 for factor in factors):
             return
         with th.no_grad():
             for (region, _), before, factor in zip(self.trust_regions.regions, start, factors):
-                if factor >= 1.0:
+                if factor == 1.0:
                     continue
                 for param, old in zip(region, before):
                     param.sub_(old).mul_(factor).add_(old)

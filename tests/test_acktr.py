@@ -292,7 +292,9 @@ def test_kl_backtrack_shrinks_an_overshooting_step_along_its_direction_to_the_ra
         torch.testing.assert_close(final - old, factor * (new - old), rtol=1e-5, atol=1e-7)
     assert 0.5 * model.max_kl <= policy.last_measured_kl <= 1.5 * model.max_kl
     assert policy.last_measured_vf_kl <= 1.5 * model.vf_max_kl
-    assert model.logger.name_to_value["train/measured_kl"] == policy.last_measured_kl
+    logged = model.logger.name_to_value
+    assert logged["train/measured_kl"] == policy.last_measured_kl
+    assert logged["train/kl_backtrack_factor"] == factors[0]
 
 
 def test_kl_backtrack_shrinks_the_momentum_buffer_with_the_step() -> None:
