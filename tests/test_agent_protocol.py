@@ -155,13 +155,24 @@ def _collect_rollout(model: OnPolicyAlgorithm) -> None:
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
 
 
+@pytest.mark.parametrize("kl_backtrack", [None, 1.0])
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
-def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batch(env_id: str) -> None:
+def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batch(
+    env_id: str, kl_backtrack: float | None
+) -> None:
     env = make_vec_env(env_id, n_envs=2, seed=0)
     # Batch-normalized advantages, which A2C also has (ACKTR's default divides them by the spread of the returns).
     # Momentum 0.9 (ACKTR's default is 0) so that the momentum buffers are compared too.
     acktr = agents.ACKTR(
-        "MlpPolicy", env, n_steps=8, seed=0, ent_coef=0.01, vf_coef=0.5, normalize_advantage=True, momentum=0.9
+        "MlpPolicy",
+        env,
+        n_steps=8,
+        seed=0,
+        ent_coef=0.01,
+        vf_coef=0.5,
+        normalize_advantage=True,
+        momentum=0.9,
+        kl_backtrack=kl_backtrack,
     )
     a2c = A2C(
         agents.KroneckerActorCriticPolicy,
@@ -179,10 +190,12 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
         policy_kwargs={
             **acktr.policy_kwargs,
             "max_kl": acktr.max_kl,
+            "kl_backtrack": kl_backtrack,
             "preconditioner_kwargs": {"step_norm": "natural", "momentum": acktr.momentum},
         },
     )
     a2c.policy.load_state_dict(acktr.policy.state_dict())
+    backtracked = []
     for _ in range(3):  # three updates: momentum, calibration and the value scale come into play
         _collect_rollout(acktr)
         a2c._setup_learn(1)
@@ -193,6 +206,9 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
             model.train()
         for (name, p_acktr), p_a2c in zip(acktr.policy.named_parameters(), a2c.policy.parameters()):
             torch.testing.assert_close(p_acktr, p_a2c, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        assert acktr.policy.last_backtrack_factors == pytest.approx(a2c.policy.last_backtrack_factors)
+        backtracked += [factor < 1.0 for factor in acktr.policy.last_backtrack_factors]
+    assert any(backtracked) == (kl_backtrack is not None)  # the backtracked steps are compared too
     assert acktr.policy.trust_regions.log_bias == pytest.approx(a2c.policy.trust_regions.log_bias)
     assert float(acktr.policy.value_scale) == pytest.approx(float(a2c.policy.value_scale))
 
