@@ -231,6 +231,7 @@ def test_pruning_tensorboard_drops_a_record_cut_short_by_a_crash(run_copy: Path)
         ("learning_rate: lin_x", r"invalid learning_rate: 'lin_x'.*lin_<start>"),
         ("calibrate_kl: maybe", r"invalid calibrate_kl: 'maybe' \(must be true or false\)"),
         ("max_kl: .nan", r"invalid max_kl: nan"),
+        ("kl_backtrack: 0.5", r"invalid kl_backtrack: 0.5 \(must be a finite number >= 1\)"),
         ("preconditioner: shampoo", r"invalid preconditioner: 'shampoo' \(valid values: ekfac, kfac\)"),
     ],
 )
