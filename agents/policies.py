@@ -523,9 +523,12 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
                     continue
                 for param, old in zip(region, before):
                     param.sub_(old).mul_(factor).add_(old)
-                    buffer = optimizer.state.get(param, {}).get("momentum_buffer")
-                    if buffer is not None:
-                        buffer.mul_(factor)  # the step as kept (the optimizer rebuilds its basis copy from it)
+                    # The step as kept: the momentum buffer, and EKFAC's copy of it in the eigenbasis (on the layer's
+                    # weight) so that a saved and loaded optimizer resumes from the same buffer.
+                    state = optimizer.state.get(param, {})
+                    for key in ("momentum_buffer", "momentum_in_basis"):
+                        if (buffer := state.get(key)) is not None:
+                            buffer.mul_(factor)
         self._measure_step(*pending)
 
     def _measure_step(self, obs: th.Tensor, old_distribution: Any, old_values: th.Tensor) -> None:

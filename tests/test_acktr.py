@@ -307,6 +307,14 @@ def test_kl_backtrack_shrinks_the_momentum_buffer_with_the_step() -> None:
         buffer = optimizer.state[param].get("momentum_buffer")
         if buffer is not None:  # the step taken is -lr times the buffer kept for the next one
             torch.testing.assert_close(final - old, -lr * buffer, rtol=1e-5, atol=1e-7)
+    in_basis = 0
+    for block in optimizer._blocks:  # EKFAC's copy in the eigenbasis (what a saved optimizer resumes from) agrees
+        kept = optimizer.state[block.weight].get("momentum_in_basis")
+        if kept is not None:
+            in_basis += 1
+            parts = [optimizer.state[p]["momentum_buffer"] for p in block.adapter.parameters()]
+            torch.testing.assert_close(block.from_basis(kept), block.adapter.join(parts), rtol=1e-4, atol=1e-6)
+    assert in_basis > 0
 
 
 @pytest.mark.parametrize("value", [0.5, True, float("inf"), "1.5"])
