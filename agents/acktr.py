@@ -147,10 +147,12 @@ class ACKTR(OnPolicyAlgorithm):
             reward scale; ``None`` disables it.
         calibrate_kl: divide the radii by the running bias of the quadratic model (see above).
         kl_backtrack: after each update the KL is measured on the batch; a region whose measured KL exceeds
-            ``kl_backtrack`` times its radius has its step shrunk along its own direction by ``sqrt(radius /
-            measured)`` (the KL grows as the step's square), momentum buffer included, and the KL is measured again
-            (one more forward pass). The calibration still learns from the step as proposed. ``None``: steps are
-            kept as taken.
+            ``kl_backtrack`` times its target (``max_kl``, or ``vf_max_kl`` for the critic, before calibration) has
+            its step shrunk along its own direction by ``sqrt(target / measured)`` (the KL grows as the step's
+            square), momentum buffer included, and the KL is measured again (one more forward pass): the logged
+            ``train/measured_kl`` is the KL after backtracking, while the calibration (``train/kl_bias``) learns from
+            the step as proposed. The factors are logged as ``train/kl_backtrack_factor`` (and
+            ``train/vf_kl_backtrack_factor`` for a separate critic). ``None`` (default): steps are kept as taken.
         damping: Tikhonov damping of the preconditioner.
         momentum: momentum of the preconditioned step; 0 by default. The region bounds the step taken,
             ``momentum buf + D``, and with 0.9 the previous step (already at the radius) kept nearly every step at

@@ -204,9 +204,12 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         max_kl: radius of the policy's trust region (KL per optimizer step); ``None`` disables it.
         vf_max_kl: radius of a separate critic's region (KL of its Gaussian, see above); ``None`` disables it.
         calibrate_kl: calibrate the radii against the measured KL.
-        kl_backtrack: shrink a region's step whose measured KL exceeds ``kl_backtrack`` times its radius back to the
-            radius along its own direction (momentum buffer included), and measure again; ``None``: keep every step.
-            The factors of the last step are in ``last_backtrack_factors``.
+        kl_backtrack: shrink a region's step whose measured KL exceeds ``kl_backtrack`` times its target (``max_kl``
+            or ``vf_max_kl``, before calibration) back to the target along its own direction (momentum buffer
+            included), and measure again; ``None``: keep every step. The factors of the last optimizer step (under
+            PPO, its last minibatch) are in ``last_backtrack_factors``. Under the grafted step (``step_norm="adam"``)
+            the next step is brought back to Adam's length whatever the buffer, so shrinking the buffer only lowers
+            momentum's share of its direction; measured with ACKTR's natural step only.
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass (the critic's Gaussian has
             standard deviation ``sigma / vf_fisher_coef``).
         normalize_observations: normalize flat ``Box`` observations by their running mean and variance (updated
@@ -251,7 +254,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.last_measured_kl = self.last_measured_vf_kl = float("nan")
         self.last_backtrack_factors: list[float] = []
         self._pending: tuple[th.Tensor, Any, th.Tensor] | None = None
-        self._step_start: list[list[th.Tensor]] | None = None
+        self._step_start: list[list[th.Tensor] | None] | None = None
         super().__init__(*args, **kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
@@ -314,6 +317,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             vf_fisher_coef=self.vf_fisher_coef,
             normalize_observations=self.normalize_observations,
             curvature=self.curvature,
+            kl_backtrack=self.kl_backtrack,
         )
         return data
 
@@ -486,8 +490,12 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         progress at 0; without it, a negative rate after earlier steps is taken as that overshoot and stepped at 0
         (with a warning) rather than raised at the end of the run, where the run's work would be lost. A negative
         rate on the first step is left to the optimizer, which refuses it as invalid."""
-        if self.kl_backtrack is not None and self._pending is not None:
-            self._step_start = [[p.detach().clone() for p in region] for region, _ in self.trust_regions.regions]
+        regions = self.trust_regions
+        if regions.backtrack is not None and self._pending is not None:
+            # Only the regions with a radius can be backtracked (the others are None here).
+            self._step_start = [
+                None if target is None else [p.detach().clone() for p in region] for region, target in regions.regions
+            ]
         if optimizer.steps == 0:
             return
         for group in optimizer.param_groups:
@@ -513,13 +521,15 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self._measure_step(*pending)
         # The calibration learns the quadratic model's error on the step it proposed, before any backtracking.
         self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)
-        factors = self.trust_regions.backtrack_factors(self.last_measured_kl, self.last_measured_vf_kl)
+        factors = [1.0] * len(self.trust_regions.regions)
+        if start is not None:
+            factors = self.trust_regions.backtrack_factors(self.last_measured_kl, self.last_measured_vf_kl)
         self.last_backtrack_factors = factors
         if start is None or all(factor == 1.0 for factor in factors):
             return
         with th.no_grad():
             for (region, _), before, factor in zip(self.trust_regions.regions, start, factors):
-                if factor == 1.0:
+                if factor == 1.0 or before is None:
                     continue
                 for param, old in zip(region, before):
                     param.sub_(old).mul_(factor).add_(old)

@@ -317,6 +317,27 @@ def test_kl_backtrack_shrinks_the_momentum_buffer_with_the_step() -> None:
     assert in_basis > 0
 
 
+def test_kl_backtrack_survives_saving_the_policy_and_the_agent(tmp_path: Path) -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), seed=0, n_steps=8, kl_backtrack=1.5)
+    model.learn(8)
+    model.policy.save(tmp_path / "policy.pth")
+    policy = type(model.policy).load(tmp_path / "policy.pth")
+    assert policy.kl_backtrack == 1.5 and policy.trust_regions.backtrack == 1.5
+    model.save(tmp_path / "agent")
+    loaded = ACKTR.load(tmp_path / "agent")
+    assert loaded.kl_backtrack == 1.5 and loaded.policy.trust_regions.backtrack == 1.5
+
+
+def test_kl_backtrack_leaves_a_region_without_radius_alone() -> None:
+    model = ACKTR(
+        "MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), seed=0, n_steps=64, max_kl=None, kl_backtrack=1.0
+    )
+    model.policy.trust_regions.log_bias[:] = [np.log(0.1)] * 2  # the critic's steps overshoot tenfold
+    model.learn(64)
+    factors = model.policy.last_backtrack_factors
+    assert factors[0] == 1.0 and factors[1] < 1.0
+
+
 @pytest.mark.parametrize("value", [0.5, True, float("inf"), "1.5"])
 def test_kl_backtrack_rejects_values_below_one_and_non_numbers(value: object) -> None:
     with pytest.raises(ValueError, match=r"Invalid kl_backtrack: .*a finite number >= 1, or None"):
@@ -352,3 +373,14 @@ def test_acktr_load_names_a_damaged_member_refuses_non_finite_parameters_and_rea
         ACKTR.load(tmp_path / "nan.zip")
     with pytest.raises(FileNotFoundError, match=r"no saved agent at .*missing \(nor at .*missing\.zip\)"):
         ACKTR.load(tmp_path / "missing")
+
+
+def test_kl_model_check_script_reports_batch_and_held_out_kls_per_third(capsys: pytest.CaptureFixture[str]) -> None:
+    from .test_train_script import load_script
+
+    load_script("kl_model_check").main(["--env", "CartPole-v1", "--steps", "400"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| CartPole-v1 |")]
+    assert len(rows) == 3
+    for row in rows:
+        predicted, batch, held_out, *_ = (float(cell) for cell in row.strip("|").split("|")[2:])
+        assert predicted > 0 and batch > 0 and held_out > 0
