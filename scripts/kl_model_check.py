@@ -100,10 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         model = ACKTR(
             "MlpPolicy", make_vec_env(env_id, n_envs=1, seed=args.seed), seed=args.seed, kl_backtrack=args.kl_backtrack
         )
+        updates = -(-args.steps // (model.n_steps * model.n_envs))  # SB3 finishes the last rollout
+        if updates < 8:  # refused before the run, not after it
+            parser.error(f"--steps {args.steps} gives {updates} updates on {env_id}; at least 8 are needed")
         hooks = HeldOutKL(model)
         model.learn(args.steps)
-        if len(hooks.rows) < 8:
-            parser.error(f"--steps {args.steps} gives {len(hooks.rows)} updates on {env_id}; at least 8 are needed")
         for line in summarize(env_id, hooks.rows):
             print(line, flush=True)
 
