@@ -226,7 +226,7 @@ class ACKTR(OnPolicyAlgorithm):
         if max_kl != AUTO:
             check_radius(max_kl)
         check_radius(vf_max_kl, "vf_max_kl")
-        if gae_lambda != AUTO and not (isinstance(gae_lambda, int | float) and 0 <= gae_lambda <= 1):
+        if gae_lambda != AUTO and not (is_real_number(gae_lambda) and 0 <= gae_lambda <= 1):
             raise ValueError(f"Invalid gae_lambda: {gae_lambda!r} (a number in [0, 1], or 'auto')")
         if not (is_real_number(damping) and damping > 0 and math.isfinite(damping)):
             raise ValueError(f"Invalid damping: {damping!r} (must be a finite float > 0)")

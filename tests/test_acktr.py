@@ -123,6 +123,7 @@ def test_auto_defaults_survive_save_and_load(tmp_path: Path) -> None:
         ("n_steps", 0, r"Invalid n_steps: 0"),
         ("gae_lambda", 1.5, r"Invalid gae_lambda: 1.5 \(a number in \[0, 1\], or 'auto'\)"),
         ("gae_lambda", "high", r"Invalid gae_lambda: 'high'"),
+        ("gae_lambda", True, r"Invalid gae_lambda: True"),
         ("max_kl", "wide", r"max_kl"),
     ],
 )
