@@ -3,6 +3,7 @@ hyperparameters.
 
     python scripts/bench_rl.py                                   # the tuned-on envs, every algorithm and seed (long)
     python scripts/bench_rl.py --set validated --defaults 1      # the validated-on envs, constructor defaults
+    python scripts/bench_rl.py --set untuned --defaults 1 --algos acktr_ekfac a2c ppo   # the untuned probe
     python scripts/bench_rl.py --envs CartPole-v1 --seeds 0 --workers 2
     python scripts/bench_rl.py --envs Hopper-v5 --algos acktr_ekfac a2c --defaults 1   # constructor defaults, 1 env
 
@@ -50,8 +51,22 @@ VALIDATED_ON: dict[str, tuple[int, float]] = {
     "Walker2d-v5": (200_000, 1000.0),
     "InvertedDoublePendulum-v5": (200_000, 9000.0),
 }
-BENCHMARKS: dict[str, tuple[int, float]] = {**TUNED_ON, **VALIDATED_ON}
-SETS = {"tuned": TUNED_ON, "validated": VALIDATED_ON}
+# The untuned probe (``--set untuned``): further environments that no choice was made on and that are not in the
+# validated-on set, each run for 200k steps. The thresholds are gymnasium's own ``reward_threshold`` where the env
+# spec has one (``None``: no threshold; the table then reports returns only), not chosen here.
+UNTUNED: dict[str, tuple[int, float | None]] = {
+    "MountainCar-v0": (200_000, -110.0),
+    "Ant-v5": (200_000, 6000.0),
+    "Humanoid-v5": (200_000, None),
+    "HumanoidStandup-v5": (200_000, None),
+    "Pusher-v5": (200_000, 0.0),
+}
+BENCHMARKS: dict[str, tuple[int, float | None]] = {**TUNED_ON, **VALIDATED_ON, **UNTUNED}
+SETS: dict[str, dict[str, tuple[int, float | None]]] = {
+    "tuned": TUNED_ON,
+    "validated": VALIDATED_ON,
+    "untuned": UNTUNED,
+}
 # acktr_ief: ACKTR with EKFAC and the policy's iEF curvature (taken actions, rescaled) instead of the sampled Fisher.
 ALGOS = ("acktr_ekfac", "acktr_kfac", "acktr_ief", "a2c", "ppo", "trpo")
 WINDOW = 10
@@ -158,12 +173,13 @@ def run_one(
     }
 
 
-def summarize(record: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """Steps to threshold (rolling mean of ``WINDOW`` episodes), final return and env steps per second of a run."""
+def summarize(record: dict[str, Any], threshold: float | None) -> dict[str, Any]:
+    """Steps to threshold (rolling mean of ``WINDOW`` episodes; ``None`` without a threshold), final return and
+    env steps per second of a run."""
     steps = [s for s, _ in record["episodes"]]
     returns = np.array([r for _, r in record["episodes"]])
     reached = None
-    for i in range(WINDOW, len(returns) + 1):
+    for i in range(WINDOW, len(returns) + 1 if threshold is not None else 0):
         if returns[i - WINDOW : i].mean() >= threshold:
             reached = steps[i - 1]
             break
@@ -206,15 +222,18 @@ def table(records: list[dict[str, Any]]) -> str:
             fps = float(np.mean([r["fps"] for r in runs]))
             ratio_steps, ratio_fps = "", ""
             if "a2c" in rows:
-                ratio_steps = steps_ratio(median, median_steps(rows["a2c"]), budget)
+                if threshold is not None:
+                    ratio_steps = steps_ratio(median, median_steps(rows["a2c"]), budget)
                 ratio_fps = f"{fps / np.mean([r['fps'] for r in rows['a2c']]):.2f}"
             finals = ", ".join(f"{r['final']:.0f}" for r in runs)
             reached = sum(r["reached"] is not None for r in runs)
             steps_text = f"{median:,.0f}" if np.isfinite(median) else f">{budget:,}"
-            label = f"{env_id}, validated on" if env_id in VALIDATED_ON else env_id
+            steps_text = f"{steps_text} ({reached}/{len(runs)})" if threshold is not None else "no threshold"
+            label = {**dict.fromkeys(VALIDATED_ON, "validated on"), **dict.fromkeys(UNTUNED, "untuned")}.get(env_id)
+            label = env_id if label is None else f"{env_id}, {label}"
+            goal = f"{budget:,} steps" if threshold is None else f"≥{threshold:g}, {budget:,} steps"
             lines.append(
-                f"| {label} (≥{threshold:g}, {budget:,} steps) | {algo} | {steps_text} ({reached}/{len(runs)}) "
-                f"| {finals} | {fps:,.0f} | {ratio_steps} | {ratio_fps} |"
+                f"| {label} ({goal}) | {algo} | {steps_text} | {finals} | {fps:,.0f} | {ratio_steps} | {ratio_fps} |"
             )
     return "\n".join(lines)
 
@@ -247,7 +266,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
                 stacked = np.array(curves)
                 ax.plot(grid, np.nanmean(stacked, 0), label=algo)
                 ax.fill_between(grid, np.nanmin(stacked, 0), np.nanmax(stacked, 0), alpha=0.2)
-        ax.axhline(threshold, color="gray", linestyle=":", linewidth=1)
+        if threshold is not None:
+            ax.axhline(threshold, color="gray", linestyle=":", linewidth=1)
         ax.set_title(env_id)
         ax.set_xlabel("env steps")
         ax.set_ylabel(f"return (mean of last {WINDOW} episodes)")
@@ -263,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         "--set",
         choices=list(SETS),
         default="tuned",
-        help="the envs to run when --envs is not given: the tuned-on set (default) or the validated-on set",
+        help="the envs to run when --envs is not given: the tuned-on set (default), the validated-on set or the "
+        "untuned probe",
     )
     parser.add_argument("--envs", nargs="+", default=None, choices=list(BENCHMARKS))
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))

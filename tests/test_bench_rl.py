@@ -130,3 +130,27 @@ def test_validated_on_set_is_kept_apart_from_the_tuned_on_set_and_labelled_in_th
     assert bench.main(["--report", "--out", str(tmp_path)]) == 0  # the tuned-on set by default
     table = (tmp_path / "results.md").read_text()
     assert "CartPole-v1" in table and "Acrobot-v1" not in table
+
+
+def test_untuned_probe_is_apart_from_both_sets_and_an_env_without_threshold_reports_returns_only(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    bench = load_script("bench_rl")
+    assert not set(bench.UNTUNED) & (set(bench.TUNED_ON) | set(bench.VALIDATED_ON))
+    assert bench.summarize({**record("a2c", [500.0] * 30), "env": "Humanoid-v5"}, None)["reached"] is None
+    runs = [
+        {**record(algo, [ret] * 30), "env": "Humanoid-v5", "steps": 200_000}
+        for algo, ret in (("acktr_ekfac", 560.0), ("a2c", 170.0))
+    ] + [{**record("a2c", [-100.0] * 30), "env": "MountainCar-v0", "steps": 200_000}]
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in runs))
+    assert bench.main(["--report", "--out", str(tmp_path), "--set", "untuned"]) == 0
+    rows = (tmp_path / "results.md").read_text().splitlines()
+    humanoid = next(row for row in rows if row.startswith("| Humanoid-v5") and "acktr_ekfac" in row)
+    # No threshold: no steps and no steps ratio, but the returns and the throughput ratio.
+    assert humanoid.startswith("| Humanoid-v5, untuned (200,000 steps) | acktr_ekfac | no threshold | 560 | ")
+    assert humanoid.endswith("|  | 1.00 |")
+    car = next(row for row in rows if row.startswith("| MountainCar-v0"))
+    assert "(≥-110, 200,000 steps) | a2c | 10,000 (1/1) |" in car  # gymnasium's reward_threshold for the env
+    assert (tmp_path / "curves.png").stat().st_size > 5_000
