@@ -24,6 +24,9 @@ def test_steps_to_threshold_uses_the_rolling_mean_of_ten_episodes() -> None:
     assert summary["reached"] == 20_000
     assert summary["final"] == pytest.approx((500 * 5 + 480 * 5) / 10)
     assert summary["fps"] == pytest.approx(10_000)
+    assert summary["best"] == pytest.approx(498.0)  # episodes 11-20: the nine 500s and a 480
+    fell_back = bench.summarize(record("a2c", [100.0] * 10 + [400.0] * 10 + [200.0] * 10), threshold=475.0)
+    assert (fell_back["final"], fell_back["best"]) == (pytest.approx(200.0), pytest.approx(400.0))
     assert bench.summarize(record("a2c", [100.0] * 30), threshold=475.0)["reached"] is None
 
 
