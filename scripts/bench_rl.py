@@ -256,6 +256,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     warnings.filterwarnings("ignore", message="(Mean of empty slice|All-NaN slice)", category=RuntimeWarning)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     envs = [e for e in BENCHMARKS if any(r["env"] == e for r in records)]
     fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
@@ -278,6 +279,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         if threshold is not None:
             ax.axhline(threshold, color="gray", linestyle=":", linewidth=1)
         ax.set_title(env_id)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
         ax.set_xlabel("env steps")
         ax.set_ylabel(f"return (mean of last {WINDOW} episodes)")
         ax.legend()
