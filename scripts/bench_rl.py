@@ -181,10 +181,11 @@ def summarize(record: dict[str, Any], threshold: float | None) -> dict[str, Any]
     steps = [s for s, _ in record["episodes"]]
     returns = np.array([r for _, r in record["episodes"]])
     reached = None
-    for i in range(WINDOW, len(returns) + 1 if threshold is not None else 0):
-        if returns[i - WINDOW : i].mean() >= threshold:
-            reached = steps[i - 1]
-            break
+    if threshold is not None:
+        for i in range(WINDOW, len(returns) + 1):
+            if returns[i - WINDOW : i].mean() >= threshold:
+                reached = steps[i - 1]
+                break
     final = float(returns[-WINDOW:].mean()) if len(returns) else float("nan")
     if len(returns) >= WINDOW:
         best = float(np.convolve(returns, np.ones(WINDOW) / WINDOW, mode="valid").max())
