@@ -63,6 +63,8 @@ UNTUNED: dict[str, tuple[int, float | None]] = {
     "Pusher-v5": (200_000, 0.0),
 }
 BENCHMARKS: dict[str, tuple[int, float | None]] = {**TUNED_ON, **VALIDATED_ON, **UNTUNED}
+# How the report labels an env of the sets kept apart from the tuned-on one.
+SET_LABELS = {**dict.fromkeys(VALIDATED_ON, "validated on"), **dict.fromkeys(UNTUNED, "untuned")}
 SETS: dict[str, dict[str, tuple[int, float | None]]] = {
     "tuned": TUNED_ON,
     "validated": VALIDATED_ON,
@@ -238,8 +240,7 @@ def table(records: list[dict[str, Any]]) -> str:
             reached = sum(r["reached"] is not None for r in runs)
             steps_text = f"{median:,.0f}" if np.isfinite(median) else f">{budget:,}"
             steps_text = f"{steps_text} ({reached}/{len(runs)})" if threshold is not None else "no threshold"
-            label = {**dict.fromkeys(VALIDATED_ON, "validated on"), **dict.fromkeys(UNTUNED, "untuned")}.get(env_id)
-            label = env_id if label is None else f"{env_id}, {label}"
+            label = f"{env_id}, {SET_LABELS[env_id]}" if env_id in SET_LABELS else env_id
             goal = f"{budget:,} steps" if threshold is None else f"≥{threshold:g}, {budget:,} steps"
             lines.append(
                 f"| {label} ({goal}) | {algo} | {steps_text} | {finals} | {bests} | {fps:,.0f} "

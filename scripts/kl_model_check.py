@@ -91,18 +91,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     th.set_num_threads(1)
+    models = []
+    for env_id in args.env:
+        env = make_vec_env(env_id, n_envs=1, seed=args.seed)
+        models.append((env_id, ACKTR("MlpPolicy", env, seed=args.seed, kl_backtrack=args.kl_backtrack)))
+    for env_id, model in models:  # every env is checked before any run, not after the earlier ones
+        updates = -(-args.steps // (model.n_steps * model.n_envs))  # SB3 finishes the last rollout
+        if updates < 8:
+            parser.error(f"--steps {args.steps} gives {updates} updates on {env_id}; at least 8 are needed")
     print(
         "| env | third | predicted KL | batch KL | held-out KL | batch / predicted | held-out / predicted | "
         "held-out / batch | calibration bias | clip factor |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for env_id in args.env:
-        model = ACKTR(
-            "MlpPolicy", make_vec_env(env_id, n_envs=1, seed=args.seed), seed=args.seed, kl_backtrack=args.kl_backtrack
-        )
-        updates = -(-args.steps // (model.n_steps * model.n_envs))  # SB3 finishes the last rollout
-        if updates < 8:  # refused before the run, not after it
-            parser.error(f"--steps {args.steps} gives {updates} updates on {env_id}; at least 8 are needed")
+    for env_id, model in models:
         hooks = HeldOutKL(model)
         model.learn(args.steps)
         for line in summarize(env_id, hooks.rows):
