@@ -25,8 +25,10 @@ from torch.nn import functional as F
 import acktr_kfe
 from acktr_kfe.trust_region import check_radius, is_real_number
 
+from .kl_calibration import check_state_kl_bound
 from .policies import (
     ACKTR_PRECONDITIONER_DEFAULTS,
+    STATE_RESERVOIR_SIZE,
     KroneckerActorCriticCnnPolicy,
     KroneckerActorCriticPolicy,
     KroneckerMultiInputActorCriticPolicy,
@@ -65,6 +67,7 @@ _POLICY_ARGUMENTS = (
     "vf_fisher_coef",
     "curvature",
     "kl_backtrack",
+    "state_kl_bound",
 )
 _PRECONDITIONER_ARGUMENTS = (
     "damping",
@@ -153,6 +156,14 @@ class ACKTR(OnPolicyAlgorithm):
             ``train/measured_kl`` is the KL after backtracking, while the calibration (``train/kl_bias``) learns from
             the step as proposed. The factors are logged as ``train/kl_backtrack_factor`` (and
             ``train/vf_kl_backtrack_factor`` for a separate critic). ``None`` (default): steps are kept as taken.
+        state_kl_bound: bound the policy's KL at every state kept from earlier rollouts (a uniform reservoir of
+            ``policy_kwargs["state_reservoir_size"]`` = 4096 states over the whole run, flat ``Box`` observations
+            only) by ``state_kl_bound`` times ``max_kl``: after each update the policy (the joint region with shared
+            layers) is evaluated at those states, and where the largest KL exceeds the bound its step is shrunk
+            along its own direction by ``sqrt(bound / largest)``, once. ``max_kl`` bounds the KL averaged over the
+            batch, where rare states (an episode's first steps) weigh little; this bound keeps the policy from
+            drifting at them. Logged as ``train/state_kl`` (the largest KL, before shrinking) and
+            ``train/state_kl_factor``. ``None``: no bound.
         damping: Tikhonov damping of the preconditioner.
         momentum: momentum of the preconditioned step; 0 by default. The region bounds the step taken,
             ``momentum buf + D``, and with 0.9 the previous step (already at the radius) kept nearly every step at
@@ -199,6 +210,7 @@ class ACKTR(OnPolicyAlgorithm):
         vf_max_kl: float | None = 0.003,
         calibrate_kl: bool = True,
         kl_backtrack: float | None = None,
+        state_kl_bound: float | None = None,
         damping: float = 0.1,
         momentum: float = 0.0,
         preconditioner: str = "ekfac",
@@ -226,6 +238,7 @@ class ACKTR(OnPolicyAlgorithm):
         if max_kl != AUTO:
             check_radius(max_kl)
         check_radius(vf_max_kl, "vf_max_kl")
+        check_state_kl_bound(state_kl_bound, STATE_RESERVOIR_SIZE)
         if gae_lambda != AUTO and not (is_real_number(gae_lambda) and 0 <= gae_lambda <= 1):
             raise ValueError(f"Invalid gae_lambda: {gae_lambda!r} (a number in [0, 1], or 'auto')")
         if not (is_real_number(damping) and damping > 0 and math.isfinite(damping)):
@@ -377,6 +390,9 @@ class ACKTR(OnPolicyAlgorithm):
             self.logger.record("train/kl_backtrack_factor", factors[0])
             if len(factors) > 1:
                 self.logger.record("train/vf_kl_backtrack_factor", factors[1])
+        if self.state_kl_bound is not None:
+            self.logger.record("train/state_kl", self.policy.last_state_kl)
+            self.logger.record("train/state_kl_factor", self.policy.last_state_kl_factor)
         self.logger.record("train/value_scale", float(self.policy.value_scale))
         self.logger.record("train/damping", optimizer.param_groups[0]["damping"])
         self.logger.record("time/eigh_ms", optimizer.last_eigh_ms)

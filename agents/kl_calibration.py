@@ -61,12 +61,17 @@ def detached(distribution: Any) -> Any:
     raise TypeError(f"cannot measure the KL of a {type(distribution).__name__} policy distribution")
 
 
+def state_kls(old: Any, new: Any) -> th.Tensor:
+    """KL(old || new) at each state of the batch ``(N,)``, summed over independent action dimensions."""
+    if isinstance(old, list):
+        return sum(state_kls(o, n) for o, n in zip(old, new))
+    kl = kl_divergence(old, new)
+    return kl.reshape(kl.shape[0], -1).sum(-1) if kl.dim() > 1 else kl
+
+
 def mean_kl(old: Any, new: Any) -> th.Tensor:
     """Mean over the batch of KL(old || new), summed over independent action dimensions."""
-    if isinstance(old, list):
-        return sum(mean_kl(o, n) for o, n in zip(old, new))
-    kl = kl_divergence(old, new)
-    return kl.reshape(kl.shape[0], -1).sum(-1).mean() if kl.dim() > 1 else kl.mean()
+    return state_kls(old, new).mean()
 
 
 def actor_and_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[th.Tensor], list[th.Tensor]]:
@@ -95,6 +100,18 @@ def check_backtrack(backtrack: Any) -> None:
     """``backtrack`` must be ``None`` or a real number >= 1 (a step within its radius is never shrunk)."""
     if backtrack is not None and not (is_real_number(backtrack) and 1 <= backtrack < math.inf):
         raise ValueError(f"Invalid kl_backtrack: {backtrack!r} (a finite number >= 1, or None to keep every step)")
+
+
+def check_state_kl_bound(bound: Any, reservoir_size: Any) -> None:
+    """``bound`` must be ``None`` or a finite number >= 1 (a multiple of ``max_kl``); ``reservoir_size`` an integer
+    >= 1."""
+    if bound is not None and not (is_real_number(bound) and 1 <= bound < math.inf):
+        raise ValueError(
+            f"Invalid state_kl_bound: {bound!r} (a finite number >= 1, the multiple of max_kl that the KL at any kept "
+            "state may reach, or None for no bound)"
+        )
+    if not (isinstance(reservoir_size, int) and not isinstance(reservoir_size, bool) and reservoir_size >= 1):
+        raise ValueError(f"Invalid state_reservoir_size: {reservoir_size!r} (an integer >= 1)")
 
 
 class ActorCriticTrustRegions:

@@ -55,7 +55,14 @@ from torch.nn import functional as F
 import acktr_kfe
 from acktr_kfe import distributed
 
-from .kl_calibration import ActorCriticTrustRegions, actor_critic_forward, check_backtrack, detached
+from .kl_calibration import (
+    ActorCriticTrustRegions,
+    actor_critic_forward,
+    check_backtrack,
+    check_state_kl_bound,
+    detached,
+    state_kls,
+)
 
 # Per-example Fisher of a Gaussian's log standard deviation, per action dimension: E[(z^2 - 1)^2] = 2.
 GAUSSIAN_LOG_STD_FISHER = 2.0
@@ -73,6 +80,9 @@ WHOLE_RUN_SPREAD_FLOOR = 0.25
 # variance below the floor is taken as the floor (a constant observation component).
 OBSERVATION_CLIP = 10.0
 MIN_OBSERVATION_VARIANCE = 1e-8
+# The bound on the policy's KL at states of earlier rollouts (``state_kl_bound``): the size of the uniform reservoir
+# of those states, and the default multiple of ``max_kl`` that the largest KL among them may reach in one step.
+STATE_RESERVOIR_SIZE = 4096
 
 # The preconditioner's settings (preconditioner_kwargs override them). The step length: under SB3's A2C and PPO,
 # whose learning rates are Adam's and RMSprop's, each layer moves along its preconditioned direction by the length
@@ -210,6 +220,15 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             PPO, its last minibatch) are in ``last_backtrack_factors``. Under the grafted step (``step_norm="adam"``)
             the next step is brought back to Adam's length whatever the buffer, so shrinking the buffer only lowers
             momentum's share of its direction; measured with ACKTR's natural step only.
+        state_kl_bound: bound the policy's KL at every state kept from earlier rollouts by ``state_kl_bound`` times
+            ``max_kl``: after each optimizer step the policy (the joint region with shared layers) is evaluated at a
+            uniform reservoir of ``state_reservoir_size`` states from every rollout before the current one (raw
+            observations, flat ``Box`` spaces only; filled by :meth:`observe_rollout`), and where the largest KL
+            exceeds the bound the step is shrunk along its own direction by ``sqrt(bound / largest)``, once
+            (momentum buffer included). ``max_kl`` bounds the KL averaged over the batch, where rare states weigh
+            little. The last step's largest KL and factor are in ``last_state_kl`` and ``last_state_kl_factor``.
+            The reservoir is saved with the parameters (buffers ``state_reservoir*``). ``None``: no bound.
+        state_reservoir_size: how many earlier states the bound is checked at.
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass (the critic's Gaussian has
             standard deviation ``sigma / vf_fisher_coef``).
         normalize_observations: normalize flat ``Box`` observations by their running mean and variance (updated
@@ -231,11 +250,14 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         normalize_observations: bool = True,
         curvature: str = "fisher",
         kl_backtrack: float | None = None,
+        state_kl_bound: float | None = None,
+        state_reservoir_size: int = STATE_RESERVOIR_SIZE,
         **kwargs: Any,
     ) -> None:
         check_preconditioner(preconditioner)
         check_curvature(curvature)
         check_backtrack(kl_backtrack)
+        check_state_kl_bound(state_kl_bound, state_reservoir_size)
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         reserved = sorted({"lr", "max_kl", "trust_regions", "curvature"} & set(preconditioner_kwargs or {}))
@@ -251,8 +273,12 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.normalize_observations = normalize_observations
         self.curvature = curvature
         self.kl_backtrack = kl_backtrack
+        self.state_kl_bound, self.state_reservoir_size = state_kl_bound, state_reservoir_size
         self.last_measured_kl = self.last_measured_vf_kl = float("nan")
         self.last_backtrack_factors: list[float] = []
+        self.last_state_kl = float("nan")
+        self.last_state_kl_factor = 1.0
+        self._reservoir_before: Any = None
         self._pending: tuple[th.Tensor, Any, th.Tensor] | None = None
         self._step_start: list[list[th.Tensor] | None] | None = None
         super().__init__(*args, **kwargs)
@@ -273,6 +299,14 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
         self.register_buffer("observation_count", th.zeros((), dtype=th.float64))
         self._observations_seen = False  # observation_count > 0, kept on the host (no device sync per forward)
+        # States of earlier rollouts (raw observations) for state_kl_bound, and how many states were offered to it.
+        size = self.state_reservoir_size if self._keeps_state_reservoir else 0
+        shape = self.observation_space.shape if self._keeps_state_reservoir else ()
+        self.register_buffer("state_reservoir", th.zeros((size, *shape), dtype=th.float32))
+        self.register_buffer("state_reservoir_seen", th.zeros((), dtype=th.int64))
+        # The last rollout's states, which join the reservoir when the next rollout is observed (none: 0 rows).
+        self.register_buffer("state_reservoir_pending", th.zeros((0, *shape), dtype=th.float32))
+        self.register_buffer("state_reservoir_seed", th.tensor(th.initial_seed() % 2**62, dtype=th.int64))
         # Discrete policies can saturate for good, so their calibration never enlarges a radius (docs/ACKTR.md,
         # "Calibration that only shrinks the radius"); Gaussian policies keep the enlargement.
         self.trust_regions = ActorCriticTrustRegions(
@@ -318,6 +352,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             normalize_observations=self.normalize_observations,
             curvature=self.curvature,
             kl_backtrack=self.kl_backtrack,
+            state_kl_bound=self.state_kl_bound,
+            state_reservoir_size=self.state_reservoir_size,
         )
         return data
 
@@ -326,14 +362,50 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         space = self.observation_space
         return self.normalize_observations and isinstance(space, spaces.Box) and not is_image_space(space)
 
+    @property
+    def _keeps_state_reservoir(self) -> bool:
+        space = self.observation_space
+        return self.state_kl_bound is not None and isinstance(space, spaces.Box) and not is_image_space(space)
+
     # -- what a rollout teaches the policy -----------------------------------------------------------------------
 
     def observe_rollout(self, rollout_buffer: RolloutBuffer) -> None:
         """Fold a collected rollout into the policy's running statistics before it is trained on: the value
-        targets (returns) into the value scale, the observations into the observation normalization."""
+        targets (returns) into the value scale, the observations into the observation normalization; with
+        ``state_kl_bound``, the previous rollout's states into the reservoir (the one about to be trained on joins
+        it at the next rollout: its own states are bounded on average by ``max_kl``)."""
         self.observe_value_targets(rollout_buffer.returns)
         if self._normalizes_observations:
             self.observe_observations(rollout_buffer.observations)
+        if self._keeps_state_reservoir:
+            if len(self.state_reservoir_pending):
+                self.observe_states(self.state_reservoir_pending)
+            observations = th.as_tensor(np.asarray(rollout_buffer.observations), dtype=th.float32)
+            self.state_reservoir_pending = observations.reshape(-1, *self.state_reservoir.shape[1:]).to(
+                self.state_reservoir.device, copy=True
+            )
+
+    @th.no_grad()
+    def observe_states(self, observations: th.Tensor | np.ndarray) -> None:
+        """Offer a batch of raw observations to the reservoir of ``state_kl_bound``: after ``n`` states were offered,
+        each of them is in it with probability ``min(1, size / n)`` (reservoir sampling, Vitter's algorithm R)."""
+        size = self.state_reservoir.shape[0]
+        batch = th.as_tensor(observations, dtype=th.float32).reshape(-1, *self.state_reservoir.shape[1:])
+        seen = int(self.state_reservoir_seen)
+        # The draws depend on the policy's seed and the count only (not on torch's global stream, which they leave
+        # alone), so a saved and loaded policy keeps the same states.
+        generator = th.Generator().manual_seed((int(self.state_reservoir_seed) + seen) % 2**63)
+        order = th.arange(seen, seen + batch.shape[0], dtype=th.float64)
+        # The state numbered t (from 0) takes slot t while the reservoir fills, then a uniform slot in [0, t] if < size.
+        slots = (th.rand(batch.shape[0], generator=generator, dtype=th.float64) * (order + 1)).long()
+        slots = th.where(order < size, order.long(), slots)
+        keep = (slots < size).nonzero().squeeze(1).tolist()
+        latest = {int(slots[index]): index for index in keep}  # a slot drawn twice keeps the later state
+        if latest:
+            self.state_reservoir[th.tensor(list(latest))] = batch[th.tensor(list(latest.values()))].to(
+                self.state_reservoir.device
+            )
+        self.state_reservoir_seen.fill_(seen + batch.shape[0])
 
     @th.no_grad()
     def observe_observations(self, observations: th.Tensor | np.ndarray) -> None:
@@ -491,11 +563,13 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         (with a warning) rather than raised at the end of the run, where the run's work would be lost. A negative
         rate on the first step is left to the optimizer, which refuses it as invalid."""
         regions = self.trust_regions
-        if regions.backtrack is not None and self._pending is not None:
+        bounds_states = self._bounds_reservoir_states()
+        if (regions.backtrack is not None or bounds_states) and self._pending is not None:
             # Only the regions with a radius can be backtracked (the others are None here).
             self._step_start = [
                 None if target is None else [p.detach().clone() for p in region] for region, target in regions.regions
             ]
+        self._reservoir_before = self._reservoir_distribution() if bounds_states and self._pending else None
         if optimizer.steps == 0:
             return
         for group in optimizer.param_groups:
@@ -525,8 +599,27 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         if start is not None:
             factors = self.trust_regions.backtrack_factors(self.last_measured_kl, self.last_measured_vf_kl)
         self.last_backtrack_factors = factors
-        if start is None or all(factor == 1.0 for factor in factors):
+        if start is not None and any(factor != 1.0 for factor in factors):
+            self._shrink_step(optimizer, start, factors)
+            self._measure_step(*pending)
+        before, self._reservoir_before = self._reservoir_before, None
+        self.last_state_kl, self.last_state_kl_factor = float("nan"), 1.0
+        if before is None or start is None or start[0] is None:
             return
+        with th.no_grad():
+            largest = state_kls(before, self._reservoir_distribution()).max().double()
+            # Data parallel (torchrun): every rank shrinks by the same factor.
+            self.last_state_kl = distributed.mean_over_ranks(largest).item()
+        bound = self.state_kl_bound * self.trust_regions.targets[0]
+        if math.isfinite(self.last_state_kl) and self.last_state_kl > bound:
+            self.last_state_kl_factor = math.sqrt(bound / self.last_state_kl)
+            self._shrink_step(optimizer, start, [self.last_state_kl_factor] + [1.0] * (len(start) - 1))
+            self._measure_step(*pending)
+
+    def _shrink_step(
+        self, optimizer: th.optim.Optimizer, start: list[list[th.Tensor] | None], factors: list[float]
+    ) -> None:
+        """Shrink each region's last step toward its start (``factors``, one per region; 1 leaves it)."""
         with th.no_grad():
             for (region, _), before, factor in zip(self.trust_regions.regions, start, factors):
                 if factor == 1.0 or before is None:
@@ -539,7 +632,31 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
                     for key in ("momentum_buffer", "momentum_in_basis"):
                         if (buffer := state.get(key)) is not None:
                             buffer.mul_(factor)
-        self._measure_step(*pending)
+
+    def _bounds_reservoir_states(self) -> bool:
+        """Whether the coming step is bounded at the reservoir's states (``state_kl_bound`` with a policy radius)."""
+        return (
+            self._keeps_state_reservoir
+            and self.trust_regions.targets[0] is not None
+            and int(self.state_reservoir_seen) > 0
+        )
+
+    def _reservoir_distribution(self) -> Any:
+        """The policy's action distribution (cut from the graph) at the reservoir's states."""
+        count = min(int(self.state_reservoir_seen), self.state_reservoir.shape[0])
+        return self._reservoir_distribution_at(self.state_reservoir[:count])
+
+    @th.no_grad()
+    def _reservoir_distribution_at(self, states: th.Tensor) -> Any:
+        """The action distribution (cut from the graph) at raw observations ``states``, in evaluation mode (a
+        normalization layer's statistics are not moved by these passes)."""
+        was_training = self.training
+        self.train(False)
+        try:
+            distribution, _ = actor_critic_forward(self, states)
+        finally:
+            self.train(was_training)
+        return detached(distribution.distribution)
 
     def _measure_step(self, obs: th.Tensor, old_distribution: Any, old_values: th.Tensor) -> None:
         """``last_measured_kl`` and ``last_measured_vf_kl``: the KLs between the pass before the step and now."""
@@ -571,6 +688,10 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         # A state saved before the calibration, the value scale or the observation statistics were (no such
         # buffers) loads with the calibration starting afresh, a value scale of 1 (the critic's outputs were in
         # reward units) and observations unnormalized.
+        pending = state_dict.get(prefix + "state_reservoir_pending")
+        if isinstance(pending, th.Tensor) and pending.shape[1:] == self.state_reservoir_pending.shape[1:]:
+            # The last rollout's states: as many rows as that rollout had.
+            self.state_reservoir_pending = th.zeros_like(pending, device=self.state_reservoir_pending.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -582,6 +703,10 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             "observation_mean": 0.0,
             "observation_var": 1.0,
             "observation_count": 0.0,
+            "state_reservoir": 0.0,
+            "state_reservoir_seen": 0,
+            "state_reservoir_pending": 0.0,
+            "state_reservoir_seed": 0,
         }
         for name, value in fresh.items():
             if prefix + name in missing_keys:
