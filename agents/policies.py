@@ -653,7 +653,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         was_training = self.training
         self.train(False)
         try:
-            distribution, _ = actor_critic_forward(self, states)
+            distribution = self.get_distribution(states)  # the actor's pass only
         finally:
             self.train(was_training)
         return detached(distribution.distribution)
