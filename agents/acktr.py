@@ -163,7 +163,8 @@ class ACKTR(OnPolicyAlgorithm):
             along its own direction by ``sqrt(bound / largest)``, once. ``max_kl`` bounds the KL averaged over the
             batch, where rare states (an episode's first steps) weigh little; this bound keeps the policy from
             drifting at them. Logged as ``train/state_kl`` (the largest KL, before shrinking) and
-            ``train/state_kl_factor``. ``None``: no bound.
+            ``train/state_kl_factor``. ``None`` (default): no bound (docs/ACKTR.md, "A bound at the states of
+            earlier rollouts", has the runs with 10).
         damping: Tikhonov damping of the preconditioner.
         momentum: momentum of the preconditioned step; 0 by default. The region bounds the step taken,
             ``momentum buf + D``, and with 0.9 the previous step (already at the radius) kept nearly every step at

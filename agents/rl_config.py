@@ -187,6 +187,7 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "max_kl": ("optional_float", 0, _UNBOUNDED, True, True),
     "vf_max_kl": ("optional_float", 0, _UNBOUNDED, True, True),
     "kl_backtrack": ("optional_float", 1, _UNBOUNDED, False, True),
+    "state_kl_bound": ("optional_float", 1, _UNBOUNDED, False, True),
     "max_grad_norm": ("optional_float", 0, _UNBOUNDED, True, True),
     "target_kl": ("optional_float", 0, _UNBOUNDED, True, True),
     "calibrate_kl": ("bool", 0, 0, False, False),

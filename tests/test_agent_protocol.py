@@ -155,10 +155,10 @@ def _collect_rollout(model: OnPolicyAlgorithm) -> None:
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
 
 
-@pytest.mark.parametrize("kl_backtrack", [None, 1.0])
+@pytest.mark.parametrize(("kl_backtrack", "state_kl_bound"), [(None, None), (1.0, None), (None, 1.0)])
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batch(
-    env_id: str, kl_backtrack: float | None
+    env_id: str, kl_backtrack: float | None, state_kl_bound: float | None
 ) -> None:
     env = make_vec_env(env_id, n_envs=2, seed=0)
     # Batch-normalized advantages, which A2C also has (ACKTR's default divides them by the spread of the returns).
@@ -173,6 +173,7 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
         normalize_advantage=True,
         momentum=0.9,
         kl_backtrack=kl_backtrack,
+        state_kl_bound=state_kl_bound,
     )
     a2c = A2C(
         agents.KroneckerActorCriticPolicy,
@@ -191,11 +192,12 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
             **acktr.policy_kwargs,
             "max_kl": acktr.max_kl,
             "kl_backtrack": kl_backtrack,
+            "state_kl_bound": state_kl_bound,
             "preconditioner_kwargs": {"step_norm": "natural", "momentum": acktr.momentum},
         },
     )
     a2c.policy.load_state_dict(acktr.policy.state_dict())
-    backtracked = []
+    backtracked, shrunk = [], []
     for _ in range(3):  # three updates: momentum, calibration and the value scale come into play
         _collect_rollout(acktr)
         a2c._setup_learn(1)
@@ -208,7 +210,10 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
             torch.testing.assert_close(p_acktr, p_a2c, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
         assert acktr.policy.last_backtrack_factors == pytest.approx(a2c.policy.last_backtrack_factors)
         backtracked += [factor < 1.0 for factor in acktr.policy.last_backtrack_factors]
+        assert acktr.policy.last_state_kl_factor == pytest.approx(a2c.policy.last_state_kl_factor)
+        shrunk.append(acktr.policy.last_state_kl_factor < 1.0)
     assert any(backtracked) == (kl_backtrack is not None)  # the backtracked steps are compared too
+    assert any(shrunk) == (state_kl_bound is not None)  # and the steps shrunk at the states of earlier rollouts
     assert acktr.policy.trust_regions.log_bias == pytest.approx(a2c.policy.trust_regions.log_bias)
     assert float(acktr.policy.value_scale) == pytest.approx(float(a2c.policy.value_scale))
 

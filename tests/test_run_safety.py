@@ -232,6 +232,7 @@ def test_pruning_tensorboard_drops_a_record_cut_short_by_a_crash(run_copy: Path)
         ("calibrate_kl: maybe", r"invalid calibrate_kl: 'maybe' \(must be true or false\)"),
         ("max_kl: .nan", r"invalid max_kl: nan"),
         ("kl_backtrack: 0.5", r"invalid kl_backtrack: 0.5 \(must be a finite number >= 1\)"),
+        ("state_kl_bound: 0.5", r"invalid state_kl_bound: 0.5 \(must be a finite number >= 1\)"),
         ("preconditioner: shampoo", r"invalid preconditioner: 'shampoo' \(valid values: ekfac, kfac\)"),
     ],
 )
