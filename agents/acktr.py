@@ -319,6 +319,9 @@ class ACKTR(OnPolicyAlgorithm):
                 setattr(self, name, defaults[name])
 
     def _setup_model(self) -> None:
+        # An agent saved before an "auto" argument existed (state_kl_bound, session 15) loads without its value:
+        # it goes on with today's default for its action space, as a new agent would.
+        self._resolve_defaults()
         # ACKTR's own arguments reach the policy here, not through self.policy_kwargs, so that the saved
         # policy_kwargs are the user's and ``ACKTR.load(path, policy_kwargs=...)`` passes SB3's equality check.
         user_kwargs = self.policy_kwargs

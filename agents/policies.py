@@ -80,8 +80,8 @@ WHOLE_RUN_SPREAD_FLOOR = 0.25
 # variance below the floor is taken as the floor (a constant observation component).
 OBSERVATION_CLIP = 10.0
 MIN_OBSERVATION_VARIANCE = 1e-8
-# The bound on the policy's KL at states of earlier rollouts (``state_kl_bound``): the size of the uniform reservoir
-# of those states, and the default multiple of ``max_kl`` that the largest KL among them may reach in one step.
+# The bound on the policy's KL at states of earlier rollouts (``state_kl_bound``): how many of those states the
+# uniform reservoir keeps.
 STATE_RESERVOIR_SIZE = 4096
 
 # The preconditioner's settings (preconditioner_kwargs override them). The step length: under SB3's A2C and PPO,

@@ -3,6 +3,9 @@ them, the shrunk step, saving and loading, and bad values."""
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +162,33 @@ def test_state_kl_bound_rejects_values_below_one_and_non_numbers(value: object) 
 def test_state_reservoir_size_must_be_a_positive_integer(size: object) -> None:
     with pytest.raises(ValueError, match=r"Invalid state_reservoir_size: .*an integer >= 1"):
         A2C(agents.KroneckerActorCriticPolicy, "Pendulum-v1", policy_kwargs={"state_reservoir_size": size})
+
+
+@pytest.mark.parametrize("with_env", [False, True])
+def test_agent_saved_before_the_bound_existed_loads_with_the_default_for_its_actions(
+    tmp_path: Path, with_env: bool
+) -> None:
+    model = agents.ACKTR("MlpPolicy", "Pendulum-v1", seed=0, n_steps=16)
+    model.learn(32)
+    model.save(tmp_path / "agent.zip")
+    # An older save: no state_kl_bound in the agent's data, no reservoir in the policy's state.
+    with zipfile.ZipFile(tmp_path / "agent.zip") as new, zipfile.ZipFile(tmp_path / "old.zip", "w") as old:
+        for name in new.namelist():
+            content = new.read(name)
+            if name == "data":
+                data = json.loads(content)
+                del data["state_kl_bound"]
+                content = json.dumps(data).encode()
+            elif name == "policy.pth":
+                state = torch.load(io.BytesIO(content))
+                buffer = io.BytesIO()
+                torch.save({k: v for k, v in state.items() if not k.startswith("state_reservoir")}, buffer)
+                content = buffer.getvalue()
+            old.writestr(name, content)
+    env = make_vec_env("Pendulum-v1", n_envs=1, seed=0) if with_env else None
+    loaded = agents.ACKTR.load(tmp_path / "old.zip", env=env)
+    assert loaded.state_kl_bound == 10.0 and loaded.policy.state_kl_bound == 10.0
+    assert int(loaded.policy.state_reservoir_seen) == 0
+    if env is not None:
+        loaded.learn(48)  # the reservoir fills from the next rollouts
+        assert int(loaded.policy.state_reservoir_seen) == 32
