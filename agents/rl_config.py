@@ -201,7 +201,7 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "rollout_buffer_kwargs": ("dict", 0, 0, False, False),
 }
 # ACKTR's arguments whose default depends on the action space: a config may write "auto" for them.
-AUTO_KEYS = ("n_steps", "gae_lambda", "max_kl", "state_kl_bound")
+AUTO_KEYS = ("n_steps", "gae_lambda", "max_kl")
 # Keys whose values come from a list, read when a config is checked (a preconditioner registered later counts).
 CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
     "preconditioner": preconditioner_names,
