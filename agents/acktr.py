@@ -164,8 +164,8 @@ class ACKTR(OnPolicyAlgorithm):
             batch, where rare states (an episode's first steps) weigh little; this bound keeps the policy from
             drifting at them. Logged as ``train/state_kl`` (the largest KL, before shrinking) and
             ``train/state_kl_factor``. ``None`` (default): no bound. Opt-in: with 10 every tuned-on MuJoCo seed
-            reached its threshold, but Humanoid-v5 and HumanoidStandup-v5 ended lower (docs/ACKTR.md, "A bound at
-            the states of earlier rollouts").
+            reached its threshold, while untuned MuJoCo tasks were level or lower (docs/ACKTR.md, "A bound at the
+            states of earlier rollouts").
         damping: Tikhonov damping of the preconditioner.
         momentum: momentum of the preconditioned step; 0 by default. The region bounds the step taken,
             ``momentum buf + D``, and with 0.9 the previous step (already at the radius) kept nearly every step at
