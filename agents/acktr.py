@@ -28,7 +28,6 @@ from acktr_kfe.trust_region import check_radius, is_real_number
 from .kl_calibration import check_state_kl_bound
 from .policies import (
     ACKTR_PRECONDITIONER_DEFAULTS,
-    STATE_RESERVOIR_SIZE,
     KroneckerActorCriticCnnPolicy,
     KroneckerActorCriticPolicy,
     KroneckerMultiInputActorCriticPolicy,
@@ -240,7 +239,7 @@ class ACKTR(OnPolicyAlgorithm):
         if max_kl != AUTO:
             check_radius(max_kl)
         check_radius(vf_max_kl, "vf_max_kl")
-        check_state_kl_bound(state_kl_bound, STATE_RESERVOIR_SIZE)
+        check_state_kl_bound(state_kl_bound)
         if gae_lambda != AUTO and not (is_real_number(gae_lambda) and 0 <= gae_lambda <= 1):
             raise ValueError(f"Invalid gae_lambda: {gae_lambda!r} (a number in [0, 1], or 'auto')")
         if not (is_real_number(damping) and damping > 0 and math.isfinite(damping)):

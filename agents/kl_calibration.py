@@ -102,16 +102,13 @@ def check_backtrack(backtrack: Any) -> None:
         raise ValueError(f"Invalid kl_backtrack: {backtrack!r} (a finite number >= 1, or None to keep every step)")
 
 
-def check_state_kl_bound(bound: Any, reservoir_size: Any) -> None:
-    """``bound`` must be ``None`` or a finite number >= 1 (a multiple of ``max_kl``); ``reservoir_size`` an integer
-    >= 1."""
+def check_state_kl_bound(bound: Any) -> None:
+    """``bound`` must be ``None`` or a finite number >= 1 (a multiple of ``max_kl``)."""
     if bound is not None and not (is_real_number(bound) and 1 <= bound < math.inf):
         raise ValueError(
             f"Invalid state_kl_bound: {bound!r} (a finite number >= 1, the multiple of max_kl that the KL at any kept "
             "state may reach, or None for no bound)"
         )
-    if not (isinstance(reservoir_size, int) and not isinstance(reservoir_size, bool) and reservoir_size >= 1):
-        raise ValueError(f"Invalid state_reservoir_size: {reservoir_size!r} (an integer >= 1)")
 
 
 class ActorCriticTrustRegions:

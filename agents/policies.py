@@ -257,7 +257,13 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         check_preconditioner(preconditioner)
         check_curvature(curvature)
         check_backtrack(kl_backtrack)
-        check_state_kl_bound(state_kl_bound, state_reservoir_size)
+        check_state_kl_bound(state_kl_bound)
+        if not (
+            isinstance(state_reservoir_size, int)
+            and not isinstance(state_reservoir_size, bool)
+            and state_reservoir_size >= 1
+        ):
+            raise ValueError(f"Invalid state_reservoir_size: {state_reservoir_size!r} (an integer >= 1)")
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
         reserved = sorted({"lr", "max_kl", "trust_regions", "curvature"} & set(preconditioner_kwargs or {}))
@@ -563,13 +569,13 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         (with a warning) rather than raised at the end of the run, where the run's work would be lost. A negative
         rate on the first step is left to the optimizer, which refuses it as invalid."""
         regions = self.trust_regions
-        bounds_states = self._bounds_reservoir_states()
-        if (regions.backtrack is not None or bounds_states) and self._pending is not None:
+        bounds_states = self._pending is not None and self._bounds_reservoir_states()
+        if self._pending is not None and (regions.backtrack is not None or bounds_states):
             # Only the regions with a radius can be backtracked (the others are None here).
             self._step_start = [
                 None if target is None else [p.detach().clone() for p in region] for region, target in regions.regions
             ]
-        self._reservoir_before = self._reservoir_distribution() if bounds_states and self._pending else None
+        self._reservoir_before = self._reservoir_distribution() if bounds_states else None
         if optimizer.steps == 0:
             return
         for group in optimizer.param_groups:
@@ -604,7 +610,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             self._measure_step(*pending)
         before, self._reservoir_before = self._reservoir_before, None
         self.last_state_kl, self.last_state_kl_factor = float("nan"), 1.0
-        if before is None or start is None or start[0] is None:
+        if before is None or start is None:  # both are set before a bounded step (whose policy region has a radius)
             return
         with th.no_grad():
             largest = state_kls(before, self._reservoir_distribution()).max().double()
