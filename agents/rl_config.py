@@ -41,8 +41,12 @@ def algorithm_keys(algorithm: type) -> set[str]:
 
 
 def env_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The config's keyword arguments for ``envs.make_env``."""
-    return {key: config[key] for key in ENV_KEYS if key in config}
+    """The config's keyword arguments for ``envs.make_env``: its env keys, and the algorithm's ``gamma``, which
+    ``VecNormalize`` takes as the discount of the returns it scales the rewards by (as rl-zoo does)."""
+    options = {key: config[key] for key in ENV_KEYS if key in config}
+    if "gamma" in config:
+        options["gamma"] = config["gamma"]
+    return options
 
 
 def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, Any]:

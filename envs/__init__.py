@@ -74,6 +74,7 @@ def make_env(
     normalize: bool | dict[str, bool] | None = None,
     monitor_dir: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
+    gamma: float = 0.99,
 ) -> VecEnv:
     """A vectorized, monitored environment ready for SB3.
 
@@ -96,12 +97,17 @@ def make_env(
             ``norm_reward`` (both true when left out) normalizes only what it asks for.
         monitor_dir: where ``Monitor`` writes its CSV files (none by default).
         env_kwargs: extra keyword arguments of ``gym.make``.
+        gamma: the discount of the returns whose running spread ``VecNormalize`` divides the rewards by: the
+            algorithm's own ``gamma``, as rl-zoo passes it (a reward scale measured over another horizon than the
+            one the agent learns).
 
     Raises:
         ValueError: for an unknown id (naming close matches) or invalid counts.
     """
     if not (isinstance(n_envs, int) and n_envs >= 1):
         raise ValueError(f"Invalid n_envs: {n_envs!r} (must be an integer >= 1)")
+    if not (isinstance(gamma, float | int) and not isinstance(gamma, bool) and 0.0 <= gamma <= 1.0):
+        raise ValueError(f"Invalid gamma: {gamma!r} (must be a float in [0, 1])")
     kind = env_kind(env_id)
     env_kwargs = dict(env_kwargs or {})
     if kind == "atari":
@@ -132,6 +138,10 @@ def make_env(
         raise ValueError(f"Invalid normalize: {normalize!r} (a bool, or a dict of norm_obs / norm_reward)")
     if options["norm_obs"] or options["norm_reward"]:
         env = VecNormalize(
-            env, training=training, norm_obs=options["norm_obs"], norm_reward=options["norm_reward"] and training
+            env,
+            training=training,
+            norm_obs=options["norm_obs"],
+            norm_reward=options["norm_reward"] and training,
+            gamma=float(gamma),
         )
     return env

@@ -64,3 +64,22 @@ def test_normalize_may_ask_for_rewards_only_and_rejects_unknown_options() -> Non
         make_env("CartPole-v1", normalize={"clip_obs": 5.0})
     with pytest.raises(ValueError, match="Invalid normalize: 'yes'"):
         make_env("CartPole-v1", normalize="yes")
+
+
+def test_reward_normalization_discounts_with_the_algorithms_gamma() -> None:
+    """VecNormalize divides rewards by the spread of returns discounted with the agent's gamma (as rl-zoo does):
+    a config's ``gamma`` reaches it through ``env_options``, and a bad value is refused before any env is built."""
+    from agents.rl_config import env_options
+
+    options = env_options({"normalize": True, "gamma": 0.9999, "learning_rate": 0.25})
+    assert options == {"normalize": True, "gamma": 0.9999}
+    env = make_env("CartPole-v1", n_envs=2, seed=0, **options)
+    assert isinstance(env, VecNormalize) and env.gamma == 0.9999
+    env.reset()
+    rewards = [env.step(np.zeros(2, dtype=np.int64))[1] for _ in range(3)]
+    # CartPole pays 1 per step: the running discounted return after three steps is 1 + g + g^2.
+    np.testing.assert_allclose(env.returns, [1 + 0.9999 + 0.9999**2] * 2, rtol=1e-6)
+    assert all(np.isfinite(r).all() for r in rewards)
+    assert make_env("CartPole-v1", normalize=True).gamma == 0.99
+    with pytest.raises(ValueError, match=r"Invalid gamma: 1.5 \(must be a float in \[0, 1\]\)"):
+        make_env("CartPole-v1", normalize=True, gamma=1.5)
