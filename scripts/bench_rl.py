@@ -1,11 +1,13 @@
 """RL benchmark: ACKTR (EKFAC and K-FAC) against SB3's A2C and PPO and sb3-contrib's TRPO, with rl-zoo
-hyperparameters.
+hyperparameters; and the plug-in (A2C and PPO with the Kronecker policy, ``a2c_kron`` / ``ppo_kron``) against the
+same algorithms with their own policy.
 
     python scripts/bench_rl.py                                   # the tuned-on envs, every algorithm and seed (long)
     python scripts/bench_rl.py --set validated --defaults 1      # the validated-on envs, constructor defaults
     python scripts/bench_rl.py --set untuned --defaults 1 --algos acktr_ekfac a2c ppo   # the untuned probe
     python scripts/bench_rl.py --envs CartPole-v1 --seeds 0 --workers 2
     python scripts/bench_rl.py --envs Hopper-v5 --algos acktr_ekfac a2c --defaults 1   # constructor defaults, 1 env
+    python scripts/bench_rl.py --algos a2c a2c_kron ppo ppo_kron --defaults 1   # the plug-in under SB3's defaults
 
 Each run trains one algorithm on one env for the env's step budget (the same for every algorithm) and records
 the training episodes' true returns (the Monitor sits beneath every normalization wrapper). Reported per env and
@@ -72,7 +74,12 @@ SETS: dict[str, dict[str, tuple[int, float | None]]] = {
     "untuned": UNTUNED,
 }
 # acktr_ief: ACKTR with EKFAC and the policy's iEF curvature (taken actions, rescaled) instead of the sampled Fisher.
-ALGOS = ("acktr_ekfac", "acktr_kfac", "acktr_ief", "a2c", "ppo", "trpo")
+# a2c_kron, ppo_kron: the plug-in, SB3's A2C and PPO with KroneckerActorCriticPolicy (and ValueTargetScale) in place
+# of their own policy, every other hyperparameter theirs (rl-zoo's from configs/baselines.yml, or with --defaults
+# SB3's constructor defaults).
+ALGOS = ("acktr_ekfac", "acktr_kfac", "acktr_ief", "a2c", "ppo", "trpo", "a2c_kron", "ppo_kron")
+# The plug-in runs and the algorithm whose policy they replace: their ratio columns compare with that algorithm.
+PLUGIN_BASES = {"a2c_kron": "a2c", "ppo_kron": "ppo"}
 WINDOW = 10
 
 
@@ -128,6 +135,7 @@ def run_one(
     from stable_baselines3.common.callbacks import BaseCallback
 
     from agents.acktr import ACKTR
+    from agents.policies import KroneckerActorCriticPolicy, ValueTargetScale
     from agents.rl_config import env_options, model_arguments, resolve_config
     from envs import make_env
 
@@ -137,7 +145,7 @@ def run_one(
     elif algo.startswith("acktr"):
         config = resolve_config(ROOT / "configs" / "acktr.yml", env_id, ACKTR)
     else:
-        config = baseline_config(algo, env_id)
+        config = baseline_config(PLUGIN_BASES.get(algo, algo), env_id)
         if config is None:
             raise ValueError(f"configs/baselines.yml has no {algo} entry for {env_id}")
     if algo.startswith("acktr"):
@@ -147,9 +155,16 @@ def run_one(
             config["curvature"] = "ief"
         cls: Any = ACKTR
     else:
-        cls = trpo_class() if algo == "trpo" else {"a2c": A2C, "ppo": PPO}[algo]
+        base = PLUGIN_BASES.get(algo, algo)
+        cls = trpo_class() if base == "trpo" else {"a2c": A2C, "ppo": PPO}[base]
     env = make_env(env_id, n_envs=config.get("n_envs", 1), seed=seed, **env_options(config))
     policy, kwargs = model_arguments(config)
+    callbacks: list[Any] = []
+    if algo in PLUGIN_BASES:
+        if policy != "MlpPolicy":
+            raise ValueError(f"the plug-in run {algo} replaces MlpPolicy only; {env_id}'s entry asks for {policy}")
+        policy = KroneckerActorCriticPolicy
+        callbacks.append(ValueTargetScale())
 
     episodes: list[tuple[int, float]] = []
 
@@ -162,7 +177,7 @@ def run_one(
 
     model = cls(policy, env, seed=seed, device="cpu", **kwargs)
     start = time.perf_counter()
-    model.learn(steps, callback=Episodes())
+    model.learn(steps, callback=[Episodes(), *callbacks])
     seconds = time.perf_counter() - start
     env.close()
     return {
@@ -174,6 +189,7 @@ def run_one(
         "seconds": seconds,
         "episodes": episodes,
         "defaults_n_envs": defaults_n_envs,
+        "policy": type(model.policy).__name__,
     }
 
 
@@ -219,7 +235,7 @@ def table(records: list[dict[str, Any]]) -> str:
     lines = [
         f"| env | algorithm | steps to threshold (median over seeds, seeds reaching) | final return (mean of last "
         f"{WINDOW}, per seed) | best return (best mean of {WINDOW}, per seed) | env steps/s (mean) "
-        "| steps ratio to A2C | fps ratio to A2C |",
+        "| steps ratio to A2C (plug-in: to its algorithm) | fps ratio to A2C (plug-in: to its algorithm) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for env_id, (budget, threshold) in BENCHMARKS.items():
@@ -232,10 +248,11 @@ def table(records: list[dict[str, Any]]) -> str:
             median = median_steps(runs)
             fps = float(np.mean([r["fps"] for r in runs]))
             ratio_steps, ratio_fps = "", ""
-            if "a2c" in rows:
+            reference = PLUGIN_BASES.get(algo, "a2c")
+            if reference in rows:
                 if threshold is not None:
-                    ratio_steps = steps_ratio(median, median_steps(rows["a2c"]), budget)
-                ratio_fps = f"{fps / np.mean([r['fps'] for r in rows['a2c']]):.2f}"
+                    ratio_steps = steps_ratio(median, median_steps(rows[reference]), budget)
+                ratio_fps = f"{fps / np.mean([r['fps'] for r in rows[reference]]):.2f}"
             finals = ", ".join(f"{r['final']:.0f}" for r in runs)
             bests = ", ".join(f"{r['best']:.0f}" for r in runs)
             reached = sum(r["reached"] is not None for r in runs)

@@ -24,18 +24,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_rl import ALGOS, add_defaults_argument, baseline_config, run_one  # noqa: E402
+from bench_rl import ALGOS, PLUGIN_BASES, add_defaults_argument, baseline_config, run_one  # noqa: E402
 
 ENVS = ("CartPole-v1", "Pendulum-v1", "HalfCheetah-v5", "Hopper-v5", "ALE/Pong-v5")
 
 
 def table(rows: list[tuple[str, str, int, float]]) -> str:
-    """Markdown table of ``(env, algorithm, steps, seconds)`` rows, with the ratio to A2C on the same env."""
-    lines = ["| env | algorithm | env steps | seconds | env steps/s | ratio to A2C |", "|---|---|---:|---:|---:|---:|"]
-    a2c = {env: steps / seconds for env, algo, steps, seconds in rows if algo == "a2c"}
+    """Markdown table of ``(env, algorithm, steps, seconds)`` rows, with the ratio to A2C on the same env (a plug-in
+    run's to the algorithm whose policy it replaces)."""
+    lines = [
+        "| env | algorithm | env steps | seconds | env steps/s | ratio to A2C (plug-in: to its algorithm) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    fps_of = {(env, algo): steps / seconds for env, algo, steps, seconds in rows}
     for env, algo, steps, seconds in rows:
         fps = steps / seconds
-        ratio = f"{fps / a2c[env]:.2f}" if env in a2c else ""
+        reference = fps_of.get((env, PLUGIN_BASES.get(algo, "a2c")))
+        ratio = f"{fps / reference:.2f}" if reference else ""
         lines.append(f"| {env} | {algo} | {steps:,} | {seconds:.1f} | {fps:,.0f} | {ratio} |")
     return "\n".join(lines)
 
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     for env_id in args.envs:
         steps = args.steps // 4 if env_kind(env_id) == "atari" else args.steps
         for algo in args.algos:
-            if args.defaults is None and not algo.startswith("acktr") and baseline_config(algo, env_id) is None:
+            base = PLUGIN_BASES.get(algo, algo)
+            if args.defaults is None and not algo.startswith("acktr") and baseline_config(base, env_id) is None:
                 print(f"{env_id} {algo}: no entry in configs/baselines.yml, left out", flush=True)
                 continue
             record = run_one(algo, env_id, args.seed, steps, args.threads, defaults_n_envs=args.defaults)

@@ -46,13 +46,36 @@ def test_table_gives_ratios_to_a2c_as_bounds_when_a_median_is_beyond_the_budget(
     assert bench.steps_ratio(float("inf"), float("inf"), 100_000) == ""
 
 
-@pytest.mark.parametrize("algo", ["acktr_ekfac", "acktr_kfac", "acktr_ief", "a2c", "ppo", "trpo"])
+@pytest.mark.parametrize(
+    "algo", ["acktr_ekfac", "acktr_kfac", "acktr_ief", "a2c", "ppo", "trpo", "a2c_kron", "ppo_kron"]
+)
 def test_each_algorithm_runs_with_its_config(algo: str) -> None:
     if algo == "trpo":
         pytest.importorskip("sb3_contrib", reason="the TRPO baseline needs sb3-contrib")
     bench = load_script("bench_rl")
     result = bench.run_one(algo, "CartPole-v1", seed=0, steps=2048, threads=1)
     assert result["episodes"] and result["seconds"] > 0
+    kronecker = algo.startswith("acktr") or algo.endswith("_kron")  # ACKTR's own policy, or the plug-in
+    assert (result["policy"] == "KroneckerActorCriticPolicy") == kronecker
+
+
+def test_plugin_runs_take_their_algorithms_hyperparameters_and_compare_with_it() -> None:
+    """a2c_kron is SB3's A2C with its defaults and the Kronecker policy; its ratios in the table are to plain A2C,
+    ppo_kron's to plain PPO, while ACKTR's stay ratios to A2C."""
+    bench = load_script("bench_rl")
+    result = bench.run_one("a2c_kron", "Pendulum-v1", seed=0, steps=20, threads=1, defaults_n_envs=1)
+    assert result["policy"] == "KroneckerActorCriticPolicy" and result["timesteps"] == 20  # A2C's 5-step rollouts
+    records = [
+        record("a2c", [10.0] * 10 + [500.0] * 20),  # reaches at 20k steps
+        record("a2c_kron", [500.0] * 12, seconds=40.0),  # at 10k, four times the seconds
+        record("ppo", [500.0] * 10, seconds=5.0),  # at 10k
+        record("ppo_kron", [10.0] * 10 + [500.0] * 20, seconds=10.0),  # at 20k, twice the seconds
+        record("acktr_ekfac", [500.0] * 12, seconds=20.0),
+    ]
+    rows = {line.split(" | ")[1]: line for line in bench.table(records).splitlines() if "CartPole" in line}
+    assert rows["a2c_kron"].endswith("| 0.50 | 0.25 |")
+    assert rows["ppo_kron"].endswith("| 2.00 | 0.50 |")
+    assert rows["acktr_ekfac"].endswith("| 0.50 | 0.50 |")
 
 
 def test_throughput_with_constructor_defaults_uses_raw_envs_and_the_defaults(tmp_path: Path) -> None:
@@ -103,6 +126,11 @@ def test_throughput_table_gives_ratios_to_a2c_and_a_short_run_measures_every_alg
     throughput = load_script("bench_throughput")
     table = throughput.table([("CartPole-v1", "a2c", 1000, 2.0), ("CartPole-v1", "acktr_ekfac", 1000, 1.0)])
     assert table.splitlines()[-1] == "| CartPole-v1 | acktr_ekfac | 1,000 | 1.0 | 1,000 | 2.00 |"
+    # A plug-in run is compared with the algorithm whose policy it replaces.
+    table = throughput.table(
+        [("CartPole-v1", "a2c", 1000, 2.0), ("CartPole-v1", "ppo", 1000, 1.0), ("CartPole-v1", "ppo_kron", 1000, 4.0)]
+    )
+    assert table.splitlines()[-1] == "| CartPole-v1 | ppo_kron | 1,000 | 4.0 | 250 | 0.25 |"
     args = ["--envs", "CartPole-v1", "--algos", "a2c", "acktr_ekfac", "--steps", "320", "--out", str(tmp_path)]
     assert throughput.main(args) == 0
     rows = (tmp_path / "throughput.md").read_text().splitlines()[2:]
