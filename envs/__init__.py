@@ -12,6 +12,8 @@ import gymnasium as gym
 from stable_baselines3.common.env_util import make_atari_env, make_vec_env
 from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 
+from acktr_kfe.trust_region import is_real_number
+
 __all__ = ["EnvKind", "env_kind", "make_env"]
 
 EnvKind = str  # "atari" | "mujoco" | "classic"
@@ -106,7 +108,7 @@ def make_env(
     """
     if not (isinstance(n_envs, int) and n_envs >= 1):
         raise ValueError(f"Invalid n_envs: {n_envs!r} (must be an integer >= 1)")
-    if not (isinstance(gamma, float | int) and not isinstance(gamma, bool) and 0.0 <= gamma <= 1.0):
+    if not (is_real_number(gamma) and 0.0 <= gamma <= 1.0):
         raise ValueError(f"Invalid gamma: {gamma!r} (must be a float in [0, 1])")
     kind = env_kind(env_id)
     env_kwargs = dict(env_kwargs or {})

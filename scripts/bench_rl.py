@@ -140,14 +140,15 @@ def run_one(
     from envs import make_env
 
     torch.set_num_threads(threads)
+    base = PLUGIN_BASES.get(algo, algo)  # a plug-in run takes the hyperparameters and class of its algorithm
     if defaults_n_envs is not None:
         config: dict[str, Any] = {"n_envs": defaults_n_envs, "normalize": False}
     elif algo.startswith("acktr"):
         config = resolve_config(ROOT / "configs" / "acktr.yml", env_id, ACKTR)
     else:
-        config = baseline_config(PLUGIN_BASES.get(algo, algo), env_id)
+        config = baseline_config(base, env_id)
         if config is None:
-            raise ValueError(f"configs/baselines.yml has no {algo} entry for {env_id}")
+            raise ValueError(f"configs/baselines.yml has no {base} entry for {env_id}")
     if algo.startswith("acktr"):
         variant = algo.split("_", 1)[1]
         config["preconditioner"] = "ekfac" if variant == "ief" else variant
@@ -155,7 +156,6 @@ def run_one(
             config["curvature"] = "ief"
         cls: Any = ACKTR
     else:
-        base = PLUGIN_BASES.get(algo, algo)
         cls = trpo_class() if base == "trpo" else {"a2c": A2C, "ppo": PPO}[base]
     env = make_env(env_id, n_envs=config.get("n_envs", 1), seed=seed, **env_options(config))
     policy, kwargs = model_arguments(config)
