@@ -59,6 +59,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 
+from .trust_region import is_positive_int
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 TargetSampler = Callable[[Tensor, torch.Generator | None], Tensor]
 
@@ -100,7 +102,7 @@ class PerExampleGradients:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
-        if isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 1:
+        if not is_positive_int(max_elements):
             raise ValueError(f"Invalid max_elements: {max_elements!r} (must be an integer >= 1)")
         self.model = model
         self.loss_fn = loss_fn

@@ -47,7 +47,7 @@ from .blocks import (
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
 from .layers import adapter_for
-from .trust_region import TrustRegions, check_radius, is_real_number, step_quadratic
+from .trust_region import TrustRegions, check_radius, is_positive_int, is_real_number, step_quadratic
 
 # With a trailing separator: a user's acktr_kfe_runs/ or site-packages/torchvision/ is not the library.
 _LIBRARY_DIRS = tuple(str(Path(p).resolve().parent) + os.sep for p in (__file__, torch.__file__))
@@ -170,9 +170,9 @@ class ScaleMode(str, Enum):
 
 
 def _check_interval(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
-    return value
+    return int(value)
 
 
 @dataclass

@@ -30,6 +30,11 @@ def is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_positive_int(value: Any) -> bool:
+    """An integer >= 1 (Python's or NumPy's); a bool, a float such as ``4.0`` or a string is not."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def check_radius(max_kl: Any, name: str = "max_kl") -> None:
     """Raise ``ValueError`` unless ``max_kl`` is a finite float > 0 or ``None``."""
     if max_kl is not None and not (is_real_number(max_kl) and max_kl > 0.0 and math.isfinite(max_kl)):

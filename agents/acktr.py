@@ -23,7 +23,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 import acktr_kfe
-from acktr_kfe.trust_region import check_radius, is_real_number
+from acktr_kfe.trust_region import check_radius, is_positive_int, is_real_number
 
 from .kl_calibration import check_state_kl_bound
 from .policies import (
@@ -254,7 +254,7 @@ class ACKTR(OnPolicyAlgorithm):
             raise ValueError(f"Invalid normalize_advantage: {normalize_advantage!r} (True, False or 'returns')")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")
-        if n_steps != AUTO and not (isinstance(n_steps, int) and not isinstance(n_steps, bool) and n_steps >= 1):
+        if n_steps != AUTO and not is_positive_int(n_steps):
             raise ValueError(f"Invalid n_steps: {n_steps!r} (an integer >= 1, or 'auto')")
         if isinstance(policy, type) and not issubclass(policy, KroneckerActorCriticPolicy):
             raise TypeError(

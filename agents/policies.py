@@ -54,6 +54,7 @@ from torch.nn import functional as F
 
 import acktr_kfe
 from acktr_kfe import distributed
+from acktr_kfe.trust_region import is_positive_int
 
 from .kl_calibration import (
     ActorCriticTrustRegions,
@@ -258,11 +259,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         check_curvature(curvature)
         check_backtrack(kl_backtrack)
         check_state_kl_bound(state_kl_bound)
-        if not (
-            isinstance(state_reservoir_size, int)
-            and not isinstance(state_reservoir_size, bool)
-            and state_reservoir_size >= 1
-        ):
+        if not is_positive_int(state_reservoir_size):
             raise ValueError(f"Invalid state_reservoir_size: {state_reservoir_size!r} (an integer >= 1)")
         if not vf_fisher_coef >= 0:
             raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")

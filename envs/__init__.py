@@ -12,7 +12,7 @@ import gymnasium as gym
 from stable_baselines3.common.env_util import make_atari_env, make_vec_env
 from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 
-from acktr_kfe.trust_region import is_real_number
+from acktr_kfe.trust_region import is_positive_int, is_real_number
 
 __all__ = ["EnvKind", "env_kind", "make_env"]
 
@@ -106,14 +106,14 @@ def make_env(
     Raises:
         ValueError: for an unknown id (naming close matches) or invalid counts.
     """
-    if not (isinstance(n_envs, int) and n_envs >= 1):
+    if not is_positive_int(n_envs):
         raise ValueError(f"Invalid n_envs: {n_envs!r} (must be an integer >= 1)")
     if not (is_real_number(gamma) and 0.0 <= gamma <= 1.0):
         raise ValueError(f"Invalid gamma: {gamma!r} (must be a float in [0, 1])")
     kind = env_kind(env_id)
     env_kwargs = dict(env_kwargs or {})
     if kind == "atari":
-        if not (isinstance(frame_stack, int) and frame_stack >= 1):
+        if not is_positive_int(frame_stack):
             raise ValueError(f"Invalid frame_stack: {frame_stack!r} (must be an integer >= 1)")
         env_kwargs.setdefault("frameskip", 1)
         wrapper_kwargs = {"terminal_on_life_loss": training, "clip_reward": training}

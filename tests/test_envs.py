@@ -18,6 +18,18 @@ def test_unknown_env_id_names_close_matches() -> None:
         make_env("CartPole-v1", n_envs=0)
 
 
+@pytest.mark.parametrize("n_envs", [True, 0, 2.0, "2"])
+def test_env_count_must_be_a_positive_integer_and_not_a_bool(n_envs: object) -> None:
+    with pytest.raises(ValueError, match=rf"Invalid n_envs: {n_envs!r} \(must be an integer >= 1\)"):
+        make_env("CartPole-v1", n_envs=n_envs)
+
+
+def test_env_count_may_be_a_numpy_integer_read_from_a_config() -> None:
+    env = make_env("CartPole-v1", n_envs=np.int64(2), seed=0)
+    assert env.num_envs == 2
+    env.close()
+
+
 @pytest.mark.parametrize(
     ("env_id", "kind"), [("CartPole-v1", "classic"), ("HalfCheetah-v5", "mujoco"), ("ALE/Pong-v5", "atari")]
 )

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 import acktr_kfe
 from acktr_kfe import distributed
+from acktr_kfe.trust_region import is_positive_int
 
 from ..run_folder import RunFolderError, RunLock, atomic_write_text, refuse_existing_run, write_error
 from .data import augment_cifar, load_cifar10
@@ -256,7 +257,7 @@ def train_run(
     source = str(config_path) if config_path is not None else "configs/supervised.yml"
     for key in ("epochs", "batch_size"):
         value = config.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             raise ValueError(f"{source}: invalid {task_name}.{key}: {value!r} (must be an integer >= 1)")
     epochs = int(config.get("epochs", 1) if epochs is None else epochs)
     batch_size = int(config.get("batch_size", 128) if batch_size is None else batch_size)
