@@ -43,19 +43,41 @@ def test_train_writes_run_folder_and_resume_continues_from_checkpoint(tmp_path: 
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_mujoco_run_updates_and_resume_restores_normalization_statistics(tmp_path: Path) -> None:
-    from stable_baselines3.common.vec_env import VecNormalize
-
+def test_mujoco_run_trains_the_constructor_defaults_on_one_raw_env_and_resume_keeps_observation_statistics(
+    tmp_path: Path,
+) -> None:
     train = load_script("train")
     run = tmp_path / "cheetah"
     argv = ["--env", "HalfCheetah-v5", "--log-dir", str(run), "--checkpoint-every", "256"]
     first = train.main([*argv, "--total-timesteps", "512"])
     assert first["timesteps"] == 512
+    assert not (run / "vecnormalize.pkl").exists(), "the mujoco family runs on the raw env"
+    model = ACKTR.load(run / "model.zip")
+    # ACKTR("MlpPolicy", env)'s Box defaults: one env, 128-step rollouts, GAE 0.95, radius 0.01.
+    assert model.n_envs == 1 and model.n_steps == 128 and model.gae_lambda == 0.95 and model.max_kl == 0.01
+    assert model.policy.optimizer.steps == 4 and not model.shared_layers
+    assert int(model.policy.observation_count) == 512  # the policy's own observation statistics
+    resumed = train.main([*argv, "--total-timesteps", "1024", "--resume"])
+    assert resumed["timesteps"] == 1024
+    continued = ACKTR.load(run / "model.zip").policy
+    assert continued.optimizer.steps == 8 and int(continued.observation_count) == 1024
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_mujoco_run_behind_vecnormalize_resumes_with_its_normalization_statistics(tmp_path: Path) -> None:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    train = load_script("train")
+    config = tmp_path / "acktr.yml"
+    config.write_text("mujoco: {n_envs: 4, n_steps: 64, normalize: true, total_timesteps: 1000000}\n")
+    run = tmp_path / "cheetah"
+    argv = ["--log-dir", str(run), "--checkpoint-every", "256"]
+    first = train.main([*argv, "--env", "HalfCheetah-v5", "--config", str(config), "--total-timesteps", "512"])
+    assert first["timesteps"] == 512
     count = VecNormalize.load(str(run / "vecnormalize.pkl"), _dummy()).obs_rms.count
     assert count > 500  # statistics of every observation seen in training
-    model = ACKTR.load(run / "model.zip")
-    assert model.policy.optimizer.steps == 2 and not model.shared_layers
-    resumed = train.main([*argv, "--total-timesteps", "1024", "--resume"])
+    assert ACKTR.load(run / "model.zip").policy.optimizer.steps == 2
+    resumed = train.main([*argv, "--total-timesteps", "1024", "--resume"])  # the run's own config.yml
     assert resumed["timesteps"] == 1024
     continued = VecNormalize.load(str(run / "vecnormalize.pkl"), _dummy())
     assert continued.obs_rms.count > count + 500  # the resumed run kept updating the restored statistics
