@@ -5,7 +5,9 @@ Everything here reuses SB3's and gymnasium's wrappers; this module only chooses 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+from collections.abc import Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -66,6 +68,16 @@ def env_kind(env_id: str) -> EnvKind:
     return "classic"
 
 
+@contextlib.contextmanager
+def _buildable(env_id: str) -> Iterator[None]:
+    """Turn the failure to build a registered id (a package it needs is missing, such as mujoco-py for the MuJoCo
+    v2 / v3 ids or Box2D) into a ``ValueError`` naming the id, instead of a traceback from deep inside gymnasium."""
+    try:
+        yield
+    except (ImportError, gym.error.Error) as error:
+        raise ValueError(f"Cannot make {env_id!r}: {error}") from None
+
+
 def make_env(
     env_id: str,
     n_envs: int = 1,
@@ -117,16 +129,16 @@ def make_env(
             raise ValueError(f"Invalid frame_stack: {frame_stack!r} (must be an integer >= 1)")
         env_kwargs.setdefault("frameskip", 1)
         wrapper_kwargs = {"terminal_on_life_loss": training, "clip_reward": training}
-        env = make_atari_env(
-            env_id,
-            n_envs=n_envs,
-            seed=seed,
-            monitor_dir=monitor_dir,
-            wrapper_kwargs=wrapper_kwargs,
-            env_kwargs=env_kwargs,
-        )
+        with _buildable(env_id):
+            env = make_atari_env(
+                env_id,
+                n_envs=n_envs,
+                seed=seed,
+                monitor_dir=monitor_dir,
+                wrapper_kwargs=wrapper_kwargs,
+                env_kwargs=env_kwargs,
+            )
         return VecFrameStack(env, n_stack=frame_stack)
-    env = make_vec_env(env_id, n_envs=n_envs, seed=seed, monitor_dir=monitor_dir, env_kwargs=env_kwargs)
     if normalize is None:
         normalize = kind == "mujoco"
     if isinstance(normalize, dict):
@@ -138,6 +150,8 @@ def make_env(
         options = {"norm_obs": normalize, "norm_reward": normalize}
     else:
         raise ValueError(f"Invalid normalize: {normalize!r} (a bool, or a dict of norm_obs / norm_reward)")
+    with _buildable(env_id):
+        env = make_vec_env(env_id, n_envs=n_envs, seed=seed, monitor_dir=monitor_dir, env_kwargs=env_kwargs)
     if options["norm_obs"] or options["norm_reward"]:
         env = VecNormalize(
             env,

@@ -5,7 +5,8 @@
     python scripts/evaluate.py --run runs/CartPole-v1_acktr_seed0 --video videos/   # needs: pip install moviepy
 
 Evaluation uses the game's true scores: no reward clipping or episodic life for Atari, frozen observation
-statistics and raw rewards for normalized (MuJoCo) environments.
+statistics and raw rewards for environments trained behind VecNormalize (a run folder's or a model's
+``vecnormalize.pkl``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = load_agent(model_path, algo, args.device)
 
     env_kwargs = {"render_mode": "rgb_array"} if args.video else None
-    env = make_env(env_id, n_envs=1, seed=args.seed, training=False, env_kwargs=env_kwargs, **env_options(config))
+    options = env_options(config)
+    # Without a recorded choice (a bare --model), the env is normalized exactly when saved statistics come with the
+    # model: a MuJoCo agent trained on the raw env (the mujoco family's default) must not see VecNormalize's clipping.
+    options.setdefault("normalize", stats.is_file())
+    env = make_env(env_id, n_envs=1, seed=args.seed, training=False, env_kwargs=env_kwargs, **options)
     if model.observation_space != env.observation_space or model.action_space != env.action_space:
         env.close()
         raise ValueError(

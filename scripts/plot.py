@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     if not runs:
         parser.error(f"no run folders (with config.yml and tb/) under {[str(p) for p in args.paths]}")
     counts = plot(runs, args.out, args.tag)
-    print(f"{args.out}: " + ", ".join(f"{label} ({n} runs)" for label, n in sorted(counts.items())))
+    listed = (f"{label} ({n} run{'s' if n != 1 else ''})" for label, n in sorted(counts.items()))
+    print(f"{args.out}: " + ", ".join(listed))
     return counts
 
 

@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import torch
 import yaml
 
@@ -391,10 +390,8 @@ def _run(
     env_seed = args.seed
     if latest is not None and not read_meta(latest).get("env_state"):
         env_seed = args.seed + int(read_meta(latest)["steps"])  # new episodes, not a replay of the first ones
-    try:
-        env = make_env(args.env, n_envs=config["n_envs"], seed=env_seed, **env_options(config))
-    except gym.error.Error as error:  # a registered id whose package is missing (Box2D, MuJoCo, ...)
-        raise ValueError(f"cannot make {args.env}: {error}") from None
+    # A registered id whose package is missing (mujoco-py, Box2D, ...) is a ValueError naming it (envs.make_env).
+    env = make_env(args.env, n_envs=config["n_envs"], seed=env_seed, **env_options(config))
     if latest is not None:
         model, env, exact = load_checkpoint(latest, algorithm, env, device=args.device, tensorboard_log=str(tb_dir))
     else:

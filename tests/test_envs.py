@@ -18,6 +18,12 @@ def test_unknown_env_id_names_close_matches() -> None:
         make_env("CartPole-v1", n_envs=0)
 
 
+def test_registered_id_that_cannot_be_built_here_is_refused_with_its_reason() -> None:
+    # gymnasium registers the MuJoCo v2 / v3 ids, whose mujoco-py bindings are gone: an ImportError at make time.
+    with pytest.raises(ValueError, match=r"Cannot make 'Hopper-v2': .*gymnasium-robotics"):
+        make_env("Hopper-v2")
+
+
 @pytest.mark.parametrize("n_envs", [True, 0, 2.0, "2"])
 def test_env_count_must_be_a_positive_integer_and_not_a_bool(n_envs: object) -> None:
     with pytest.raises(ValueError, match=rf"Invalid n_envs: {n_envs!r} \(must be an integer >= 1\)"):

@@ -162,6 +162,33 @@ def test_evaluate_and_plot_read_train_run_folders(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("with_statistics", [False, True])
+def test_evaluate_of_a_bare_model_normalizes_only_when_statistics_come_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_statistics: bool
+) -> None:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from envs import make_env
+
+    evaluate = load_script("evaluate")
+    raw = make_env("Hopper-v5", normalize=with_statistics)
+    ACKTR("MlpPolicy", raw, n_steps=8, seed=0).save(tmp_path / "agent.zip")
+    if with_statistics:
+        raw.save(str(tmp_path / "vecnormalize.pkl"))
+    made = []
+
+    def recording_make_env(*args, **kwargs):
+        made.append(make_env(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(evaluate, "make_env", recording_make_env)
+    result = evaluate.main(["--model", str(tmp_path / "agent.zip"), "--env", "Hopper-v5", "--episodes", "1"])
+    assert result["mean_return"] != 0
+    # An agent trained on the raw env (scripts/train.py's mujoco family) must not see VecNormalize's clipping.
+    assert isinstance(made[0], VecNormalize) is with_statistics
+
+
 def test_evaluate_reports_missing_and_corrupted_agents(tmp_path: Path) -> None:
     evaluate = load_script("evaluate")
     with pytest.raises(FileNotFoundError, match="no saved agent"):
