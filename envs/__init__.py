@@ -75,7 +75,7 @@ def _buildable(env_id: str) -> Iterator[None]:
     try:
         yield
     except (ImportError, gym.error.Error) as error:
-        raise ValueError(f"Cannot make {env_id!r}: {error}") from None
+        raise ValueError(f"Cannot make {env_id!r}: {error}") from error
 
 
 def make_env(
@@ -96,9 +96,11 @@ def make_env(
       max-pooling over the last two frames (the ALE's own frame skip is set to 1 for this), 84x84 grayscale,
       ``frame_stack`` frames stacked. ``training=True`` adds episodic life and reward clipping; the ``Monitor``
       sits beneath them, so the logged episode returns are true game scores either way.
-    - MuJoCo (``*-v5``): ``VecNormalize`` of observations and rewards (``normalize=True`` by default); its
-      statistics are saved and restored with the agent (``VecNormalize.save``/``load``). With ``training=False``
-      the statistics are frozen and rewards are left raw.
+    - MuJoCo (``*-v5``): ``VecNormalize`` of observations and rewards (``normalize=True`` by default, as SB3's
+      and rl-zoo's MuJoCo entries train A2C, PPO and TRPO); its statistics are saved and restored with the agent
+      (``VecNormalize.save``/``load``). With ``training=False`` the statistics are frozen and rewards are left raw.
+      ACKTR needs no VecNormalize (its policy normalizes observations, its critic's region is free of the rewards'
+      scale): configs/acktr.yml's mujoco family passes ``normalize=False``.
     - Classic control: SB3's ``make_vec_env``.
 
     Args:
@@ -116,7 +118,8 @@ def make_env(
             one the agent learns).
 
     Raises:
-        ValueError: for an unknown id (naming close matches) or invalid counts.
+        ValueError: for an unknown id (naming close matches), a registered id that cannot be built here (a
+            package it needs is missing, e.g. mujoco-py for the MuJoCo v2 / v3 ids) or invalid counts.
     """
     if not is_positive_int(n_envs):
         raise ValueError(f"Invalid n_envs: {n_envs!r} (must be an integer >= 1)")

@@ -64,7 +64,9 @@ def test_mujoco_run_trains_the_constructor_defaults_on_one_raw_env_and_resume_ke
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_mujoco_run_behind_vecnormalize_resumes_with_its_normalization_statistics(tmp_path: Path) -> None:
+def test_mujoco_run_behind_vecnormalize_resumes_and_evaluates_with_its_normalization_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stable_baselines3.common.vec_env import VecNormalize
 
     train = load_script("train")
@@ -81,6 +83,33 @@ def test_mujoco_run_behind_vecnormalize_resumes_with_its_normalization_statistic
     assert resumed["timesteps"] == 1024
     continued = VecNormalize.load(str(run / "vecnormalize.pkl"), _dummy())
     assert continued.obs_rms.count > count + 500  # the resumed run kept updating the restored statistics
+
+    # A folder written before the mujoco family ran raw: its config.yml has no normalize key, its statistics are
+    # beside the model (or, when model.zip is missing, in the last checkpoint); evaluate.py normalizes either way.
+    evaluate = load_script("evaluate")
+    saved = yaml.safe_load((run / "config.yml").read_text())
+    del saved["normalize"]
+    (run / "config.yml").write_text(yaml.safe_dump(saved))
+    made = _record_made_envs(evaluate, monkeypatch)
+    for missing in ([], ["model.zip", "vecnormalize.pkl"]):
+        for name in missing:
+            (run / name).unlink()
+        assert evaluate.main(["--run", str(run), "--episodes", "1"])["mean_return"] != 0
+        assert isinstance(made[-1], VecNormalize), missing
+
+
+def _record_made_envs(evaluate, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Make evaluate.py's module keep every env it builds (the last is the one it evaluates on)."""
+    from envs import make_env
+
+    made = []
+
+    def recording_make_env(*args, **kwargs):
+        made.append(make_env(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(evaluate, "make_env", recording_make_env)
+    return made
 
 
 def _dummy():
@@ -176,13 +205,7 @@ def test_evaluate_of_a_bare_model_normalizes_only_when_statistics_come_with_it(
     ACKTR("MlpPolicy", raw, n_steps=8, seed=0).save(tmp_path / "agent.zip")
     if with_statistics:
         raw.save(str(tmp_path / "vecnormalize.pkl"))
-    made = []
-
-    def recording_make_env(*args, **kwargs):
-        made.append(make_env(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(evaluate, "make_env", recording_make_env)
+    made = _record_made_envs(evaluate, monkeypatch)
     result = evaluate.main(["--model", str(tmp_path / "agent.zip"), "--env", "Hopper-v5", "--episodes", "1"])
     assert result["mean_return"] != 0
     # An agent trained on the raw env (scripts/train.py's mujoco family) must not see VecNormalize's clipping.
