@@ -204,10 +204,10 @@ def test_evaluate_of_a_bare_model_normalizes_only_when_statistics_come_with_it(
     from envs import make_env
 
     evaluate = load_script("evaluate")
-    raw = make_env("Hopper-v5", normalize=with_statistics)
-    ACKTR("MlpPolicy", raw, n_steps=8, seed=0).save(tmp_path / "agent.zip")
+    training_env = make_env("Hopper-v5", normalize=with_statistics)
+    ACKTR("MlpPolicy", training_env, n_steps=8, seed=0).save(tmp_path / "agent.zip")
     if with_statistics:
-        raw.save(str(tmp_path / "vecnormalize.pkl"))
+        training_env.save(str(tmp_path / "vecnormalize.pkl"))
     made = _record_made_envs(evaluate, monkeypatch)
     result = evaluate.main(["--model", str(tmp_path / "agent.zip"), "--env", "Hopper-v5", "--episodes", "1"])
     assert result["mean_return"] != 0
