@@ -47,7 +47,14 @@ from .blocks import (
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
 from .layers import adapter_for
-from .trust_region import TrustRegions, check_radius, is_positive_int, is_real_number, step_quadratic
+from .trust_region import (
+    TrustRegions,
+    check_radius,
+    is_nonnegative_int,
+    is_positive_int,
+    is_real_number,
+    step_quadratic,
+)
 
 # With a trailing separator: a user's acktr_kfe_runs/ or site-packages/torchvision/ is not the library.
 _LIBRARY_DIRS = tuple(str(Path(p).resolve().parent) + os.sep for p in (__file__, torch.__file__))
@@ -80,9 +87,9 @@ def _validate_counters(extra: dict[str, Any]) -> tuple[int, dict[str, int], int]
     one (checked before anything is loaded)."""
 
     def count(value: Any, name: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_nonnegative_int(value):
             raise ValueError(f"corrupted optimizer state: kronecker {name} is {value!r}, expected an integer >= 0")
-        return value
+        return int(value)
 
     failures = extra.get("consecutive_failures")
     if not isinstance(failures, dict):
@@ -284,7 +291,7 @@ class KroneckerPreconditioner(Optimizer):
             "max_kl": max_kl,
         }
         _validate_group(defaults)
-        if not 0.0 <= factor_decay < 1.0:
+        if not (is_real_number(factor_decay) and 0.0 <= factor_decay < 1.0):
             raise ValueError(f"Invalid factor_decay: {factor_decay!r} (must be in [0, 1))")
         self.factor_decay = float(factor_decay)
         self.factor_update_interval = _check_interval(factor_update_interval, "factor_update_interval")
@@ -342,20 +349,20 @@ class KroneckerPreconditioner(Optimizer):
         self.trust_region_mode = _parse_enum(TrustRegionMode, trust_region_mode, "trust_region_mode")
         self.damping_scaling = _parse_enum(DampingScaling, damping_scaling, "damping_scaling")
         self.step_norm = _parse_enum(StepNorm, step_norm, "step_norm")
-        if refresh_tolerance is not None and not (0.0 < refresh_tolerance < 1.0):
+        if refresh_tolerance is not None and not (is_real_number(refresh_tolerance) and 0.0 < refresh_tolerance < 1.0):
             raise ValueError(f"Invalid refresh_tolerance: {refresh_tolerance!r} (must be in (0, 1), or None)")
         self.refresh_tolerance = refresh_tolerance
-        if isinstance(refresh_delay, bool) or not isinstance(refresh_delay, int) or refresh_delay < 0:
+        if not is_nonnegative_int(refresh_delay):
             raise ValueError(f"Invalid refresh_delay: {refresh_delay!r} (must be an integer >= 0)")
         if refresh_delay >= self.eigen_update_interval:
             raise ValueError(
                 f"Invalid refresh_delay: {refresh_delay} (must be less than eigen_update_interval="
                 f"{self.eigen_update_interval}, so that each refresh lands before the next one starts)"
             )
-        self.refresh_delay = refresh_delay
+        self.refresh_delay = int(refresh_delay)
         self._pending_refresh: _PendingRefresh | None = None
         self._refresh_worker: ThreadPoolExecutor | None = None
-        if isinstance(statistics_fraction, bool) or not (0.0 < statistics_fraction <= 1.0):
+        if not (is_real_number(statistics_fraction) and 0.0 < statistics_fraction <= 1.0):
             raise ValueError(f"Invalid statistics_fraction: {statistics_fraction!r} (must be in (0, 1])")
         self.statistics_fraction = float(statistics_fraction)
         # Basis refreshes by kind (diagnostics of refresh_tolerance): full eigendecompositions and warm refreshes.
@@ -1191,7 +1198,7 @@ class KroneckerPreconditioner(Optimizer):
         blocks = {block.name: block for block in self._blocks}
         if (
             not isinstance(saved, dict)
-            or not isinstance(saved.get("due"), int)
+            or not is_nonnegative_int(saved.get("due"))
             or not isinstance(saved.get("blocks"), dict)
             or not step <= saved["due"] < step + self.eigen_update_interval
         ):
@@ -1213,7 +1220,7 @@ class KroneckerPreconditioner(Optimizer):
             computed.append(converted)
         future: Future = Future()
         future.set_result(computed)
-        return _PendingRefresh(saved["due"], chosen, future)
+        return _PendingRefresh(int(saved["due"]), chosen, future)
 
     def _validate_state(self, state_dict: dict[str, Any]) -> None:
         """Check every tensor of a state to load (shape, floating dtype, finite values) before anything changes:
@@ -1243,7 +1250,7 @@ class KroneckerPreconditioner(Optimizer):
                 non_negative += block.non_negative_keys
             for key, value in saved_state.get(saved_id, {}).items():
                 if key in counts:
-                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    if not is_nonnegative_int(value):
                         raise ValueError(
                             f"corrupted optimizer state: {key} of {where} is {value!r}, expected an integer >= 0"
                         )

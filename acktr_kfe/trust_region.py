@@ -32,7 +32,12 @@ def is_real_number(value: Any) -> bool:
 
 def is_positive_int(value: Any) -> bool:
     """An integer >= 1 (Python's or NumPy's); a bool, a float such as ``4.0`` or a string is not."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return is_nonnegative_int(value) and value >= 1
+
+
+def is_nonnegative_int(value: Any) -> bool:
+    """An integer >= 0 (Python's or NumPy's); a bool, a float such as ``4.0`` or a string is not."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def check_radius(max_kl: Any, name: str = "max_kl") -> None:

@@ -351,6 +351,9 @@ def test_learning_rate_is_read_from_param_groups_every_step() -> None:
         (EKFAC, {"scale_update_interval": -3}, "Invalid scale_update_interval: -3"),
         (EKFAC, {"scale_decay": 2.0}, "Invalid scale_decay: 2.0"),
         (EKFAC, {"factor_decay": 1.5}, "Invalid factor_decay: 1.5"),
+        (EKFAC, {"factor_decay": "0.9"}, "Invalid factor_decay: '0.9'"),
+        (EKFAC, {"statistics_fraction": "half"}, "Invalid statistics_fraction: 'half'"),
+        (EKFAC, {"refresh_tolerance": "0.1"}, "Invalid refresh_tolerance: '0.1'"),
     ],
 )
 def test_invalid_hyperparameters_raise_value_error_naming_the_value(cls: type, kwargs: dict, message: str) -> None:

@@ -6,6 +6,7 @@ import io
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,11 @@ def test_corrupted_pending_refresh_is_refused_on_load() -> None:
 def test_invalid_refresh_delay_is_refused(delay) -> None:
     with pytest.raises(ValueError, match="refresh_delay"):
         EKFAC(mlp(), lr=0.1, refresh_delay=delay, **OPTIONS)
+
+
+def test_numpy_integer_refresh_delay_is_accepted_as_an_int() -> None:
+    optimizer = EKFAC(mlp(), lr=0.1, refresh_delay=np.int64(2), **OPTIONS)
+    assert optimizer.refresh_delay == 2 and type(optimizer.refresh_delay) is int
 
 
 def test_refresh_delay_is_refused_under_data_parallel_before_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
