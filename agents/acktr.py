@@ -121,9 +121,10 @@ class ACKTR(OnPolicyAlgorithm):
     Logged every update: ``train/policy_loss``, ``train/value_loss``, ``train/entropy_loss``,
     ``train/explained_variance``, ``train/kl_clip_scale``, ``train/predicted_kl``, ``train/measured_kl`` (between the
     policy before and after the update, on the batch), ``train/measured_vf_kl``, ``train/vf_kl_clip_scale`` and
-    ``train/vf_predicted_kl`` (separate critic), ``train/kl_bias`` (calibration), ``train/value_scale``
+    ``train/vf_predicted_kl`` (separate critic), ``train/kl_bias`` (with ``calibrate_kl``), ``train/value_scale``
     (``sigma``), ``train/damping``, ``train/learning_rate``, ``time/eigh_ms``, and ``train/std`` for Gaussian
-    policies; SB3 adds ``time/fps``.
+    policies; with ``kl_backtrack`` ``train/kl_backtrack_factor`` (and ``train/vf_kl_backtrack_factor``), with
+    ``state_kl_bound`` ``train/state_kl`` and ``train/state_kl_factor``; SB3 adds ``time/fps``.
 
     Args:
         policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` (Dict observations) or a

@@ -90,7 +90,8 @@ STATE_RESERVOIR_SIZE = 4096
 # of Adam's step at that learning rate (``step_norm="adam"``, learning-rate grafting); ACKTR, whose learning rate is
 # the natural-gradient step size of the paper, sets ``step_norm="natural"`` (ACKTR_PRECONDITIONER_DEFAULTS). With
 # SB3's own defaults on CartPole-v1 (50k steps, seeds 0-2) grafting took A2C to 475 in 12.7k-16.8k steps where the
-# natural step at A2C's 7e-4 never got there, and PPO in 14.9k-18.7k steps against 21.2k-30.8k (docs/ACKTR.md).
+# natural step at A2C's 7e-4 reached it on one seed of three (20.2k steps), and PPO in 14.9k-18.7k steps against
+# 21.2k-30.8k (docs/ACKTR.md).
 PRECONDITIONER_DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "damping": 0.1,
