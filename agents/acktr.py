@@ -13,6 +13,7 @@ import math
 import pathlib
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -122,9 +123,12 @@ class ACKTR(OnPolicyAlgorithm):
     ``train/explained_variance``, ``train/kl_clip_scale``, ``train/predicted_kl``, ``train/measured_kl`` (between the
     policy before and after the update, on the batch), ``train/measured_vf_kl``, ``train/vf_kl_clip_scale`` and
     ``train/vf_predicted_kl`` (separate critic), ``train/kl_bias`` (with ``calibrate_kl``), ``train/value_scale``
-    (``sigma``), ``train/damping``, ``train/learning_rate``, ``time/eigh_ms``, and ``train/std`` for Gaussian
-    policies; with ``kl_backtrack`` ``train/kl_backtrack_factor`` (and ``train/vf_kl_backtrack_factor``), with
-    ``state_kl_bound`` ``train/state_kl`` and ``train/state_kl_factor``; SB3 adds ``time/fps``.
+    (``sigma``), ``train/value_error`` (root mean square of the rollout's returns minus the values predicted when it
+    was collected, in reward units), ``train/value_target_spread`` (the running spread of the value targets, which
+    ``normalize_advantage="returns"`` divides the advantages by), ``train/damping``, ``train/learning_rate``,
+    ``time/eigh_ms``, and ``train/std`` for Gaussian policies; with ``kl_backtrack`` ``train/kl_backtrack_factor``
+    (and ``train/vf_kl_backtrack_factor``), with ``state_kl_bound`` ``train/state_kl`` and
+    ``train/state_kl_factor``; SB3 adds ``time/fps``.
 
     Args:
         policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` (Dict observations) or a
@@ -371,6 +375,9 @@ class ACKTR(OnPolicyAlgorithm):
             optimizer.step()
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
+        # The critic's error in reward units: the explained variance of one rollout says little where its returns
+        # barely vary (a balanced pole), against the spread of the targets over rollouts.
+        value_error = float(np.sqrt(np.mean((self.rollout_buffer.returns - self.rollout_buffer.values) ** 2)))
         self._n_updates += 1
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/explained_variance", explained_var)
@@ -396,6 +403,8 @@ class ACKTR(OnPolicyAlgorithm):
             self.logger.record("train/state_kl", self.policy.last_state_kl)
             self.logger.record("train/state_kl_factor", self.policy.last_state_kl_factor)
         self.logger.record("train/value_scale", float(self.policy.value_scale))
+        self.logger.record("train/value_error", value_error)
+        self.logger.record("train/value_target_spread", self.policy.value_target_spread())
         self.logger.record("train/damping", optimizer.param_groups[0]["damping"])
         self.logger.record("time/eigh_ms", optimizer.last_eigh_ms)
         if hasattr(self.policy, "log_std"):

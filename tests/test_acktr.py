@@ -31,6 +31,10 @@ def test_acktr_updates_discrete_and_gaussian_policies(env_id: str, preconditione
     for key in ("train/kl_clip_scale", "train/predicted_kl", "train/measured_kl", "time/eigh_ms"):
         assert np.isfinite(logged[key]), key
     assert 0.0 < logged["train/kl_clip_scale"] <= 1.0
+    buffer = model.rollout_buffer
+    error = np.sqrt(np.mean((buffer.returns - buffer.values) ** 2))
+    assert logged["train/value_error"] == pytest.approx(error)
+    assert logged["train/value_target_spread"] == pytest.approx(model.policy.value_target_spread())
     if env_id == "Pendulum-v1":
         assert model.policy.optimizer._fisher_diagonals, "log_std must take its Fisher-diagonal step"
 
