@@ -26,7 +26,7 @@ from torch.nn import functional as F
 import acktr_kfe
 from acktr_kfe.trust_region import check_radius, is_positive_int, is_real_number
 
-from .kl_calibration import check_state_kl_bound
+from .kl_calibration import check_coefficient, check_state_kl_bound
 from .policies import (
     ACKTR_PRECONDITIONER_DEFAULTS,
     KroneckerActorCriticCnnPolicy,
@@ -239,8 +239,8 @@ class ACKTR(OnPolicyAlgorithm):
     ) -> None:
         check_preconditioner(preconditioner)
         check_curvature(curvature)
-        if not vf_fisher_coef >= 0:
-            raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
+        for name, value in (("vf_fisher_coef", vf_fisher_coef), ("vf_coef", vf_coef), ("ent_coef", ent_coef)):
+            check_coefficient(value, name)
         if max_kl != AUTO:
             check_radius(max_kl)
         check_radius(vf_max_kl, "vf_max_kl")
@@ -257,7 +257,7 @@ class ACKTR(OnPolicyAlgorithm):
             raise ValueError(f"Invalid learning rate: {initial_rate!r} ({what}; must be a finite float >= 0)")
         if normalize_advantage not in (True, False, "returns"):
             raise ValueError(f"Invalid normalize_advantage: {normalize_advantage!r} (True, False or 'returns')")
-        if max_grad_norm is not None and not max_grad_norm > 0:
+        if max_grad_norm is not None and not (is_real_number(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")
         if n_steps != AUTO and not is_positive_int(n_steps):
             raise ValueError(f"Invalid n_steps: {n_steps!r} (an integer >= 1, or 'auto')")

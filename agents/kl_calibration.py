@@ -96,6 +96,13 @@ def actor_and_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[th.Tens
     return actor, critic
 
 
+def check_coefficient(value: Any, name: str) -> None:
+    """A loss or curvature coefficient (``vf_coef``, ``ent_coef``, ``vf_fisher_coef``) must be a finite number
+    >= 0; a string, NaN or Inf would only fail (or silently train nothing) once training started."""
+    if not (is_real_number(value) and 0 <= value < math.inf):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
+
+
 def check_backtrack(backtrack: Any) -> None:
     """``backtrack`` must be ``None`` or a real number >= 1 (a step within its radius is never shrunk)."""
     if backtrack is not None and not (is_real_number(backtrack) and 1 <= backtrack < math.inf):

@@ -60,6 +60,7 @@ from .kl_calibration import (
     ActorCriticTrustRegions,
     actor_critic_forward,
     check_backtrack,
+    check_coefficient,
     check_state_kl_bound,
     detached,
     state_kls,
@@ -262,8 +263,9 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         check_state_kl_bound(state_kl_bound)
         if not is_positive_int(state_reservoir_size):
             raise ValueError(f"Invalid state_reservoir_size: {state_reservoir_size!r} (an integer >= 1)")
-        if not vf_fisher_coef >= 0:
-            raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r} (must be >= 0)")
+        check_coefficient(vf_fisher_coef, "vf_fisher_coef")
+        if not isinstance(calibrate_kl, bool | np.bool_):
+            raise ValueError(f"Invalid calibrate_kl: {calibrate_kl!r} (True or False)")
         reserved = sorted({"lr", "max_kl", "trust_regions", "curvature"} & set(preconditioner_kwargs or {}))
         if reserved:
             raise ValueError(
@@ -285,6 +287,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self._reservoir_before: Any = None
         self._pending: tuple[th.Tensor, Any, th.Tensor] | None = None
         self._step_start: list[list[th.Tensor] | None] | None = None
+        self._skipped_before_step = 0  # the optimizer's skipped-step count when its current step began
         super().__init__(*args, **kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
@@ -434,7 +437,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     @th.no_grad()
     def observe_value_targets(self, targets: th.Tensor | np.ndarray) -> float:
         """Fold a rollout's value targets (returns) into the running scale ``sigma`` and rescale the critic's head
-        so that its outputs, in reward units, do not change (its momentum buffers with it). Returns ``sigma``."""
+        so that its outputs, in reward units, do not change (its momentum buffers and Adam moments with it).
+        Returns ``sigma``."""
         targets = th.as_tensor(np.asarray(targets), dtype=th.float64)
         moments = self.value_target_moments
         moments.mul_(VALUE_SCALE_DECAY).add_(
@@ -453,11 +457,15 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         ratio = float(self.value_scale) / new_scale
         if not math.isfinite(ratio):
             raise ValueError(f"non-finite value targets: the value scale would become {new_scale}")
+        # The head's gradients scale with its weights (the loss is taken in units of sigma), so the optimizer's
+        # per-parameter state follows: the momentum buffer and Adam's first moment (the grafted step's length) by
+        # ``ratio``, Adam's second moment by its square, as if they had been gathered in the new units.
         for param in self.value_net.parameters():
             param.mul_(ratio)
-            buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
-            if buffer is not None:
-                buffer.mul_(ratio)
+            state = self.optimizer.state.get(param, {})
+            for key, power in (("momentum_buffer", 1), ("adam_exp_avg", 1), ("adam_exp_avg_sq", 2)):
+                if (buffer := state.get(key)) is not None:
+                    buffer.mul_(ratio**power)
         self.value_scale.fill_(new_scale)
         return new_scale
 
@@ -567,6 +575,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         (with a warning) rather than raised at the end of the run, where the run's work would be lost. A negative
         rate on the first step is left to the optimizer, which refuses it as invalid."""
         regions = self.trust_regions
+        self._skipped_before_step = optimizer.skipped_steps
         bounds_states = self._pending is not None and self._bounds_reservoir_states()
         if self._pending is not None and (regions.backtrack is not None or bounds_states):
             # Only the regions with a radius can be backtracked (the others are None here).
@@ -596,6 +605,13 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             return
         pending, self._pending = self._pending, None
         start, self._step_start = self._step_start, None
+        if optimizer.skipped_steps != self._skipped_before_step:
+            # The optimizer skipped this step (a non-finite gradient or step, with its warning): nothing moved, so
+            # there is no KL to measure, calibrate on or backtrack.
+            self._reservoir_before = None
+            self.last_measured_kl = self.last_measured_vf_kl = float("nan")
+            self.last_backtrack_factors = [1.0] * len(self.trust_regions.regions)
+            return
         self._measure_step(*pending)
         # The calibration learns the quadratic model's error on the step it proposed, before any backtracking.
         self.trust_regions.update(self.optimizer, self.last_measured_kl, self.last_measured_vf_kl)

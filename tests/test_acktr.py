@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -390,3 +391,37 @@ def test_kl_model_check_script_reports_batch_and_held_out_kls_per_third(capsys: 
     for row in rows:
         predicted, batch, held_out, *_ = (float(cell) for cell in row.strip("|").split("|")[2:])
         assert predicted > 0 and batch > 0 and held_out > 0
+
+
+def test_skipped_first_step_warns_and_leaves_calibration_unchanged_then_training_goes_on() -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), n_steps=8, seed=0)
+    policy = model.policy
+    weights = [p.detach().clone() for p in policy.parameters()]
+    values, log_prob, _ = policy.evaluate_actions(torch.zeros(8, 3), torch.zeros(8, 1))
+    policy.optimizer.zero_grad()
+    ((values.flatten() * float("nan")).mean() + log_prob.mean()).backward()
+    with pytest.warns(RuntimeWarning, match="the step was skipped"):
+        policy.optimizer.step()
+    assert policy.optimizer.skipped_steps == 1
+    assert all(torch.equal(w, p) for w, p in zip(weights, policy.parameters()))
+    assert policy.trust_regions.log_bias == [0.0, 0.0], "a step not taken has no KL to calibrate on"
+    assert np.isnan(policy.last_measured_kl)
+    model.learn(32)
+    assert policy.optimizer.skipped_steps == 1 and policy.trust_regions.log_bias != [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("vf_coef", float("nan")),
+        ("ent_coef", float("inf")),
+        ("vf_coef", "a"),
+        ("ent_coef", -1.0),
+        ("vf_fisher_coef", "x"),
+        ("calibrate_kl", "no"),
+        ("max_grad_norm", "z"),
+    ],
+)
+def test_acktr_refuses_invalid_coefficients_at_construction_naming_them(argument: str, value: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"Invalid {argument}: {value!r} (")):
+        ACKTR("MlpPolicy", "Pendulum-v1", **{argument: value})

@@ -368,6 +368,36 @@ def test_value_target_spread_is_the_running_one_held_above_a_whole_run_floor_at_
     assert policy.value_target_spread() < 0.5 * WHOLE_RUN_SPREAD_FLOOR * float(torch.cat(rollouts).std(unbiased=False))
 
 
+def test_value_scale_change_rescales_the_heads_momentum_and_adam_moments_with_its_gradient() -> None:
+    from agents.policies import ValueTargetScale
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = A2C(agents.KroneckerActorCriticPolicy, env, n_steps=8, seed=0)
+    model.learn(64, callback=ValueTargetScale())
+    policy = model.policy
+    head = list(policy.value_net.parameters())
+    before = {key: [policy.optimizer.state[p][key].clone() for p in head] for key in _HEAD_STATE_KEYS}
+    weights = [p.detach().clone() for p in head]
+    obs = torch.as_tensor(env.reset(), dtype=torch.float32)
+    with torch.no_grad():
+        values = policy.predict_values(obs)
+    old_scale = float(policy.value_scale)
+    new_scale = policy.observe_value_targets(torch.full((16,), 1000.0 * old_scale, dtype=torch.float64))
+    ratio = old_scale / new_scale
+    assert ratio < 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(policy.predict_values(obs), values, rtol=1e-5, atol=1e-5)
+    for p, w in zip(head, weights):
+        torch.testing.assert_close(p.detach(), w * ratio)
+    # The head's gradients scale with its weights (its loss is taken in units of the value scale).
+    for key, power in _HEAD_STATE_KEYS.items():
+        for p, old in zip(head, before[key]):
+            torch.testing.assert_close(policy.optimizer.state[p][key], old * ratio**power)
+
+
+_HEAD_STATE_KEYS = {"momentum_buffer": 1, "adam_exp_avg": 1, "adam_exp_avg_sq": 2}
+
+
 def test_policy_saved_before_the_whole_run_spread_was_kept_loads_with_its_running_spread() -> None:
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     saved = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
