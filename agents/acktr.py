@@ -35,7 +35,7 @@ from .policies import (
     check_curvature,
     check_preconditioner,
 )
-from .rl_checkpoint import CorruptedFileError, diagnosed_load
+from .rl_checkpoint import CorruptedFileError, check_saved_algorithm, diagnosed_load
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -445,7 +445,9 @@ class ACKTR(OnPolicyAlgorithm):
 
         Raises:
             FileNotFoundError: no file at ``path`` (nor at ``path`` + ``.zip``).
-            CorruptedFileError: the file does not read, or holds non-finite policy parameters.
+            CorruptedFileError: the file does not read, has no ``data`` member, or holds non-finite policy
+                parameters.
+            ValueError: the file holds an agent saved by another algorithm (A2C, PPO), named in the message.
         """
 
         def load() -> SelfACKTR:
@@ -457,6 +459,7 @@ class ACKTR(OnPolicyAlgorithm):
             file = next((candidate for candidate in candidates if candidate.is_file()), None)
             if file is None:
                 raise FileNotFoundError(f"no saved agent at {path} (nor at {path}.zip)")
+            check_saved_algorithm(file, cls.__name__)
         model = diagnosed_load(load, file, cls.__name__, reraise_intact=True) if file is not None else load()
         bad = [name for name, param in model.policy.named_parameters() if not bool(th.isfinite(param).all())]
         if bad:

@@ -127,16 +127,57 @@ def _damaged_member(path: Path) -> str | None:
     return None
 
 
+def check_saved_algorithm(path: Path, algorithm: str) -> None:
+    """Refuse, before SB3 reads it, an intact zip at ``path`` whose settings (its ``data`` member) show it was saved
+    by another of ACKTR, PPO, TRPO and A2C than ``algorithm`` (a class name), or that has no ``data`` member. A file
+    that does not read as a zip, or whose settings name none of them, is left to the loader.
+
+    Raises:
+        CorruptedFileError: the archive has no ``data`` member.
+        ValueError: the saved agent is another algorithm's (the message names it).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "data" not in archive.namelist():
+                raise CorruptedFileError(
+                    f"{path} is corrupted: it has no data member (the saved agent's settings); restore it from a "
+                    "backup or train again"
+                )
+            data = json.loads(archive.read("data"))
+    except CorruptedFileError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return
+    if not isinstance(data, dict):
+        return
+    saved_by = next((name for name, settings in _SAVED_BY if all(key in data for key in settings)), None)
+    if saved_by is not None and saved_by != algorithm:
+        raise ValueError(f"{path} holds an agent saved by {saved_by}, not {algorithm}: load it with {saved_by}.load")
+
+
+# Settings that only one of these on-policy algorithms saves (checked in this order: ACKTR's data has A2C's too).
+_SAVED_BY = (
+    ("ACKTR", ("preconditioner", "max_kl")),
+    ("PPO", ("n_epochs", "clip_range")),
+    ("TRPO", ("cg_max_steps",)),
+    ("A2C", ("ent_coef", "vf_coef")),
+)
+
+
 def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
     """``algorithm.load(path, **kwargs)``; a damaged file raises ``CorruptedFileError`` naming it.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        CorruptedFileError: not a zip archive, or a member (``policy.pth``, ``data``, ...) does not read.
+        FileNotFoundError: no file at ``path`` (nor at ``path`` + ``.zip``).
+        CorruptedFileError: not a zip archive, or a member (``policy.pth``, ``data``, ...) missing or unreadable.
+        ValueError: the file holds another algorithm's agent (named in the message).
     """
     path = Path(path)
+    if not path.is_file() and Path(f"{path}.zip").is_file():
+        path = Path(f"{path}.zip")  # the name as given to save(), which adds ".zip"
     if not path.is_file():
-        raise FileNotFoundError(f"no saved agent at {path}")
+        raise FileNotFoundError(f"no saved agent at {path} (nor at {path}.zip)")
+    check_saved_algorithm(path, algorithm.__name__)
     return diagnosed_load(lambda: algorithm.load(path, **kwargs), path, algorithm.__name__)
 
 

@@ -68,19 +68,26 @@ def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, 
         raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     data = _algorithm_sections(path, data, algorithm)
     _check_sections(path, data)
-    valid = algorithm_keys(algorithm) | RUN_KEYS
     resolved: dict[str, Any] = {}
     for section in ("default", env_kind(env_id), env_id):
         entries = data.get(section) or {}
         if not isinstance(entries, dict):
             raise ValueError(f"{path}: section {section!r} must be a mapping")
-        unknown = sorted(set(entries) - valid)
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown key(s) {unknown} in section {section!r}. Valid keys: {', '.join(sorted(valid))}"
-            )
+        check_keys(path, entries, algorithm, f" in section {section!r}")
         resolved.update(entries)
     return resolved
+
+
+def check_keys(path: str | Path, settings: dict[str, Any], algorithm: type, where: str = "") -> None:
+    """Refuse keys that are neither ``algorithm``'s arguments nor the run's settings (a typo would be ignored).
+
+    Raises:
+        ValueError: naming the unknown keys, ``where`` they are in ``path``, and the valid keys.
+    """
+    valid = algorithm_keys(algorithm) | RUN_KEYS
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}{where}. Valid keys: {', '.join(sorted(valid))}")
 
 
 # Algorithm names a file may be keyed by at its top level (configs/baselines.yml), TRPO's included.

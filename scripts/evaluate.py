@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     env_id = args.env or config.get("env")
     if env_id is None:
         parser.error("--env is required with --model")
+    if args.algo is not None and config.get("algo", args.algo) != args.algo:
+        parser.error(f"{args.run} is a run of {config['algo']}, not {args.algo}: leave --algo out to use the run's")
     algo = args.algo or config.get("algo", "acktr")
     model_path = args.model or args.run / "model.zip"
     stats = model_path.with_name("vecnormalize.pkl")

@@ -56,6 +56,7 @@ from agents.rl_checkpoint import (  # noqa: E402
 from agents.rl_config import (  # noqa: E402
     ALGORITHMS,
     CHOICES,
+    check_keys,
     env_options,
     model_arguments,
     resolve_config,
@@ -265,6 +266,9 @@ def resumed_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     for key in ("env", "algo", "seed"):
         setattr(args, key, saved[key])
     config = {key: value for key, value in saved.items() if key not in ("env", "algo", "seed", "world_size")}
+    if saved["algo"] not in ALGORITHMS:
+        raise CorruptedFileError(f"{path} is corrupted: algo {saved['algo']!r} is none of {', '.join(ALGORITHMS)}")
+    check_keys(path, config, ALGORITHMS[saved["algo"]])
     config = validate_config(config, path)
     if args.total_timesteps is not None:
         config["total_timesteps"] = args.total_timesteps

@@ -382,6 +382,26 @@ def test_acktr_load_names_a_damaged_member_refuses_non_finite_parameters_and_rea
         ACKTR.load(tmp_path / "missing")
 
 
+def test_acktr_load_names_the_algorithm_of_an_a2c_or_ppo_file_and_refuses_a_zip_without_data(tmp_path: Path) -> None:
+    from stable_baselines3 import A2C, PPO
+
+    from agents import KroneckerActorCriticPolicy
+
+    for algorithm in (A2C, PPO):
+        algorithm(KroneckerActorCriticPolicy, "CartPole-v1", n_steps=8, seed=0).save(tmp_path / algorithm.__name__)
+        with pytest.raises(
+            ValueError, match=rf"saved by {algorithm.__name__}, not ACKTR: load it with {algorithm.__name__}\.load"
+        ):
+            ACKTR.load(tmp_path / algorithm.__name__)
+    ACKTR("MlpPolicy", "CartPole-v1", n_steps=8, seed=0).save(tmp_path / "agent")
+    with zipfile.ZipFile(tmp_path / "agent.zip") as archive, zipfile.ZipFile(tmp_path / "nodata.zip", "w") as copy:
+        for name in archive.namelist():
+            if name != "data":
+                copy.writestr(name, archive.read(name))
+    with pytest.raises(CorruptedFileError, match=r"nodata\.zip is corrupted: it has no data member"):
+        ACKTR.load(tmp_path / "nodata.zip")
+
+
 def test_kl_model_check_script_reports_batch_and_held_out_kls_per_third(capsys: pytest.CaptureFixture[str]) -> None:
     from .test_train_script import load_script
 

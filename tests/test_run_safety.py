@@ -282,6 +282,21 @@ def test_evaluate_names_a_corrupted_statistics_file_and_an_agent_of_another_env(
         evaluate.main(["--run", str(run_copy), "--episodes", "1"])
 
 
+def test_evaluate_refuses_an_algo_that_is_not_the_runs_and_a_model_saved_by_another_algorithm(
+    run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evaluate = load_script("evaluate")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(run_copy), "--algo", "ppo", "--episodes", "1"])
+    assert "is a run of acktr, not ppo: leave --algo out" in capsys.readouterr().err
+    model = str(run_copy / "model")  # the name as given to save(), without ".zip"
+    with pytest.raises(
+        ValueError, match=r"model\.zip holds an agent saved by ACKTR, not PPO: load it with ACKTR\.load"
+    ):
+        evaluate.main(["--model", model, "--env", "CartPole-v1", "--algo", "ppo", "--episodes", "1"])
+    assert evaluate.main(["--model", model, "--env", "CartPole-v1", "--episodes", "1"])["mean_return"] > 0
+
+
 def test_evaluate_uses_the_last_checkpoint_of_a_run_that_stopped_early(run_copy: Path) -> None:
     (run_copy / "model.zip").unlink()
     (run_copy / "vecnormalize.pkl").unlink()
@@ -359,6 +374,9 @@ def test_resume_removes_temporaries_of_a_killed_run_and_checks_the_saved_config(
     config = run_copy / "config.yml"
     config.write_text(config.read_text().replace("gamma: 0.99", "gamma: 1.5"))
     with pytest.raises(ValueError, match=r"config\.yml: invalid gamma: 1\.5"):
+        train.main(["--log-dir", str(run_copy), "--resume", "--total-timesteps", "640"])
+    config.write_text(config.read_text().replace("gamma: 1.5", "gamma: 0.99") + "learning_rat: 3\n")
+    with pytest.raises(ValueError, match=r"config\.yml: unknown key\(s\) \['learning_rat'\]\. Valid keys: "):
         train.main(["--log-dir", str(run_copy), "--resume", "--total-timesteps", "640"])
 
 
