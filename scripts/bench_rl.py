@@ -349,10 +349,12 @@ def main(argv: list[str] | None = None) -> int:
                 record = future.result()
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
-                summary = summarize(record, BENCHMARKS[record["env"]][1])
+                threshold = BENCHMARKS[record["env"]][1]
+                summary = summarize(record, threshold)
+                reached = "not reached" if summary["reached"] is None else f"reached at {summary['reached']:,} steps"
                 print(
                     f"[{done}/{len(jobs)}] {record['env']} {record['algo']} seed {record['seed']}: "
-                    f"reached {summary['reached']}, final {summary['final']:.1f}, {summary['fps']:.0f} steps/s",
+                    f"{threshold:g} {reached}, final {summary['final']:.1f}, {summary['fps']:.0f} steps/s",
                     flush=True,
                 )
     if not log.is_file():
