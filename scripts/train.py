@@ -150,7 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--log-dir", type=Path, default=None, help="run folder (default: runs/<env>_<algo>_seed<seed>)")
     parser.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
-    parser.add_argument("--checkpoint-every", type=int, default=10_000, help="environment steps between saves")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=10_000, help="environment steps between saves (default: 10000)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -165,8 +167,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.total_timesteps is not None and args.total_timesteps < 1:
         parser.error(f"--total-timesteps must be >= 1, got {args.total_timesteps}")
-    if args.checkpoint_every < 1 or (args.threads is not None and args.threads < 1):
-        parser.error("--checkpoint-every and --threads must be >= 1")
+    if args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.resume and args.config is not None:
@@ -519,3 +523,5 @@ if __name__ == "__main__":
         main()
     except (RunFolderError, CorruptedFileError, FileNotFoundError, ValueError) as failure:
         sys.exit(f"error: {failure}")
+    except KeyboardInterrupt:
+        sys.exit(130)  # the resume command is printed already; no traceback after it

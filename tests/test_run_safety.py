@@ -446,3 +446,30 @@ def test_auto_defaults_are_accepted_for_acktr_configs_and_refused_for_sb3_algori
         validate_config({"n_steps": "auto"}, "x.yml", PPO)
     with pytest.raises(ValueError, match=r"invalid gamma: 'auto'"):
         validate_config({"gamma": "auto"}, "x.yml", ACKTR)
+
+
+def test_ctrl_c_prints_how_to_resume_and_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from .test_train_script import ROOT
+
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--log-dir",
+        str(run),
+        "--total-timesteps",
+        "10000000",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "config.yml").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the model is built and the folder written: training is under way
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Interrupted." in err and "--resume" in err
+    assert "Traceback" not in err
