@@ -124,6 +124,10 @@ class LinearAdapter(LayerAdapter):
         return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
 
 
+# Stands for the module's name in an adapter's refusal; the optimizer, which knows the name, puts it in.
+EXCLUDE_NAME_PLACEHOLDER = "<its name>"
+
+
 class Conv2dAdapter(LayerAdapter):
     """``nn.Conv2d`` (KFC, Grosse & Martens 2016): im2col patches at each output location.
 
@@ -136,7 +140,7 @@ class Conv2dAdapter(LayerAdapter):
         if module.groups != 1:
             raise ValueError(
                 f"Conv2d with groups={module.groups} is not supported: K-FAC/EKFAC precondition groups=1 "
-                "convolutions only. Leave this layer out with exclude=[<its name>] (it then takes an "
+                f"convolutions only. Leave this layer out with exclude=[{EXCLUDE_NAME_PLACEHOLDER}] (it then takes an "
                 "unpreconditioned step)."
             )
 

@@ -46,7 +46,7 @@ from .blocks import (
 )
 from .capture import Record, StatisticsCapture
 from .curvature import Curvature
-from .layers import adapter_for
+from .layers import EXCLUDE_NAME_PLACEHOLDER, adapter_for
 from .trust_region import (
     TrustRegions,
     check_radius,
@@ -314,7 +314,11 @@ class KroneckerPreconditioner(Optimizer):
             adapter_cls = adapter_for(module)
             if adapter_cls is None or name in excluded or not module.weight.requires_grad:
                 continue
-            adapter = adapter_cls(module)
+            try:
+                adapter = adapter_cls(module)
+            except ValueError as error:  # a layer the adapter refuses: name it, and how to leave it out
+                message = str(error).replace(EXCLUDE_NAME_PLACEHOLDER, repr(name))
+                raise ValueError(f"layer {name!r}: {message}") from None
             block_cls = block_class_for(adapter, self.block_class)
             self._blocks.append(block_cls(name or type(module).__name__, adapter, **options))
         # An embedding whose weight another preconditioned layer shares (a language model's tied input and output

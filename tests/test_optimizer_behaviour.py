@@ -291,7 +291,7 @@ def test_layers_outside_adapters_and_excluded_layers_take_plain_momentum_step() 
 
 def test_grouped_convolution_is_refused_with_a_clear_error() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match=r"groups=2.*exclude"):
+    with pytest.raises(ValueError, match=r"layer '0': Conv2d with groups=2 .*exclude=\['0'\]"):
         EKFAC(model)
     assert EKFAC(model, exclude=["0"]).preconditioned_layers == []
 
