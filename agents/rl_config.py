@@ -215,6 +215,7 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
 AUTO_KEYS = ("n_steps", "gae_lambda", "max_kl")
 # Keys whose values come from a list, read when a config is checked (a preconditioner registered later counts).
 CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
+    "policy": lambda: ("MlpPolicy", "CnnPolicy", "MultiInputPolicy", *POLICIES),  # SB3's aliases, the plug-in
     "preconditioner": preconditioner_names,
     "curvature": lambda: POLICY_CURVATURES,
 }

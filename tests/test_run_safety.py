@@ -234,6 +234,10 @@ def test_pruning_tensorboard_drops_a_record_cut_short_by_a_crash(run_copy: Path)
         ("kl_backtrack: 0.5", r"invalid kl_backtrack: 0.5 \(must be a finite number >= 1\)"),
         ("state_kl_bound: 0.5", r"invalid state_kl_bound: 0.5 \(must be a finite number >= 1\)"),
         ("preconditioner: shampoo", r"invalid preconditioner: 'shampoo' \(valid values: ekfac, kfac\)"),
+        (
+            "policy: MlpPolicyy",
+            r"invalid policy: 'MlpPolicyy' \(valid values: CnnPolicy, .*MlpPolicy, MultiInputPolicy\)",
+        ),
     ],
 )
 def test_config_value_of_wrong_type_or_out_of_range_names_the_key_and_the_file(
