@@ -222,6 +222,8 @@ def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
             print(f"(no {args.algo} entry for {args.env}: {args.algo.upper()} runs with SB3's default hyperparameters)")
     else:
         config = resolve_config(path, args.env, algorithm)
+        if not config:
+            print(f"({path} sets nothing for {args.env}: {algorithm.__name__} runs with its constructor's defaults)")
     config = validate_config(config, path, algorithm)
     config.setdefault("policy", "MlpPolicy")
     config.setdefault("n_envs", 8)

@@ -150,6 +150,19 @@ def test_config_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
     assert resolve_config(ROOT / "configs" / "acktr.yml", "ALE/Pong-v5", ACKTR)["policy"] == "CnnPolicy"
 
 
+def test_config_file_with_no_settings_for_the_env_says_the_defaults_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.yml"
+    empty.write_text("# nothing set yet\n")
+    args = load_script("train").parse_args(["--config", str(empty), "--env", "CartPole-v1"])
+    config = load_script("train").build_config(args, ACKTR)
+    assert (
+        "empty.yml sets nothing for CartPole-v1: ACKTR runs with its constructor's defaults" in capsys.readouterr().out
+    )
+    assert config == {"policy": "MlpPolicy", "n_envs": 8, "total_timesteps": 100_000, "eval_episodes": 10}
+
+
 def test_config_section_that_is_no_env_id_nor_family_is_refused_with_the_closest_ids(tmp_path: Path) -> None:
     path = tmp_path / "typo.yml"
     path.write_text("default:\n  n_envs: 2\nCartpole-v1:\n  n_envs: 4\n")
