@@ -49,6 +49,26 @@ def env_options(config: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_settings(stream: Any) -> Any:
+    """``yaml.safe_load`` of a settings file, raising ``yaml.YAMLError`` for a key given twice in one mapping."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, Any]:
     """Merge ``default``, the env's family and the env's own entry of a YAML file, and validate the keys.
 
@@ -61,7 +81,7 @@ def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, 
         raise FileNotFoundError(f"config file not found: {path}")
     try:
         with path.open() as handle:
-            data = yaml.safe_load(handle) or {}
+            data = load_settings(handle) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):

@@ -234,6 +234,7 @@ def test_pruning_tensorboard_drops_a_record_cut_short_by_a_crash(run_copy: Path)
         ("kl_backtrack: 0.5", r"invalid kl_backtrack: 0.5 \(must be a finite number >= 1\)"),
         ("state_kl_bound: 0.5", r"invalid state_kl_bound: 0.5 \(must be a finite number >= 1\)"),
         ("preconditioner: shampoo", r"invalid preconditioner: 'shampoo' \(valid values: ekfac, kfac\)"),
+        ("gamma: 0.9\n  gamma: 0.95", r"not valid YAML: the key 'gamma' is given twice in one mapping"),
         (
             "policy: MlpPolicyy",
             r"invalid policy: 'MlpPolicyy' \(valid values: CnnPolicy, .*MlpPolicy, MultiInputPolicy\)",

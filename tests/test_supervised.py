@@ -418,3 +418,12 @@ def test_supervised_run_into_a_folder_in_use_refuses_naming_the_pid(
         assert load_script("supervised").main(argv) == 2
     assert f"in use by another run (PID {os.getpid()})" in capsys.readouterr().err
     assert list(log_dir.iterdir()) == []
+
+
+def test_supervised_settings_file_with_a_key_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    from agents.supervised.training import task_config
+
+    settings = tmp_path / "settings.yml"
+    settings.write_text("mnist_autoencoder:\n  batch_size: 100\n  batch_size: 1000\n  optimizers: {sgd: {lr: 0.1}}\n")
+    with pytest.raises(ValueError, match=r"settings\.yml: not valid YAML: the key 'batch_size' is given twice"):
+        task_config("mnist_autoencoder", settings)

@@ -32,11 +32,16 @@ def task_config(task: str, path: str | Path | None = None) -> dict[str, Any]:
     """
     import yaml
 
+    from ..rl_config import load_settings
+
     path = Path(path) if path is not None else CONFIG_PATH
     if not path.is_file():
         raise FileNotFoundError(f"supervised config not found: {path}")
     with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+        try:
+            data = load_settings(handle) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {error}") from None
     if task not in data:
         raise ValueError(f"{path}: no section for task {task!r}; sections: {', '.join(sorted(data))}")
     section = data[task]
