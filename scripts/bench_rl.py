@@ -360,11 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     if not log.is_file():
         parser.error(f"no runs recorded in {log}")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    records = [
+    selected = [
         r
         for r in records
         if r["env"] in args.envs and r["algo"] in args.algos and r.get("defaults_n_envs") == args.defaults
     ]
+    if not selected:
+        held = sorted({f"{r['env']} {r['algo']} --defaults {r.get('defaults_n_envs')}" for r in records})
+        parser.error(
+            f"no run in {log} matches --envs {' '.join(args.envs)} --algos {' '.join(args.algos)} --defaults "
+            f"{args.defaults} (None: the configs); it holds: {'; '.join(held)}"
+        )
+    records = selected
     report = table(records)
     (args.out / "results.md").write_text(report + "\n")
     plot(records, args.out / "curves.png")

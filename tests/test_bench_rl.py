@@ -122,6 +122,17 @@ def test_report_rebuilds_table_and_plot_from_logs(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").stat().st_size > 5_000 and "| ppo |" in (tmp_path / "results.md").read_text()
 
 
+def test_report_with_no_matching_run_says_what_the_log_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    (tmp_path / "runs.jsonl").write_text(json.dumps({**record("a2c", [500.0] * 30), "defaults_n_envs": 1}) + "\n")
+    with pytest.raises(SystemExit):
+        load_script("bench_rl").main(["--report", "--out", str(tmp_path), "--envs", "CartPole-v1"])
+    assert "it holds: CartPole-v1 a2c --defaults 1" in capsys.readouterr().err
+
+
 def test_throughput_table_gives_ratios_to_a2c_and_a_short_run_measures_every_algorithm(tmp_path: Path) -> None:
     throughput = load_script("bench_throughput")
     table = throughput.table([("CartPole-v1", "a2c", 1000, 2.0), ("CartPole-v1", "acktr_ekfac", 1000, 1.0)])
