@@ -427,3 +427,10 @@ def test_supervised_settings_file_with_a_key_given_twice_is_refused_naming_it(tm
     settings.write_text("mnist_autoencoder:\n  batch_size: 100\n  batch_size: 1000\n  optimizers: {sgd: {lr: 0.1}}\n")
     with pytest.raises(ValueError, match=r"settings\.yml: not valid YAML: the key 'batch_size' is given twice"):
         task_config("mnist_autoencoder", settings)
+    # A merge key ("<<: *anchor", which configs/supervised.yml uses) may still be overridden by an explicit key.
+    settings.write_text(
+        "base: &base {batch_size: 100, epochs: 2}\n"
+        "mnist_autoencoder:\n  <<: *base\n  batch_size: 1000\n  optimizers: {sgd: {lr: 0.1}}\n"
+    )
+    assert task_config("mnist_autoencoder", settings)["batch_size"] == 1000
+    assert set(task_config("cifar10_vgg11")["optimizers"]) >= {"sgd", "ekfac"}
