@@ -37,6 +37,10 @@ def _registered_ids() -> list[str]:
     return list(gym.registry.keys())
 
 
+# Frames stacked for Atari unless a config says otherwise (DeepMind's preprocessing).
+ATARI_FRAME_STACK = 4
+
+
 def ale_import_error() -> str | None:
     """Why ``ale_py`` (the Atari environments) failed to import, or ``None`` when it imported."""
     _registered_ids()
@@ -84,7 +88,7 @@ def make_env(
     seed: int = 0,
     *,
     training: bool = True,
-    frame_stack: int = 4,
+    frame_stack: int | None = None,
     normalize: bool | dict[str, bool] | None = None,
     monitor_dir: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
@@ -108,7 +112,8 @@ def make_env(
         n_envs: number of parallel environments.
         seed: seed of the first environment (the others get ``seed + i``).
         training: training (``True``) or evaluation wrappers.
-        frame_stack: frames stacked for Atari.
+        frame_stack: frames stacked, Atari only (default 4); given for another env it raises, as it would be
+            ignored there.
         normalize: wrap in ``VecNormalize`` (default: for MuJoCo only); a dict with ``norm_obs`` and/or
             ``norm_reward`` (both true when left out) normalizes only what it asks for.
         monitor_dir: where ``Monitor`` writes its CSV files (none by default).
@@ -127,7 +132,12 @@ def make_env(
         raise ValueError(f"Invalid gamma: {gamma!r} (must be a float in [0, 1])")
     kind = env_kind(env_id)
     env_kwargs = dict(env_kwargs or {})
+    if frame_stack is not None and kind != "atari":
+        raise ValueError(
+            f"frame_stack={frame_stack!r} applies to Atari envs (ALE/...) only; {env_id} is {kind}: leave it out"
+        )
     if kind == "atari":
+        frame_stack = ATARI_FRAME_STACK if frame_stack is None else frame_stack
         if not is_positive_int(frame_stack):
             raise ValueError(f"Invalid frame_stack: {frame_stack!r} (must be an integer >= 1)")
         env_kwargs.setdefault("frameskip", 1)

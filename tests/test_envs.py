@@ -60,6 +60,14 @@ def test_atari_env_has_deepmind_preprocessing_and_true_scores_for_evaluation() -
     evaluation.close()
 
 
+def test_frame_stack_for_an_env_that_is_not_atari_is_refused_naming_the_env() -> None:
+    with pytest.raises(
+        ValueError, match=r"frame_stack=4 applies to Atari envs \(ALE/\.\.\.\) only; CartPole-v1 is classic"
+    ):
+        make_env("CartPole-v1", n_envs=1, frame_stack=4)
+    assert make_env("CartPole-v1", n_envs=1).observation_space.shape == (4,)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_mujoco_env_is_normalized_and_statistics_round_trip(tmp_path) -> None:
     env = make_env("HalfCheetah-v5", n_envs=2, seed=0)
