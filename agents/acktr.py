@@ -124,11 +124,11 @@ class ACKTR(OnPolicyAlgorithm):
     policy before and after the update, on the batch), ``train/measured_vf_kl``, ``train/vf_kl_clip_scale`` and
     ``train/vf_predicted_kl`` (separate critic), ``train/kl_bias`` (with ``calibrate_kl``), ``train/value_scale``
     (``sigma``), ``train/value_error`` (root mean square of the rollout's returns minus the values predicted when it
-    was collected, in reward units), ``train/value_target_spread`` (the running spread of the value targets, which
-    ``normalize_advantage="returns"`` divides the advantages by), ``train/damping``, ``train/learning_rate``,
-    ``time/eigh_ms``, and ``train/std`` for Gaussian policies; with ``kl_backtrack`` ``train/kl_backtrack_factor``
-    (and ``train/vf_kl_backtrack_factor``), with ``state_kl_bound`` ``train/state_kl`` and
-    ``train/state_kl_factor``; SB3 adds ``time/fps``.
+    was collected, in the units of the rewards the agent sees: normalized ones behind VecNormalize),
+    ``train/value_target_spread`` (the running spread of the value targets, which ``normalize_advantage="returns"``
+    divides the advantages by), ``train/damping``, ``train/learning_rate``, ``time/eigh_ms``, and ``train/std`` for
+    Gaussian policies; with ``kl_backtrack`` ``train/kl_backtrack_factor`` (and ``train/vf_kl_backtrack_factor``),
+    with ``state_kl_bound`` ``train/state_kl`` and ``train/state_kl_factor``; SB3 adds ``time/fps``.
 
     Args:
         policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` (Dict observations) or a
@@ -459,7 +459,7 @@ class ACKTR(OnPolicyAlgorithm):
             file = next((candidate for candidate in candidates if candidate.is_file()), None)
             if file is None:
                 raise FileNotFoundError(f"no saved agent at {path} (nor at {path}.zip)")
-            check_saved_algorithm(file, cls.__name__)
+            check_saved_algorithm(file, cls)
         model = diagnosed_load(load, file, cls.__name__, reraise_intact=True) if file is not None else load()
         bad = [name for name, param in model.policy.named_parameters() if not bool(th.isfinite(param).all())]
         if bad:

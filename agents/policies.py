@@ -609,7 +609,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             # The optimizer skipped this step (a non-finite gradient or step, with its warning): nothing moved, so
             # there is no KL to measure, calibrate on or backtrack.
             self._reservoir_before = None
-            self.last_measured_kl = self.last_measured_vf_kl = float("nan")
+            self.last_measured_kl = self.last_measured_vf_kl = self.last_state_kl = float("nan")
+            self.last_state_kl_factor = 1.0
             self.last_backtrack_factors = [1.0] * len(self.trust_regions.regions)
             return
         self._measure_step(*pending)

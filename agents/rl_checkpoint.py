@@ -127,15 +127,27 @@ def _damaged_member(path: Path) -> str | None:
     return None
 
 
-def check_saved_algorithm(path: Path, algorithm: str) -> None:
+# Settings that only one of these on-policy algorithms saves (checked in this order: ACKTR's data has A2C's too).
+_SAVED_BY = (
+    ("ACKTR", ("preconditioner", "max_kl")),
+    ("PPO", ("n_epochs", "clip_range")),
+    ("TRPO", ("cg_max_steps",)),
+    ("A2C", ("ent_coef", "vf_coef")),
+)
+
+
+def check_saved_algorithm(path: Path, algorithm: type) -> None:
     """Refuse, before SB3 reads it, an intact zip at ``path`` whose settings (its ``data`` member) show it was saved
-    by another of ACKTR, PPO, TRPO and A2C than ``algorithm`` (a class name), or that has no ``data`` member. A file
-    that does not read as a zip, or whose settings name none of them, is left to the loader.
+    by another of ACKTR, PPO, TRPO and A2C than the one ``algorithm`` is (or derives from), or that has no ``data``
+    member. An algorithm that is none of them (sb3-contrib's RecurrentPPO, a user's own), a file that does not read
+    as a zip, or settings that name none of them are left to the loader.
 
     Raises:
         CorruptedFileError: the archive has no ``data`` member.
         ValueError: the saved agent is another algorithm's (the message names it).
     """
+    known = {name for name, _ in _SAVED_BY}
+    family = next((cls.__name__ for cls in algorithm.__mro__ if cls.__name__ in known), None)
     try:
         with zipfile.ZipFile(path) as archive:
             if "data" not in archive.namelist():
@@ -148,20 +160,13 @@ def check_saved_algorithm(path: Path, algorithm: str) -> None:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return
-    if not isinstance(data, dict):
+    if family is None or not isinstance(data, dict):
         return
     saved_by = next((name for name, settings in _SAVED_BY if all(key in data for key in settings)), None)
-    if saved_by is not None and saved_by != algorithm:
-        raise ValueError(f"{path} holds an agent saved by {saved_by}, not {algorithm}: load it with {saved_by}.load")
-
-
-# Settings that only one of these on-policy algorithms saves (checked in this order: ACKTR's data has A2C's too).
-_SAVED_BY = (
-    ("ACKTR", ("preconditioner", "max_kl")),
-    ("PPO", ("n_epochs", "clip_range")),
-    ("TRPO", ("cg_max_steps",)),
-    ("A2C", ("ent_coef", "vf_coef")),
-)
+    if saved_by is not None and saved_by != family:
+        raise ValueError(
+            f"{path} holds an agent saved by {saved_by}, not {algorithm.__name__}: load it with {saved_by}.load"
+        )
 
 
 def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
@@ -177,7 +182,7 @@ def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
         path = Path(f"{path}.zip")  # the name as given to save(), which adds ".zip"
     if not path.is_file():
         raise FileNotFoundError(f"no saved agent at {path} (nor at {path}.zip)")
-    check_saved_algorithm(path, algorithm.__name__)
+    check_saved_algorithm(path, algorithm)
     return diagnosed_load(lambda: algorithm.load(path, **kwargs), path, algorithm.__name__)
 
 

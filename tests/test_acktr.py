@@ -393,7 +393,18 @@ def test_acktr_load_names_the_algorithm_of_an_a2c_or_ppo_file_and_refuses_a_zip_
             ValueError, match=rf"saved by {algorithm.__name__}, not ACKTR: load it with {algorithm.__name__}\.load"
         ):
             ACKTR.load(tmp_path / algorithm.__name__)
+    # An algorithm that is none of ACKTR, PPO, TRPO and A2C (sb3-contrib's RecurrentPPO, a user's own) is not checked.
+    from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+    from agents.rl_checkpoint import check_saved_algorithm
+
+    check_saved_algorithm(tmp_path / "PPO.zip", OnPolicyAlgorithm)
     ACKTR("MlpPolicy", "CartPole-v1", n_steps=8, seed=0).save(tmp_path / "agent")
+
+    class MyACKTR(ACKTR):
+        pass
+
+    assert isinstance(MyACKTR.load(tmp_path / "agent"), MyACKTR), "a subclass loads its family's files"
     with zipfile.ZipFile(tmp_path / "agent.zip") as archive, zipfile.ZipFile(tmp_path / "nodata.zip", "w") as copy:
         for name in archive.namelist():
             if name != "data":

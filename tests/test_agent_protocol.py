@@ -379,6 +379,14 @@ def test_value_scale_change_rescales_the_heads_momentum_and_adam_moments_with_it
     before = {key: [policy.optimizer.state[p][key].clone() for p in head] for key in _HEAD_STATE_KEYS}
     weights = [p.detach().clone() for p in head]
     obs = torch.as_tensor(env.reset(), dtype=torch.float32)
+    returns = torch.tensor([10.0, -5.0])
+
+    def head_gradients() -> list[torch.Tensor]:
+        values, _, _ = policy.evaluate_actions(obs, torch.zeros(2, dtype=torch.long))
+        policy._pending = None  # no optimizer step follows this pass
+        return [g.detach() for g in torch.autograd.grad((values.flatten() - returns).square().mean(), head)]
+
+    gradients = head_gradients()
     with torch.no_grad():
         values = policy.predict_values(obs)
     old_scale = float(policy.value_scale)
@@ -389,7 +397,10 @@ def test_value_scale_change_rescales_the_heads_momentum_and_adam_moments_with_it
         torch.testing.assert_close(policy.predict_values(obs), values, rtol=1e-5, atol=1e-5)
     for p, w in zip(head, weights):
         torch.testing.assert_close(p.detach(), w * ratio)
-    # The head's gradients scale with its weights (its loss is taken in units of the value scale).
+    # The head's gradients scale with its weights (its loss is taken in units of the value scale) ...
+    for new, old in zip(head_gradients(), gradients):
+        torch.testing.assert_close(new, old * ratio, rtol=1e-4, atol=1e-7)
+    # ... and so its optimizer state does: as if it had been gathered in the new units.
     for key, power in _HEAD_STATE_KEYS.items():
         for p, old in zip(head, before[key]):
             torch.testing.assert_close(policy.optimizer.state[p][key], old * ratio**power)

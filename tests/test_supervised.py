@@ -433,4 +433,13 @@ def test_supervised_settings_file_with_a_key_given_twice_is_refused_naming_it(tm
         "mnist_autoencoder:\n  <<: *base\n  batch_size: 1000\n  optimizers: {sgd: {lr: 0.1}}\n"
     )
     assert task_config("mnist_autoencoder", settings)["batch_size"] == 1000
+    # A merged mapping that itself merges and overrides is not a repeat either, and an unhashable key is invalid YAML.
+    settings.write_text(
+        "mnist_autoencoder: {optimizers: {kfac: &k {lr: 0.3, damping: 0.001}, ekfac: &e {<<: *k, damping: 0.01}}}\n"
+        "other: {<<: *e, lr: 0.5}\n"
+    )
+    assert task_config("mnist_autoencoder", settings)["optimizers"]["ekfac"] == {"lr": 0.3, "damping": 0.01}
+    settings.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ValueError, match=r"(?s)settings\.yml: not valid YAML: .*unhashable key"):
+        task_config("mnist_autoencoder", settings)
     assert set(task_config("cifar10_vgg11")["optimizers"]) >= {"sgd", "ekfac"}
