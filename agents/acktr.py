@@ -35,7 +35,7 @@ from .policies import (
     check_curvature,
     check_preconditioner,
 )
-from .rl_checkpoint import CorruptedFileError, check_saved_algorithm, diagnosed_load
+from .rl_checkpoint import CorruptedFileError, check_saved_algorithm, diagnosed_load, saved_agent_file
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -455,10 +455,7 @@ class ACKTR(OnPolicyAlgorithm):
 
         file = None
         if isinstance(path, str | pathlib.Path):
-            candidates = [pathlib.Path(path), pathlib.Path(f"{path}.zip")]
-            file = next((candidate for candidate in candidates if candidate.is_file()), None)
-            if file is None:
-                raise FileNotFoundError(f"no saved agent at {path} (nor at {path}.zip)")
+            file = saved_agent_file(path)
             check_saved_algorithm(file, cls)
         model = diagnosed_load(load, file, cls.__name__, reraise_intact=True) if file is not None else load()
         bad = [name for name, param in model.policy.named_parameters() if not bool(th.isfinite(param).all())]

@@ -169,6 +169,19 @@ def check_saved_algorithm(path: Path, algorithm: type) -> None:
         )
 
 
+def saved_agent_file(path: str | Path) -> Path:
+    """The file of an agent saved at ``path``: ``path`` itself, or ``path`` + ``.zip`` (the name as given to
+    ``save()``, which adds it), as SB3's ``load`` reads it.
+
+    Raises:
+        FileNotFoundError: neither exists.
+    """
+    file = next((f for f in (Path(path), Path(f"{path}.zip")) if f.is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"no saved agent at {path} (nor at {path}.zip)")
+    return file
+
+
 def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
     """``algorithm.load(path, **kwargs)``; a damaged file raises ``CorruptedFileError`` naming it.
 
@@ -177,11 +190,7 @@ def load_agent(algorithm: type, path: Path, **kwargs: Any) -> Any:
         CorruptedFileError: not a zip archive, or a member (``policy.pth``, ``data``, ...) missing or unreadable.
         ValueError: the file holds another algorithm's agent (named in the message).
     """
-    path = Path(path)
-    if not path.is_file() and Path(f"{path}.zip").is_file():
-        path = Path(f"{path}.zip")  # the name as given to save(), which adds ".zip"
-    if not path.is_file():
-        raise FileNotFoundError(f"no saved agent at {path} (nor at {path}.zip)")
+    path = saved_agent_file(path)
     check_saved_algorithm(path, algorithm)
     return diagnosed_load(lambda: algorithm.load(path, **kwargs), path, algorithm.__name__)
 
