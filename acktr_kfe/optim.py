@@ -897,7 +897,7 @@ class KroneckerPreconditioner(Optimizer):
         if self.step_norm is StepNorm.NATURAL:
             scales = regions.scales(quadratics, lr, radii)
             check += [scales.sum(), torch.stack(quadratics).sum()]
-        if not bool(torch.isfinite(torch.stack(check)).all()):
+        if not self._agreed_finite(torch.stack(check), synchronized):
             self.skipped_steps += 1
             self._failure("step", "non-finite preconditioned direction or trust-region scale; the step was skipped")
             return loss
@@ -920,6 +920,15 @@ class KroneckerPreconditioner(Optimizer):
         self._step += 1
         self._consecutive_failures["gradient"] = 0
         return loss
+
+    @staticmethod
+    def _agreed_finite(values: Tensor, synchronized: bool) -> bool:
+        """Whether every entry of ``values`` is finite; in a data-parallel run, on every rank (one all-reduce), so
+        that a step skipped on one rank is skipped on all and the parameters stay identical."""
+        finite = bool(torch.isfinite(values).all())
+        if synchronized:
+            finite = not data_parallel.agree_any(not finite, what="the non-finite-step decision")
+        return finite
 
     def _follow_weight_dtypes(self) -> None:
         """Bring a layer's statistics to its weight's precision and device when the model was converted after they
@@ -1084,7 +1093,7 @@ class KroneckerPreconditioner(Optimizer):
             if param not in steps:
                 steps[param] = self._adam_step(param, weight_decay, pending)
         scales = regions.scales(quadratics, lr, radii)
-        if not bool(torch.isfinite(torch.stack([*checks, scales.sum()])).all()):
+        if not self._agreed_finite(torch.stack([*checks, scales.sum()]), self.synchronized):
             return None, quadratics
         for param, entries in pending.items():
             self.state[param].update(entries)

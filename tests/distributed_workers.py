@@ -181,6 +181,27 @@ def optimizer_equivalence(rank: int, size: int) -> dict[str, Any]:
         "steps": optimizer.steps,
         "parameters": [p.detach().clone() for p in model.parameters()],
     }
+    # A non-finite preconditioned direction on one rank only (finite gradients): every rank skips that step, under
+    # the natural step and under the grafted one (step_norm="adam").
+    for step_norm in ("natural", "adam"):
+        torch.manual_seed(0)
+        model = _mlp()
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        optimizer = acktr_kfe.EKFAC(wrapped, lr=0.05, factor_update_interval=1, step_norm=step_norm)
+        adapter = optimizer.blocks[0].adapter
+        for step in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(wrapped(inputs), targets).backward()
+            if step == 1 and rank == size - 1:
+                original = adapter.grad_matrix
+                adapter.grad_matrix = lambda original=original: original() * float("nan")  # type: ignore[method-assign]
+            optimizer.step()
+            adapter.__dict__.pop("grad_matrix", None)
+        results[f"direction-{step_norm}"] = {
+            "skipped": optimizer.skipped_steps,
+            "steps": optimizer.steps,
+            "parameters": [p.detach().clone() for p in model.parameters()],
+        }
     return results
 
 

@@ -349,6 +349,17 @@ def test_a_non_finite_gradient_on_one_rank_makes_every_rank_skip_the_step(
         assert torch.equal(a, b) and bool(torch.isfinite(a).all())
 
 
+@pytest.mark.parametrize("step_norm", ["natural", "adam"])
+def test_a_non_finite_direction_on_one_rank_makes_every_rank_skip_the_step(
+    equivalence_results: list[dict[str, Any]], step_norm: str
+) -> None:
+    first, second = (results[f"direction-{step_norm}"] for results in equivalence_results)
+    assert first["skipped"] == second["skipped"] == 1
+    assert first["steps"] == second["steps"] == 2
+    for a, b in zip(first["parameters"], second["parameters"]):
+        assert torch.equal(a, b) and bool(torch.isfinite(a).all())
+
+
 def test_acktr_ranks_step_their_own_environments_and_keep_identical_policies_and_normalization(tmp_path: Path) -> None:
     first, second = results_of(launch("acktr_lockstep", tmp_path, timeout=90.0))
     assert not torch.equal(first["observations"], second["observations"])
