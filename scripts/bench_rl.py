@@ -334,6 +334,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         for env_id in BENCHMARKS:
             BENCHMARKS[env_id] = (args.steps, BENCHMARKS[env_id][1])
+    if not args.report and args.defaults is None:  # every configured run has its entry, before any run starts
+        missing = [
+            f"{algo} on {env_id}"
+            for algo in args.algos
+            if not algo.startswith("acktr")
+            for env_id in args.envs
+            if baseline_config(PLUGIN_BASES.get(algo, algo), env_id) is None
+        ]
+        if missing:
+            parser.error(
+                f"configs/baselines.yml has no rl-zoo entry for {', '.join(missing)}: leave those out, add an entry, "
+                "or run every algorithm with its constructor defaults (--defaults N_ENVS)"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     if not args.report:
@@ -354,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 reached = "not reached" if summary["reached"] is None else f"reached at {summary['reached']:,} steps"
                 print(
                     f"[{done}/{len(jobs)}] {record['env']} {record['algo']} seed {record['seed']}: "
-                    f"{threshold:g} {reached}, final {summary['final']:.1f}, {summary['fps']:.0f} steps/s",
+                    f"{'no threshold' if threshold is None else f'{threshold:g} {reached}'}, "
+                    f"final {summary['final']:.1f}, {summary['fps']:.0f} steps/s",
                     flush=True,
                 )
     if not log.is_file():

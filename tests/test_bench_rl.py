@@ -196,3 +196,33 @@ def test_untuned_probe_is_apart_from_both_sets_and_an_env_without_threshold_repo
     car = next(row for row in rows if row.startswith("| MountainCar-v0"))
     assert "(≥-110, 200,000 steps) | a2c | 10,000 (1/1) |" in car  # gymnasium's reward_threshold for the env
     assert (tmp_path / "curves.png").stat().st_size > 5_000
+
+
+def test_a_configured_run_without_an_rl_zoo_entry_is_refused_before_any_run_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load_script("bench_rl")
+    started: list[tuple] = []
+    monkeypatch.setattr(bench, "run_one", lambda *job: started.append(job))
+    argv = ["--envs", "Walker2d-v5", "InvertedDoublePendulum-v5", "--algos", "trpo", "a2c_kron", "acktr_ekfac"]
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--out", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert "no rl-zoo entry for trpo on InvertedDoublePendulum-v5, a2c_kron on Walker2d-v5" in error
+    assert "acktr_ekfac on" not in error and "trpo on Walker2d-v5" not in error  # ACKTR's own config; TRPO's entry
+    assert not started and not (tmp_path / "runs.jsonl").exists()
+
+
+def test_progress_line_of_an_env_without_a_threshold_gives_its_returns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    bench = load_script("bench_rl")
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", ThreadPoolExecutor)  # the loaded script cannot be pickled
+    monkeypatch.setattr(
+        bench, "run_one", lambda algo, env, seed, *rest: {**record(algo, [560.0] * 30), "env": env, "seed": seed}
+    )
+    argv = ["--envs", "Humanoid-v5", "--algos", "acktr_ekfac", "--seeds", "0", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert "[1/1] Humanoid-v5 acktr_ekfac seed 0: no threshold, final 560.0" in capsys.readouterr().out
