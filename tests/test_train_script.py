@@ -42,6 +42,16 @@ def test_train_writes_run_folder_and_resume_continues_from_checkpoint(tmp_path: 
     assert ACKTR.load(run / "model.zip").policy.optimizer.steps == 4
 
 
+def test_classic_control_env_without_an_entry_runs_on_one_env_and_the_tuned_entries_keep_eight() -> None:
+    config_path = ROOT / "configs" / "acktr.yml"
+    for env_id in ("Acrobot-v1", "MountainCar-v0"):  # the classic family: ACKTR("MlpPolicy", env) on one env
+        config = resolve_config(config_path, env_id, ACKTR)
+        assert config["n_envs"] == 1 and not config.get("normalize"), env_id
+        assert not {"n_steps", "max_kl", "gae_lambda"} & set(config), env_id  # left to the action space
+    for env_id in ("CartPole-v1", "Pendulum-v1", "MountainCarContinuous-v0"):  # tuned with 8 envs
+        assert resolve_config(config_path, env_id, ACKTR)["n_envs"] == 8, env_id
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_mujoco_run_trains_the_constructor_defaults_on_one_raw_env_and_resume_keeps_observation_statistics(
     tmp_path: Path,
