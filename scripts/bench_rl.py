@@ -347,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"configs/baselines.yml has no rl-zoo entry for {', '.join(missing)}: leave those out, add an entry, "
                 "or run every algorithm with its constructor defaults (--defaults N_ENVS)"
             )
+    if not args.report and "trpo" in args.algos:  # sb3-contrib is imported in the workers: check it first
+        try:
+            trpo_class()
+        except ImportError as error:
+            parser.error(str(error))
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     if not args.report:

@@ -226,7 +226,8 @@ def build_config(args: argparse.Namespace, algorithm: type) -> dict[str, Any]:
             print(f"({path} sets nothing for {args.env}: {algorithm.__name__} runs with its constructor's defaults)")
     config = validate_config(config, path, algorithm)
     config.setdefault("policy", "MlpPolicy")
-    config.setdefault("n_envs", 8)
+    # A file that leaves n_envs out: one env for ACKTR (as configs/acktr.yml's default), 8 for A2C and PPO.
+    config.setdefault("n_envs", 1 if issubclass(algorithm, ACKTR) else 8)
     config.setdefault("total_timesteps", 100_000)
     config.setdefault("eval_episodes", 10)
     if args.total_timesteps is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,26 +182,36 @@ def optimizer_equivalence(rank: int, size: int) -> dict[str, Any]:
         "steps": optimizer.steps,
         "parameters": [p.detach().clone() for p in model.parameters()],
     }
-    # A non-finite preconditioned direction on one rank only (finite gradients): every rank skips that step, under
-    # the natural step and under the grafted one (step_norm="adam").
+    # A non-finite preconditioned direction (natural step) or step size (grafted step, step_norm="adam") on one rank
+    # only, its gradient finite: every rank skips that step, and says why.
     for step_norm in ("natural", "adam"):
         torch.manual_seed(0)
         model = _mlp()
         wrapped = nn.parallel.DistributedDataParallel(model)
         optimizer = acktr_kfe.EKFAC(wrapped, lr=0.05, factor_update_interval=1, step_norm=step_norm)
         adapter = optimizer.blocks[0].adapter
+        messages: list[str] = []
         for step in range(3):
             optimizer.zero_grad()
             nn.functional.cross_entropy(wrapped(inputs), targets).backward()
             if step == 1 and rank == size - 1:
-                original = adapter.grad_matrix
-                adapter.grad_matrix = lambda original=original: original() * float("nan")  # type: ignore[method-assign]
-            optimizer.step()
+                if step_norm == "natural":  # the direction of the first layer
+                    original_matrix = adapter.grad_matrix
+                    adapter.grad_matrix = lambda f=original_matrix: f() * float("nan")  # type: ignore[method-assign]
+                else:  # Adam's step length, with every direction finite
+                    original_step = optimizer._adam_step
+                    optimizer._adam_step = lambda *a, f=original_step: f(*a) * float("nan")  # type: ignore[method-assign]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                optimizer.step()
+            messages += [str(w.message) for w in caught]
             adapter.__dict__.pop("grad_matrix", None)
+            optimizer.__dict__.pop("_adam_step", None)
         results[f"direction-{step_norm}"] = {
             "skipped": optimizer.skipped_steps,
             "steps": optimizer.steps,
             "parameters": [p.detach().clone() for p in model.parameters()],
+            "messages": messages,
         }
     return results
 

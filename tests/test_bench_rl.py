@@ -226,3 +226,17 @@ def test_progress_line_of_an_env_without_a_threshold_gives_its_returns(
     argv = ["--envs", "Humanoid-v5", "--algos", "acktr_ekfac", "--seeds", "0", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
     assert "[1/1] Humanoid-v5 acktr_ekfac seed 0: no threshold, final 560.0" in capsys.readouterr().out
+
+
+def test_a_trpo_run_without_sb3_contrib_is_refused_before_any_run_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load_script("bench_rl")
+    started: list[tuple] = []
+    monkeypatch.setattr(bench, "run_one", lambda *job: started.append(job))
+    monkeypatch.setitem(sys.modules, "sb3_contrib", None)  # as if it were not installed
+    for extra in ([], ["--defaults", "1"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--envs", "CartPole-v1", "--algos", "a2c", "trpo", "--out", str(tmp_path), *extra])
+        assert "pip install sb3-contrib" in capsys.readouterr().err
+    assert not started and not (tmp_path / "runs.jsonl").exists()

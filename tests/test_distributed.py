@@ -349,12 +349,17 @@ def test_a_non_finite_gradient_on_one_rank_makes_every_rank_skip_the_step(
         assert torch.equal(a, b) and bool(torch.isfinite(a).all())
 
 
-@pytest.mark.parametrize("step_norm", ["natural", "adam"])
-def test_a_non_finite_direction_on_one_rank_makes_every_rank_skip_the_step(
-    equivalence_results: list[dict[str, Any]], step_norm: str
+@pytest.mark.parametrize(
+    ("step_norm", "why"),
+    [("natural", "non-finite preconditioned direction"), ("adam", "non-finite step size")],
+)
+def test_a_non_finite_direction_or_step_size_on_one_rank_makes_every_rank_skip_the_step(
+    equivalence_results: list[dict[str, Any]], step_norm: str, why: str
 ) -> None:
     first, second = (results[f"direction-{step_norm}"] for results in equivalence_results)
     assert first["skipped"] == second["skipped"] == 1
+    for results in (first, second):  # the rank that overflowed and the one that did not give the same reason
+        assert any(why in message for message in results["messages"]), results["messages"]
     assert first["steps"] == second["steps"] == 2
     for a, b in zip(first["parameters"], second["parameters"]):
         assert torch.equal(a, b) and bool(torch.isfinite(a).all())

@@ -170,7 +170,8 @@ def test_config_file_with_no_settings_for_the_env_says_the_defaults_apply(
     assert (
         "empty.yml sets nothing for CartPole-v1: ACKTR runs with its constructor's defaults" in capsys.readouterr().out
     )
-    assert config == {"policy": "MlpPolicy", "n_envs": 8, "total_timesteps": 100_000, "eval_episodes": 10}
+    # One env, as configs/acktr.yml's default section: the constructor's defaults on one env.
+    assert config == {"policy": "MlpPolicy", "n_envs": 1, "total_timesteps": 100_000, "eval_episodes": 10}
 
 
 def test_config_section_that_is_no_env_id_nor_family_is_refused_with_the_closest_ids(tmp_path: Path) -> None:
