@@ -83,14 +83,20 @@ PLUGIN_BASES = {"a2c_kron": "a2c", "ppo_kron": "ppo"}
 WINDOW = 10
 
 
-def baseline_config(algo: str, env_id: str) -> dict[str, Any] | None:
-    """A2C's, PPO's or TRPO's rl-zoo hyperparameters for ``env_id`` from configs/baselines.yml (``{}``: the
-    algorithm's defaults), or ``None`` when the file has no entry for the env."""
+def baseline_entries() -> dict[str, Any]:
+    """configs/baselines.yml as read: each algorithm's rl-zoo entries, by env id."""
     import yaml
 
     with (ROOT / "configs" / "baselines.yml").open() as handle:
-        entries = yaml.safe_load(handle).get(algo) or {}
-    return None if env_id not in entries else dict(entries[env_id] or {})
+        return yaml.safe_load(handle) or {}
+
+
+def baseline_config(algo: str, env_id: str, entries: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A2C's, PPO's or TRPO's rl-zoo hyperparameters for ``env_id`` from configs/baselines.yml (``{}``: the
+    algorithm's defaults), or ``None`` when the file has no entry for the env. ``entries``: the file as
+    :func:`baseline_entries` read it (read here when not given)."""
+    own = (baseline_entries() if entries is None else entries).get(algo) or {}
+    return None if env_id not in own else dict(own[env_id] or {})
 
 
 def trpo_class() -> type:
@@ -335,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         for env_id in BENCHMARKS:
             BENCHMARKS[env_id] = (args.steps, BENCHMARKS[env_id][1])
     if not args.report and args.defaults is None:  # every configured run has its entry, before any run starts
+        entries = baseline_entries()
         missing = [
             f"{algo} on {env_id}"
             for algo in args.algos
             if not algo.startswith("acktr")
             for env_id in args.envs
-            if baseline_config(PLUGIN_BASES.get(algo, algo), env_id) is None
+            if baseline_config(PLUGIN_BASES.get(algo, algo), env_id, entries) is None
         ]
         if missing:
             parser.error(
