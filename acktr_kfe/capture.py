@@ -78,10 +78,18 @@ class StatisticsCapture:
         # Run eagerly under torch.compile: whether a backward is recorded is decided when it runs (armed), not
         # when the forward was traced.
         @torch.compiler.disable
-        def forward_hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        def record_forward(module: nn.Module, inputs: tuple, output: object) -> None:
             capture = self_ref()
             if capture is not None:
                 capture._on_forward(module, inputs, output)
+
+        def forward_hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            # Eager forwards that cannot be recorded (evaluation mode, no gradients: every rollout step of an RL
+            # agent) return here, before the call through torch.compiler.disable's wrapper, which costs about 13
+            # microseconds a layer on a CPU (a fifth of a small policy's forward pass).
+            if not torch.compiler.is_compiling() and not (module.training and torch.is_grad_enabled()):
+                return
+            record_forward(module, inputs, output)
 
         self._handles: list[RemovableHandle] = [m.register_forward_hook(forward_hook) for m in modules]
 
