@@ -547,6 +547,14 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         values = _scaled_values(normalized, self.value_scale)
         return values, distribution.log_prob(actions), distribution.entropy()
 
+    def critic_values(self, obs: th.Tensor) -> th.Tensor:
+        """The critic's values ``(N, 1)`` in reward units, through the critic's layers only, with the gradient that
+        :meth:`evaluate_actions` gives them (divided by the value scale on its way to the head)."""
+        features = self.extract_features(obs)
+        if not self.share_features_extractor:
+            features = features[1]
+        return _scaled_values(self.value_net(self.mlp_extractor.forward_critic(features)), self.value_scale)
+
     def _ief_curvature_pass(self, distribution: Distribution, normalized: th.Tensor, actions: th.Tensor) -> None:
         """``curvature="ief"``: the policy's empirical Fisher at the *taken* actions, each example's gradient divided
         by the norm of ``d(-log pi(a_n | s_n)) / d z_n`` at the action network's outputs ``z_n`` (the logits, or the

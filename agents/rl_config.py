@@ -209,6 +209,7 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "n_steps": ("int", 1, _UNBOUNDED, False, True),
     "batch_size": ("int", 1, _UNBOUNDED, False, True),
     "n_epochs": ("int", 1, _UNBOUNDED, False, True),
+    "n_critic_updates": ("int", 1, _UNBOUNDED, False, True),
     "stats_window_size": ("int", 1, _UNBOUNDED, False, True),
     "factor_update_interval": ("int", 1, _UNBOUNDED, False, True),
     "eigen_update_interval": ("int", 1, _UNBOUNDED, False, True),

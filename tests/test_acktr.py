@@ -6,11 +6,13 @@ import re
 import zipfile
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 from agents.acktr import ACKTR
 from agents.rl_checkpoint import CorruptedFileError
@@ -456,3 +458,47 @@ def test_skipped_first_step_warns_and_leaves_calibration_unchanged_then_training
 def test_acktr_refuses_invalid_coefficients_at_construction_naming_them(argument: str, value: object) -> None:
     with pytest.raises(ValueError, match=re.escape(f"Invalid {argument}: {value!r} (")):
         ACKTR("MlpPolicy", "Pendulum-v1", **{argument: value})
+
+
+def test_extra_critic_updates_fit_the_critic_and_leave_the_joint_step_and_the_actor_alone() -> None:
+    """n_critic_updates=3: the same joint step as with 1, then two steps of the critic alone on the rollout."""
+    models = {}
+    for count in (1, 3):
+        env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+        model = ACKTR("MlpPolicy", env, n_steps=16, n_critic_updates=count, seed=0)
+        model.learn(32)
+        models[count] = model
+    one, three = models[1], models[3]
+    assert three.policy.optimizer.steps == 3 and one.policy.optimizer.steps == 1
+    actor = ("mlp_extractor.policy_net", "action_net", "log_std")
+    for (name, p1), (_, p3) in zip(one.policy.named_parameters(), three.policy.named_parameters()):
+        if name.startswith(actor):
+            torch.testing.assert_close(p3, p1, msg=name)
+    for key in ("train/kl_clip_scale", "train/predicted_kl", "train/measured_kl"):  # the joint step's, logged
+        assert three.logger.name_to_value[key] == pytest.approx(one.logger.name_to_value[key]), key
+
+    def value_error(model: ACKTR) -> float:
+        data = next(model.rollout_buffer.get(batch_size=None))
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model.policy.critic_values(data.observations).flatten(), data.returns)
+
+    assert value_error(three) < value_error(one)
+
+
+def test_extra_critic_updates_need_separate_networks_and_a_positive_count() -> None:
+    with pytest.raises(ValueError, match=r"Invalid n_critic_updates: 0 \(an integer >= 1\)"):
+        ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=0)
+    shared_trunk = {"features_extractor_class": _LinearFeatures, "share_features_extractor": True}
+    with pytest.raises(ValueError, match="n_critic_updates=2 needs separate actor and critic networks"):
+        ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=2, policy_kwargs=shared_trunk)
+
+
+class _LinearFeatures(BaseFeaturesExtractor):
+    """A features extractor with parameters: shared by actor and critic, it makes one joint trust region."""
+
+    def __init__(self, observation_space: gym.spaces.Box) -> None:
+        super().__init__(observation_space, features_dim=8)
+        self.linear = torch.nn.Linear(observation_space.shape[0], 8)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(observations))
