@@ -159,6 +159,16 @@ def test_missing_baseline_entries_and_a_missing_sb3_contrib_are_explained(monkey
         bench.trpo_class()
 
 
+def test_baselines_file_with_a_key_given_twice_is_refused_as_train_py_refuses_it(tmp_path: Path) -> None:
+    bench = load_script("bench_rl")
+    path = tmp_path / "baselines.yml"
+    path.write_text("a2c:\n  CartPole-v1:\n    n_envs: 8\n    n_envs: 16\n")
+    with pytest.raises(ValueError, match=rf"{path}: not valid YAML: .*n_envs"):
+        bench.baseline_entries(path)
+    path.write_text("a2c:\n  CartPole-v1:\n    n_envs: 8\n")
+    assert bench.baseline_entries(path) == {"a2c": {"CartPole-v1": {"n_envs": 8}}}
+
+
 def test_validated_on_set_is_kept_apart_from_the_tuned_on_set_and_labelled_in_the_report(tmp_path: Path) -> None:
     import json
 
