@@ -16,7 +16,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 
 from acktr_kfe.trust_region import is_positive_int, is_real_number
 
-__all__ = ["EnvKind", "env_kind", "make_env"]
+__all__ = ["EVAL_SEED_OFFSET", "EnvKind", "env_kind", "evaluation_env", "make_env"]
 
 EnvKind = str  # "atari" | "mujoco" | "classic"
 
@@ -173,4 +173,18 @@ def make_env(
             norm_reward=options["norm_reward"] and training,
             gamma=float(gamma),
         )
+    return env
+
+
+# An evaluation env's seed is the training run's plus this, so it never replays the training envs' episodes.
+EVAL_SEED_OFFSET = 10_000
+
+
+def evaluation_env(env_id: str, seed: int, training_env: VecEnv | None = None, **options: Any) -> VecEnv:
+    """One env to evaluate a trained agent on: :func:`make_env` with ``training=False`` (``options`` as the
+    training run's), and, where both are behind ``VecNormalize``, the training env's observation statistics
+    (frozen; rewards raw)."""
+    env = make_env(env_id, n_envs=1, seed=seed, training=False, **options)
+    if isinstance(training_env, VecNormalize) and isinstance(env, VecNormalize):
+        env.obs_rms = training_env.obs_rms
     return env

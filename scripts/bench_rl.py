@@ -15,7 +15,8 @@ algorithm, over seeds: env steps until the mean return of the last 10 training e
 threshold (the median over seeds, a seed that never reaches counting as more than the budget, and how many
 seeds reached; ratios to A2C become bounds when a median is beyond the budget), the final return (mean of the
 last 10 episodes), the best (the highest mean of 10 consecutive episodes: a final below it is a fall-back) and env
-steps per second. The table is printed as markdown and written
+steps per second, and the mean return of 10 deterministic episodes of the trained agent on an env of another
+seed (``--eval-episodes``). The table is printed as markdown and written
 to OUT/results.md, per-run records to OUT/runs.jsonl, learning curves to OUT/curves.png.
 
 ACKTR's hyperparameters come from configs/acktr.yml, A2C's, PPO's and TRPO's from configs/baselines.yml; with
@@ -81,6 +82,8 @@ ALGOS = ("acktr_ekfac", "acktr_kfac", "acktr_ief", "a2c", "ppo", "trpo", "a2c_kr
 # The plug-in runs and the algorithm whose policy they replace: their ratio columns compare with that algorithm.
 PLUGIN_BASES = {"a2c_kron": "a2c", "ppo_kron": "ppo"}
 WINDOW = 10
+# Deterministic episodes of the trained agent each run is evaluated on (--eval-episodes).
+EVAL_EPISODES = 10
 
 
 def baseline_entries(path: Path | None = None) -> dict[str, Any]:
@@ -137,20 +140,29 @@ def add_defaults_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run_one(
-    algo: str, env_id: str, seed: int, steps: int, threads: int, defaults_n_envs: int | None = None
+    algo: str,
+    env_id: str,
+    seed: int,
+    steps: int,
+    threads: int,
+    defaults_n_envs: int | None = None,
+    eval_episodes: int = EVAL_EPISODES,
 ) -> dict[str, Any]:
-    """Train one algorithm on one env and seed; the episode returns against env steps, and the wall-clock.
+    """Train one algorithm on one env and seed; the episode returns against env steps, the wall-clock, and the
+    mean return of ``eval_episodes`` deterministic episodes of the trained agent (``None`` for 0) on an env seeded
+    ``seed + envs.EVAL_SEED_OFFSET`` (behind the training run's frozen VecNormalize statistics, where it has them).
 
     ``defaults_n_envs``: instead of the configs, the algorithm's own constructor defaults on that many envs (raw
     rewards and observations, no VecNormalize), as ``ACKTR("MlpPolicy", env)`` or ``A2C("MlpPolicy", env)``."""
     import torch
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.evaluation import evaluate_policy
 
     from agents.acktr import ACKTR
     from agents.policies import KroneckerActorCriticPolicy, ValueTargetScale
     from agents.rl_config import env_options, model_arguments, resolve_config
-    from envs import make_env
+    from envs import EVAL_SEED_OFFSET, evaluation_env, make_env
 
     torch.set_num_threads(threads)
     base = PLUGIN_BASES.get(algo, algo)  # a plug-in run takes the hyperparameters and class of its algorithm
@@ -192,6 +204,11 @@ def run_one(
     start = time.perf_counter()
     model.learn(steps, callback=[Episodes(), *callbacks])
     seconds = time.perf_counter() - start
+    evaluation = None
+    if eval_episodes:
+        eval_env = evaluation_env(env_id, seed + EVAL_SEED_OFFSET, model.get_env(), **env_options(config))
+        evaluation = float(evaluate_policy(model, eval_env, n_eval_episodes=eval_episodes)[0])
+        eval_env.close()
     env.close()
     return {
         "algo": algo,
@@ -201,6 +218,7 @@ def run_one(
         "timesteps": int(model.num_timesteps),  # whole rollouts: at least ``steps``
         "seconds": seconds,
         "episodes": episodes,
+        "evaluation": evaluation,
         "defaults_n_envs": defaults_n_envs,
         "policy": type(model.policy).__name__,
     }
@@ -223,7 +241,8 @@ def summarize(record: dict[str, Any], threshold: float | None) -> dict[str, Any]
         best = float(np.convolve(returns, np.ones(WINDOW) / WINDOW, mode="valid").max())
     else:  # as the final return: the mean of the episodes there are
         best = final
-    return {"reached": reached, "final": final, "best": best, "fps": record["steps"] / record["seconds"]}
+    fps = record["steps"] / record["seconds"]
+    return {"reached": reached, "final": final, "best": best, "fps": fps, "evaluation": record.get("evaluation")}
 
 
 def median_steps(runs: list[dict[str, Any]]) -> float:
@@ -247,9 +266,10 @@ def table(records: list[dict[str, Any]]) -> str:
     """The markdown table over seeds, with ratios to A2C."""
     lines = [
         f"| env | algorithm | steps to threshold (median over seeds, seeds reaching) | final return (mean of last "
-        f"{WINDOW}, per seed) | best return (best mean of {WINDOW}, per seed) | env steps/s (mean) "
+        f"{WINDOW}, per seed) | best return (best mean of {WINDOW}, per seed) | evaluation after training "
+        "(deterministic, per seed) | env steps/s (mean) "
         "| steps ratio to A2C (plug-in: to its algorithm) | fps ratio to A2C (plug-in: to its algorithm) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for env_id, (budget, threshold) in BENCHMARKS.items():
         rows = {}
@@ -268,13 +288,15 @@ def table(records: list[dict[str, Any]]) -> str:
                 ratio_fps = f"{fps / np.mean([r['fps'] for r in rows[reference]]):.2f}"
             finals = ", ".join(f"{r['final']:.0f}" for r in runs)
             bests = ", ".join(f"{r['best']:.0f}" for r in runs)
+            # Runs logged before evaluations were recorded have none: "-".
+            evaluations = ", ".join("-" if r["evaluation"] is None else f"{r['evaluation']:.0f}" for r in runs)
             reached = sum(r["reached"] is not None for r in runs)
             steps_text = f"{median:,.0f}" if np.isfinite(median) else f">{budget:,}"
             steps_text = f"{steps_text} ({reached}/{len(runs)})" if threshold is not None else "no threshold"
             label = f"{env_id}, {SET_LABELS[env_id]}" if env_id in SET_LABELS else env_id
             goal = f"{budget:,} steps" if threshold is None else f"≥{threshold:g}, {budget:,} steps"
             lines.append(
-                f"| {label} ({goal}) | {algo} | {steps_text} | {finals} | {bests} | {fps:,.0f} "
+                f"| {label} ({goal}) | {algo} | {steps_text} | {finals} | {bests} | {evaluations} | {fps:,.0f} "
                 f"| {ratio_steps} | {ratio_fps} |"
             )
     return "\n".join(lines)
@@ -336,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override every env's step budget")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--eval-episodes",
+        type=int,
+        default=EVAL_EPISODES,
+        help=f"deterministic episodes each trained agent is evaluated on (default {EVAL_EPISODES}; 0: none)",
+    )
     add_defaults_argument(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_rl")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from OUT/runs.jsonl")
@@ -344,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         args.envs = list(SETS[args.set])
     if args.workers < 1 or args.threads < 1:
         parser.error(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
+    if args.eval_episodes < 0:
+        parser.error(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
     if args.steps is not None:
         for env_id in BENCHMARKS:
             BENCHMARKS[env_id] = (args.steps, BENCHMARKS[env_id][1])
@@ -370,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     log = args.out / "runs.jsonl"
     if not args.report:
         jobs = [
-            (a, e, s, BENCHMARKS[e][0], args.threads, args.defaults)
+            (a, e, s, BENCHMARKS[e][0], args.threads, args.defaults, args.eval_episodes)
             for e in args.envs
             for a in args.algos
             for s in args.seeds
@@ -384,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                 threshold = BENCHMARKS[record["env"]][1]
                 summary = summarize(record, threshold)
                 reached = "not reached" if summary["reached"] is None else f"reached at {summary['reached']:,} steps"
+                evaluated = "" if summary["evaluation"] is None else f", evaluation {summary['evaluation']:.1f}"
                 print(
                     f"[{done}/{len(jobs)}] {record['env']} {record['algo']} seed {record['seed']}: "
                     f"{'no threshold' if threshold is None else f'{threshold:g} {reached}'}, "
-                    f"final {summary['final']:.1f}, {summary['fps']:.0f} steps/s",
+                    f"final {summary['final']:.1f}{evaluated}, {summary['fps']:.0f} steps/s",
                     flush=True,
                 )
     if not log.is_file():

@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ProgressBarCallback  # noqa: E402
 from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.utils import set_random_seed  # noqa: E402
-from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 
 from acktr_kfe import distributed  # noqa: E402
 from agents import ACKTR, KroneckerActorCriticPolicy, ValueTargetScale  # noqa: E402
@@ -71,7 +70,7 @@ from agents.run_folder import (  # noqa: E402
     temporary_path,
     write_error,
 )
-from envs import env_kind, make_env  # noqa: E402
+from envs import EVAL_SEED_OFFSET, env_kind, evaluation_env, make_env  # noqa: E402
 
 DEFAULTS = {"env": "CartPole-v1", "algo": "acktr", "seed": 0}
 # rl-zoo's settings of the algorithms without a file of their own (A2C, PPO).
@@ -476,9 +475,7 @@ def _run(
             model.logger.close()
         env.close()
 
-    eval_env = make_env(args.env, n_envs=1, seed=args.seed + 10_000, training=False, **env_options(config))
-    if isinstance(model.get_env(), VecNormalize) and isinstance(eval_env, VecNormalize):
-        eval_env.obs_rms = model.get_vec_normalize_env().obs_rms
+    eval_env = evaluation_env(args.env, args.seed + EVAL_SEED_OFFSET, model.get_env(), **env_options(config))
     mean, std = evaluate_policy(model, eval_env, n_eval_episodes=config["eval_episodes"])
     eval_env.close()
     results = {

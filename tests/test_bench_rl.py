@@ -55,6 +55,7 @@ def test_each_algorithm_runs_with_its_config(algo: str) -> None:
     bench = load_script("bench_rl")
     result = bench.run_one(algo, "CartPole-v1", seed=0, steps=2048, threads=1)
     assert result["episodes"] and result["seconds"] > 0
+    assert 1.0 <= result["evaluation"] <= 500.0  # 10 deterministic episodes of the trained agent
     kronecker = algo.startswith("acktr") or algo.endswith("_kron")  # ACKTR's own policy, or the plug-in
     assert (result["policy"] == "KroneckerActorCriticPolicy") == kronecker
 
@@ -72,7 +73,9 @@ def test_plugin_runs_take_their_algorithms_hyperparameters_and_compare_with_it()
         record("ppo_kron", [10.0] * 10 + [500.0] * 20, seconds=10.0),  # at 20k, twice the seconds
         record("acktr_ekfac", [500.0] * 12, seconds=20.0),
     ]
+    records[0]["evaluation"] = 487.25  # the other records were logged without an evaluation
     rows = {line.split(" | ")[1]: line for line in bench.table(records).splitlines() if "CartPole" in line}
+    assert "| 487 |" in rows["a2c"] and "| - |" in rows["ppo"]
     assert rows["a2c_kron"].endswith("| 0.50 | 0.25 |")
     assert rows["ppo_kron"].endswith("| 2.00 | 0.50 |")
     assert rows["acktr_ekfac"].endswith("| 0.50 | 0.50 |")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
 
-from envs import env_kind, make_env
+from envs import EVAL_SEED_OFFSET, env_kind, evaluation_env, make_env
 
 
 def test_unknown_env_id_names_close_matches() -> None:
@@ -109,3 +109,17 @@ def test_reward_normalization_discounts_with_the_algorithms_gamma() -> None:
     assert make_env("CartPole-v1", normalize=True).gamma == 0.99
     with pytest.raises(ValueError, match=r"Invalid gamma: 1.5 \(must be a float in \[0, 1\]\)"):
         make_env("CartPole-v1", normalize=True, gamma=1.5)
+
+
+def test_evaluation_env_takes_the_training_runs_frozen_observation_statistics_and_gives_raw_rewards() -> None:
+    train = make_env("Hopper-v5", n_envs=1, seed=0)
+    train.reset()
+    for _ in range(20):
+        train.step(np.zeros((1, 3), dtype=np.float32))
+    evaluation = evaluation_env("Hopper-v5", EVAL_SEED_OFFSET, train)
+    assert isinstance(evaluation, VecNormalize) and evaluation.obs_rms is train.obs_rms
+    assert not evaluation.training and not evaluation.norm_reward
+    raw = evaluation_env("Hopper-v5", EVAL_SEED_OFFSET, train, normalize=False)  # the mujoco family's raw env
+    assert not isinstance(raw, VecNormalize)
+    for env in (train, evaluation, raw):
+        env.close()
