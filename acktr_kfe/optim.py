@@ -395,6 +395,8 @@ class KroneckerPreconditioner(Optimizer):
         self._basis_buffers: dict[CurvatureBlock, tuple[Tensor, tuple[Any, ...], list[tuple[Tensor, int]]]] = {}
         # (first norm, growth that triggers the next warning) of the parameters and of the gradient.
         self._growth: list[tuple[float | None, float]] = [(None, f) for f in GROWTH_WARNING_FACTORS]
+        # Parameters left out of the parameter norm that warning watches (exempt_from_growth_warning).
+        self._growth_exempt: set[int] = set()
 
         optimizer_ref = weakref.ref(self)
 
@@ -438,6 +440,13 @@ class KroneckerPreconditioner(Optimizer):
     def steps(self) -> int:
         """Number of steps taken (skipped steps not counted)."""
         return self._step
+
+    def exempt_from_growth_warning(self, params: Iterable[Tensor]) -> None:
+        """Leave ``params`` out of the parameter norm whose growth is warned about: parameters rescaled on purpose
+        outside the optimizer, such as a value head kept in units of its targets' running scale (PopArt), which
+        grows tenfold when that scale falls tenfold while the values it gives stay the same. They are still
+        stepped, and their gradients still checked."""
+        self._growth_exempt.update(id(p) for p in params)
 
     def record_curvature(self, *, logit_grad_norms: Tensor | None = None):
         """Context manager: backward passes run inside it feed the curvature statistics.
@@ -786,7 +795,8 @@ class KroneckerPreconditioner(Optimizer):
         # overflow (finite entries near 1e20 in float32): Adam's second moment, the momentum norm and the trust
         # region's quadratic form would keep an Inf. One host sync per step decides, and gives the growth check its
         # norms.
-        param_squares = torch.stack([_sum_of_squares(p.detach()) for p in params]).sum()
+        watched = [p.detach() for p in params if id(p) not in self._growth_exempt] or [params[0].new_zeros(())]
+        param_squares = torch.stack([_sum_of_squares(p) for p in watched]).sum()
         grad_squares = torch.stack([_sum_of_squares(p.grad) for p in params]).sum()
         param_squares, grad_squares = torch.stack([param_squares, grad_squares]).tolist()
         non_finite = not math.isfinite(grad_squares)

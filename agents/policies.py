@@ -338,6 +338,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         options.setdefault("fisher_diagonals", log_std_fisher_diagonals(self))
         cls = acktr_kfe.preconditioner_class(self.preconditioner)
         self.optimizer = cls(self, **options)
+        # observe_value_targets rescales the critic's head with the value scale: not a divergence to warn about.
+        self.optimizer.exempt_from_growth_warning(self.value_net.parameters())
         self.optimizer.register_step_pre_hook(self._before_step)
         self.optimizer.register_step_post_hook(self._after_step)
         # The critic starts at zero, so the first rollout's advantages are the returns themselves, in whatever units

@@ -409,6 +409,25 @@ def test_value_scale_change_rescales_the_heads_momentum_and_adam_moments_with_it
 _HEAD_STATE_KEYS = {"momentum_buffer": 1, "adam_exp_avg": 1, "adam_exp_avg_sq": 2}
 
 
+def test_value_scale_falling_a_thousandfold_rescales_the_head_without_a_divergence_warning() -> None:
+    """The head grows a thousandfold with its targets' scale falling (its values stay): not a divergence."""
+    import warnings
+
+    from agents.policies import ValueTargetScale
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = A2C(agents.KroneckerActorCriticPolicy, env, n_steps=8, seed=0)
+    model.learn(32, callback=ValueTargetScale())
+    policy = model.policy
+    for _ in range(200):  # the running scale forgets the rollouts' returns
+        policy.observe_value_targets(torch.full((16,), 1e-3 * float(policy.value_scale), dtype=torch.float64))
+    assert float(policy.value_net.weight.detach().norm()) > 100.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()
+    assert not [w for w in caught if "parameter norm grew" in str(w.message)]
+
+
 def test_policy_saved_before_the_whole_run_spread_was_kept_loads_with_its_running_spread() -> None:
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     saved = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy

@@ -179,6 +179,24 @@ def test_growing_parameter_norm_is_reported_while_still_finite() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters()), "non-finite before the warning"
 
 
+def test_parameters_exempt_from_the_growth_warning_may_be_rescaled_without_a_warning() -> None:
+    """A parameter rescaled on purpose (a value head kept in units of its targets' scale) is left out of the watched
+    norm; the others are still watched."""
+    for exempt, rescaled, warned in ((True, 2, False), (True, 0, True), (False, 2, True)):
+        model = mlp()
+        optimizer = EKFAC(model, lr=1e-4)
+        if exempt:
+            optimizer.exempt_from_growth_warning(model[2].parameters())
+        plain_loop(optimizer, model, 1)
+        with torch.no_grad():
+            model[rescaled].weight.mul_(1000.0)
+            model[rescaled].bias.mul_(1000.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plain_loop(optimizer, model, 1)
+        assert any("parameter norm grew" in str(w.message) for w in caught) == warned, (exempt, rescaled)
+
+
 @pytest.mark.parametrize("cls", CLASSES)
 def test_defaults_train_a_classifier_below_adam_without_diverging(cls: type) -> None:
     """The short version of scripts/bench_dropin.py: every default, the plain loop, against Adam's defaults."""
