@@ -146,10 +146,14 @@ class ACKTR(OnPolicyAlgorithm):
         vf_coef: value loss coefficient in the training loss.
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass.
         n_critic_updates: natural-gradient steps of the critic per update: the joint step of actor and critic,
-            then ``n_critic_updates - 1`` steps of the critic alone on the same rollout's returns (its own trust
-            region and calibrated radius, the curvature of the joint step; no new statistics). Each counts as an
-            optimizer step, so the eigenbasis refresh (every ``eigen_update_interval`` optimizer steps) comes that
-            many times more often per update. Separate actor and critic networks only (``MlpPolicy``). 1 (default):
+            then ``n_critic_updates - 1`` steps of the critic alone on the same rollout's returns (within the
+            critic's trust region at the radius calibrated for the joint step, with the joint step's curvature; no
+            new statistics, and these steps are not measured, calibrated on or backtracked). Each counts as an
+            optimizer step, and the preconditioner's schedules count optimizer steps while only joint steps carry
+            statistics: a refresh, factor or scale update then comes on the joint steps whose step number is a
+            multiple of its interval, every ``lcm(n, interval) / n`` updates for ``n`` critic updates (the
+            eigenbasis every 2 updates at 5, every 10 at 3, with ``eigen_update_interval=10``). Separate actor and
+            critic networks only (``MlpPolicy``). 1 (default):
             the paper's one joint step. Opt-in: 5 with ``normalize_advantage=True`` (TRPO's pairing of a fitted
             critic with advantages normalized per batch) was better on HalfCheetah-v5 and Hopper-v5 at 300k steps
             and worse on Walker2d-v5, an env kept apart from tuning (docs/ACKTR.md, "A fitted critic").
