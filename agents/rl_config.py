@@ -80,6 +80,19 @@ def load_settings(stream: Any) -> Any:
     return yaml.load(stream, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
+def read_settings(path: Path) -> Any:
+    """The settings in the YAML file at ``path`` (:func:`load_settings`; ``{}`` for an empty file).
+
+    Raises:
+        ValueError: for a file that is not valid YAML or gives a key twice in one mapping, naming the file.
+    """
+    try:
+        with path.open() as handle:
+            return load_settings(handle) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+
+
 def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, Any]:
     """Merge ``default``, the env's family and the env's own entry of a YAML file, and validate the keys.
 
@@ -90,11 +103,7 @@ def resolve_config(path: str | Path, env_id: str, algorithm: type) -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        with path.open() as handle:
-            data = load_settings(handle) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    data = read_settings(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     data = _algorithm_sections(path, data, algorithm)

@@ -89,16 +89,9 @@ EVAL_EPISODES = 10
 def baseline_entries(path: Path | None = None) -> dict[str, Any]:
     """configs/baselines.yml (or ``path``) as read: each algorithm's rl-zoo entries, by env id. Read as
     ``scripts/train.py`` reads it, so a key given twice is refused here too (``ValueError`` naming the file)."""
-    import yaml
+    from agents.rl_config import read_settings
 
-    from agents.rl_config import load_settings
-
-    path = ROOT / "configs" / "baselines.yml" if path is None else path
-    try:
-        with path.open() as handle:
-            return load_settings(handle) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    return read_settings(ROOT / "configs" / "baselines.yml" if path is None else path)
 
 
 def baseline_config(algo: str, env_id: str, entries: dict[str, Any] | None = None) -> dict[str, Any] | None:

@@ -30,18 +30,12 @@ def task_config(task: str, path: str | Path | None = None) -> dict[str, Any]:
         FileNotFoundError: if the file does not exist.
         ValueError: if the task has no section, or the section is malformed.
     """
-    import yaml
-
-    from ..rl_config import load_settings
+    from ..rl_config import read_settings
 
     path = Path(path) if path is not None else CONFIG_PATH
     if not path.is_file():
         raise FileNotFoundError(f"supervised config not found: {path}")
-    with path.open() as handle:
-        try:
-            data = load_settings(handle) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML: {error}") from None
+    data = read_settings(path)
     if task not in data:
         raise ValueError(f"{path}: no section for task {task!r}; sections: {', '.join(sorted(data))}")
     section = data[task]
