@@ -552,10 +552,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     def critic_values(self, obs: th.Tensor) -> th.Tensor:
         """The critic's values ``(N, 1)`` in reward units, through the critic's layers only, with the gradient that
         :meth:`evaluate_actions` gives them (divided by the value scale on its way to the head)."""
-        features = self.extract_features(obs)
-        if not self.share_features_extractor:
-            features = features[1]
-        return _scaled_values(self.value_net(self.mlp_extractor.forward_critic(features)), self.value_scale)
+        return _scaled_values(super().predict_values(self.normalize_observation(obs)), self.value_scale)
 
     def _ief_curvature_pass(self, distribution: Distribution, normalized: th.Tensor, actions: th.Tensor) -> None:
         """``curvature="ief"``: the policy's empirical Fisher at the *taken* actions, each example's gradient divided
