@@ -47,6 +47,16 @@ AUTO = "auto"
 # diagonal Gaussian starting at standard deviation exp(-1) = 0.37 (tuned on HalfCheetah-v5 and Hopper-v5 with one
 # env: from never reaching their thresholds in 200k steps to medians of 50k and 62k steps).
 DISCRETE_DEFAULTS: dict[str, Any] = {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001}
+# ACKTR's normalize_advantage modes besides True (per batch) and False (raw): by the running spread of the returns,
+# or by the advantages' own running root mean square.
+ADVANTAGE_SCALES = ("returns", "running")
+
+
+def is_advantage_normalization(value: Any) -> bool:
+    """Whether ``value`` is an ACKTR ``normalize_advantage`` setting: a bool or one of :data:`ADVANTAGE_SCALES`."""
+    return isinstance(value, bool) or (isinstance(value, str) and value in ADVANTAGE_SCALES)
+
+
 CONTINUOUS_DEFAULTS: dict[str, Any] = {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01, "log_std_init": -1.0}
 
 
@@ -126,8 +136,9 @@ class ACKTR(OnPolicyAlgorithm):
     (``sigma``), ``train/value_error`` (root mean square of the rollout's returns minus the values predicted when it
     was collected, in the units of the rewards the agent sees: normalized ones behind VecNormalize),
     ``train/value_target_spread`` (the running spread of the value targets, which ``normalize_advantage="returns"``
-    divides the advantages by), ``train/damping``, ``train/learning_rate``, ``time/eigh_ms``, and ``train/std`` for
-    Gaussian policies; with ``kl_backtrack`` ``train/kl_backtrack_factor`` (and ``train/vf_kl_backtrack_factor``),
+    divides the advantages by), ``train/advantage_scale`` (the advantages' running root mean square, which
+    ``normalize_advantage="running"`` divides them by), ``train/damping``, ``train/learning_rate``,
+    ``time/eigh_ms``, and ``train/std`` for Gaussian policies; with ``kl_backtrack`` ``train/kl_backtrack_factor`` (and ``train/vf_kl_backtrack_factor``),
     with ``state_kl_bound`` ``train/state_kl`` and ``train/state_kl_factor``; SB3 adds ``time/fps``.
 
     Args:
@@ -200,7 +211,11 @@ class ACKTR(OnPolicyAlgorithm):
             and keeping their size relative to the returns, so steps shrink inside the trust region when the
             advantages carry little, a good policy's included (what VecNormalize's reward scaling with raw
             advantages does; measured in docs/ACKTR.md); ``True``: normalize them over the batch (SB3's A2C;
-            every step then reaches the region's edge); ``False``: raw advantages.
+            every step then reaches the region's edge); ``"running"``: divide them by their own running root mean
+            square over rollouts (decay 0.9 per rollout, not centred;
+            :meth:`~agents.policies.KroneckerActorCriticPolicy.advantage_scale`): free of the reward's units and of
+            how well the critic fits, so the policy's step keeps the region's size as TRPO's does, without
+            centring a short rollout's advantages; ``False``: raw advantages.
         policy_kwargs: further arguments of the policy (``preconditioner_kwargs`` among them); they may not
             repeat an argument ACKTR takes itself.
         Other arguments: as SB3's ``A2C``.
@@ -268,8 +283,10 @@ class ACKTR(OnPolicyAlgorithm):
         if not (is_real_number(initial_rate) and initial_rate >= 0 and math.isfinite(initial_rate)):
             what = "the learning-rate schedule's value at the start" if callable(learning_rate) else "learning_rate"
             raise ValueError(f"Invalid learning rate: {initial_rate!r} ({what}; must be a finite float >= 0)")
-        if normalize_advantage not in (True, False, "returns"):
-            raise ValueError(f"Invalid normalize_advantage: {normalize_advantage!r} (True, False or 'returns')")
+        if not is_advantage_normalization(normalize_advantage):
+            raise ValueError(
+                f"Invalid normalize_advantage: {normalize_advantage!r} (True, False, 'returns' or 'running')"
+            )
         if max_grad_norm is not None and not (is_real_number(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")
         if not is_positive_int(n_critic_updates):
@@ -382,6 +399,8 @@ class ACKTR(OnPolicyAlgorithm):
             advantages = rollout_data.advantages
             if self.normalize_advantage == "returns":
                 advantages = advantages / self.policy.value_target_spread()
+            elif self.normalize_advantage == "running":
+                advantages = advantages / self.policy.advantage_scale()
             elif self.normalize_advantage and len(advantages) > 1:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             policy_loss = -(advantages * log_prob).mean()
@@ -426,6 +445,7 @@ class ACKTR(OnPolicyAlgorithm):
         self.logger.record("train/value_scale", float(self.policy.value_scale))
         self.logger.record("train/value_error", value_error)
         self.logger.record("train/value_target_spread", self.policy.value_target_spread())
+        self.logger.record("train/advantage_scale", self.policy.advantage_scale())
         self.logger.record("train/damping", optimizer.param_groups[0]["damping"])
         self.logger.record("time/eigh_ms", optimizer.last_eigh_ms)
         if hasattr(self.policy, "log_std"):

@@ -202,7 +202,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     The last measurement is in ``last_measured_kl`` and ``last_measured_vf_kl``.
 
     State: the calibration (buffer ``kl_log_bias``), the value scale and spread (buffers ``value_scale``,
-    ``value_target_moments``, ``value_target_mean``, ``value_target_stats``) and the observation statistics
+    ``value_target_moments``, ``value_target_mean``, ``value_target_stats``), the advantages' running scale
+    (``advantage_moments``) and the observation statistics
     (``observation_mean``, ``observation_var``, ``observation_count``) are saved and loaded with the parameters; the
     preconditioner's statistics with ``policy.optimizer`` (SB3 saves both).
 
@@ -301,6 +302,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.register_buffer("value_target_mean", th.zeros((), dtype=th.float64))
         # Count, mean and (biased) variance of every value target observed so far.
         self.register_buffer("value_target_stats", th.tensor([0.0, 0.0, 1.0], dtype=th.float64))
+        # The running (bias-uncorrected) mean of the squared advantages, with its total weight.
+        self.register_buffer("advantage_moments", th.zeros(2, dtype=th.float64))
         shape = self.observation_space.shape if self._normalizes_observations else ()
         self.register_buffer("observation_mean", th.zeros(shape, dtype=th.float64))
         self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
@@ -384,6 +387,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         ``state_kl_bound``, the previous rollout's states into the reservoir (the one about to be trained on joins
         it at the next rollout: its own states are bounded on average by ``max_kl``)."""
         self.observe_value_targets(rollout_buffer.returns)
+        self.observe_advantages(rollout_buffer.advantages)
         if self._normalizes_observations:
             self.observe_observations(rollout_buffer.observations)
         if self._keeps_state_reservoir:
@@ -470,6 +474,29 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
                     buffer.mul_(ratio**power)
         self.value_scale.fill_(new_scale)
         return new_scale
+
+    @th.no_grad()
+    def observe_advantages(self, advantages: th.Tensor | np.ndarray) -> float:
+        """Fold a rollout's advantages into their running root mean square (decay 0.9 per rollout, not centred),
+        which ACKTR's ``normalize_advantage="running"`` divides them by. Returns the new scale."""
+        advantages = th.as_tensor(np.asarray(advantages), dtype=th.float64)
+        if not bool(th.isfinite(advantages).all()):
+            raise ValueError("non-finite advantages: the rollout's rewards or value estimates are not finite")
+        self.advantage_moments.mul_(VALUE_SCALE_DECAY).add_(
+            th.stack([distributed.mean_over_ranks(advantages.square().mean()), th.ones((), dtype=th.float64)])
+            * (1 - VALUE_SCALE_DECAY)
+        )
+        return self.advantage_scale()
+
+    def advantage_scale(self) -> float:
+        """The running root mean square of the advantages over rollouts (decay 0.9 per rollout, bias-corrected, not
+        centred): the scale ACKTR's ``normalize_advantage="running"`` divides advantages by, so the policy's step
+        has the same size at every reward scale and however well the critic fits (docs/ACKTR.md, "Advantages
+        divided by their running scale"). 1 before any rollout was observed."""
+        total, weight = self.advantage_moments.tolist()
+        if weight <= 0:
+            return 1.0
+        return max(math.sqrt(max(total, 0.0) / weight), MIN_VALUE_SCALE)
 
     def value_target_spread(self) -> float:
         """The scale ACKTR's ``normalize_advantage="returns"`` divides advantages by: the running standard
@@ -728,6 +755,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             "value_scale": 1.0,
             "value_target_moments": 0.0,
             "value_target_mean": 0.0,
+            "advantage_moments": 0.0,
             "observation_mean": 0.0,
             "observation_var": 1.0,
             "observation_count": 0.0,

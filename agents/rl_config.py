@@ -16,7 +16,7 @@ from torch import nn
 import envs
 from envs import env_kind
 
-from .acktr import ACKTR, AUTO
+from .acktr import ACKTR, AUTO, is_advantage_normalization
 from .policies import POLICY_CURVATURES, KroneckerActorCriticPolicy, preconditioner_names
 
 ALGORITHMS: dict[str, type] = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
@@ -243,7 +243,7 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "max_grad_norm": ("optional_float", 0, _UNBOUNDED, True, True),
     "target_kl": ("optional_float", 0, _UNBOUNDED, True, True),
     "calibrate_kl": ("bool", 0, 0, False, False),
-    "normalize_advantage": ("bool_or_returns", 0, 0, False, False),
+    "normalize_advantage": ("advantage_normalization", 0, 0, False, False),
     "use_sde": ("bool", 0, 0, False, False),
     "use_rms_prop": ("bool", 0, 0, False, False),
     "policy": ("str", 0, 0, False, False),
@@ -336,8 +336,8 @@ def validate_config(config: dict[str, Any], source: str | Path, algorithm: type 
                     checked[key] = _check_number(value, "float", rule)
             elif kind == "bool" and not isinstance(value, bool):
                 raise ValueError("must be true or false")
-            elif kind == "bool_or_returns" and not (isinstance(value, bool) or value == "returns"):
-                raise ValueError("must be true, false or 'returns'")
+            elif kind == "advantage_normalization" and not is_advantage_normalization(value):
+                raise ValueError("must be true, false, 'returns' or 'running'")
             elif kind == "str" and not isinstance(value, str):
                 raise ValueError("must be a string")
             elif kind == "dict" and not isinstance(value, dict):
@@ -347,9 +347,9 @@ def validate_config(config: dict[str, Any], source: str | Path, algorithm: type 
         except ValueError as error:
             extra = " (or 'lin_<start>' for a linear decay to 0)" if kind == "schedule" else ""
             raise ValueError(f"{source}: invalid {key}: {value!r} ({error}{extra})") from None
-    if algorithm is not None and algorithm is not ACKTR and config.get("normalize_advantage") == "returns":
+    if algorithm is not None and algorithm is not ACKTR and isinstance(mode := config.get("normalize_advantage"), str):
         raise ValueError(
-            f"{source}: invalid normalize_advantage: 'returns' (ACKTR's option; {algorithm.__name__} takes true "
+            f"{source}: invalid normalize_advantage: {mode!r} (ACKTR's option; {algorithm.__name__} takes true "
             "or false)"
         )
     normalize = config.get("normalize")

@@ -124,6 +124,9 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
         agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).learn(steps, callback=recorder)
     elif algorithm == "acktr_batch_normalized":  # advantages normalized over the batch instead
         agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage=True).learn(steps, callback=recorder)
+    elif algorithm == "acktr_running":  # advantages divided by their own running root mean square
+        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage="running")
+        model.learn(steps, callback=recorder)
     else:
         # A learning rate large enough that both regions bind (at A2C's own 7e-4 they rarely do this early).
         model = A2C(
@@ -134,7 +137,7 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
-@pytest.mark.parametrize("algorithm", ["acktr", "acktr_batch_normalized", "a2c_plugin"])
+@pytest.mark.parametrize("algorithm", ["acktr", "acktr_batch_normalized", "acktr_running", "a2c_plugin"])
 def test_trust_region_scales_do_not_depend_on_the_reward_scale(algorithm: str, env_id: str) -> None:
     runs = {scale: _scaled_reward_run(algorithm, env_id, scale, steps=384) for scale in (0.01, 1.0, 100.0)}
     reference = runs[1.0]
@@ -241,6 +244,7 @@ def _policy_state(model: OnPolicyAlgorithm) -> dict[str, object]:
         "value_scale": float(policy.value_scale),
         "value_target_moments": policy.value_target_moments.tolist(),
         "value_target_stats": policy.value_target_stats.tolist(),
+        "advantage_moments": policy.advantage_moments.tolist(),
         "optimizer": policy.optimizer.state_dict(),
     }
 
@@ -260,7 +264,8 @@ def test_save_and_load_round_trip_calibration_value_scale_and_statistics(algorit
     loaded = cls.load(tmp_path / "model", env=env)
     saved, restored = _policy_state(model), _policy_state(loaded)
     assert saved["log_bias"] != [0.0, 0.0] and saved["value_scale"] != 1.0
-    for key in ("log_bias", "value_scale", "value_target_moments", "value_target_stats"):
+    assert saved["advantage_moments"][1] > 0
+    for key in ("log_bias", "value_scale", "value_target_moments", "value_target_stats", "advantage_moments"):
         assert restored[key] == pytest.approx(saved[key]), key
     _assert_same_state(restored["optimizer"], saved["optimizer"])
     # The next update from the same batch is the same step.
@@ -366,6 +371,43 @@ def test_value_target_spread_is_the_running_one_held_above_a_whole_run_floor_at_
     assert float(policy.value_target_stats[1]) > 1.0, "the run's mean return is above the stuck returns"
     assert policy.value_target_spread() == pytest.approx(_running_spread(rollouts), rel=1e-6)
     assert policy.value_target_spread() < 0.5 * WHOLE_RUN_SPREAD_FLOOR * float(torch.cat(rollouts).std(unbiased=False))
+
+
+def test_advantage_scale_is_the_running_root_mean_square_of_the_advantages_over_rollouts() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    policy = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
+    assert policy.advantage_scale() == 1.0, "no rollout observed yet"
+    rng = np.random.default_rng(0)
+    rollouts = [
+        torch.as_tensor(rng.normal(mean, scale, size=16)) for mean, scale in ((3.0, 1.0), (0.0, 10.0), (-1, 0.1))
+    ]
+    for count, rollout in enumerate(rollouts, start=1):
+        policy.observe_advantages(rollout.numpy())
+        # Exact reference: weights 0.9^(age) normalized by their sum; squares not centred.
+        weights = torch.tensor([0.9 ** (count - 1 - i) for i in range(count)], dtype=torch.float64)
+        squares = torch.stack([r.square().mean() for r in rollouts[:count]])
+        assert policy.advantage_scale() == pytest.approx(float((weights @ squares / weights.sum()).sqrt()), rel=1e-12)
+    with pytest.raises(ValueError, match="non-finite advantages"):
+        policy.observe_advantages(np.array([1.0, np.nan]))
+
+
+def test_running_advantage_normalization_divides_the_policy_gradient_by_the_advantage_scale() -> None:
+    # Advantages multiplied by a constant change neither the running-normalized step nor the scale-free KLs.
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    steps = []
+    for factor in (1.0, 1000.0):
+        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage="running")
+        _collect_rollout(model)
+        model.rollout_buffer.advantages *= factor
+        before = [p.detach().clone() for p in model.policy.parameters()]
+        set_random_seed(1)
+        model.train()
+        assert model.policy.advantage_scale() == pytest.approx(
+            float(np.sqrt(np.mean(np.square(model.rollout_buffer.advantages)))), rel=1e-6
+        )
+        steps.append([p.detach() - b for p, b in zip(model.policy.parameters(), before)])
+    for small, large in zip(*steps):
+        torch.testing.assert_close(large, small, rtol=1e-4, atol=1e-7)
 
 
 def test_value_scale_change_rescales_the_heads_momentum_and_adam_moments_with_its_gradient() -> None:
