@@ -138,8 +138,9 @@ class ACKTR(OnPolicyAlgorithm):
     ``train/value_target_spread`` (the running spread of the value targets, which ``normalize_advantage="returns"``
     divides the advantages by), ``train/advantage_scale`` (the advantages' running root mean square, which
     ``normalize_advantage="running"`` divides them by), ``train/damping``, ``train/learning_rate``,
-    ``time/eigh_ms``, and ``train/std`` for Gaussian policies; with ``kl_backtrack`` ``train/kl_backtrack_factor`` (and ``train/vf_kl_backtrack_factor``),
-    with ``state_kl_bound`` ``train/state_kl`` and ``train/state_kl_factor``; SB3 adds ``time/fps``.
+    ``time/eigh_ms``, and ``train/std`` for Gaussian policies; with ``kl_backtrack`` ``train/kl_backtrack_factor``
+    (and ``train/vf_kl_backtrack_factor``), with ``state_kl_bound`` ``train/state_kl`` and
+    ``train/state_kl_factor``; SB3 adds ``time/fps``.
 
     Args:
         policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` (Dict observations) or a
