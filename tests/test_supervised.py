@@ -443,3 +443,21 @@ def test_supervised_settings_file_with_a_key_given_twice_is_refused_naming_it(tm
     with pytest.raises(ValueError, match=r"(?s)settings\.yml: not valid YAML: .*unhashable key"):
         task_config("mnist_autoencoder", settings)
     assert set(task_config("cifar10_vgg11")["optimizers"]) >= {"sgd", "ekfac"}
+
+
+@pytest.mark.parametrize("text", ["- mnist_autoencoder\n", "mnist_autoencoder\n", "batch_size: [1\n"])
+def test_supervised_settings_file_that_is_not_a_mapping_of_tasks_is_refused_naming_it_before_training(
+    tmp_path: Path, text: str
+) -> None:
+    # A list, a bare string (where `task in data` would be a substring test) and broken YAML: each names the file,
+    # through task_config and through train_run, which refuses it before it reads data or writes the log folder.
+    from agents.supervised.training import task_config
+
+    settings = tmp_path / "settings.yml"
+    settings.write_text(text)
+    with pytest.raises(ValueError, match=r"settings\.yml: (not valid YAML|expected a mapping of task sections)"):
+        task_config("mnist_autoencoder", settings)
+    log_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"settings\.yml: (not valid YAML|expected a mapping of task sections)"):
+        train_run("mnist_autoencoder", "sgd", data_dir=tmp_path / "no-data", log_dir=log_dir, config_path=settings)
+    assert not log_dir.exists()

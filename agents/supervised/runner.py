@@ -250,10 +250,7 @@ def train_run(
         TrainingDivergedError: the training loss became NaN or infinite (with the step); the logs up to it are kept.
     """
     task = get_task(task_name)
-    try:
-        config = task_config(task_name, config_path)
-    except yaml.YAMLError as error:
-        raise ValueError(f"{config_path or 'configs/supervised.yml'}: not valid YAML: {error}") from None
+    config = task_config(task_name, config_path)
     source = str(config_path) if config_path is not None else "configs/supervised.yml"
     for key in ("epochs", "batch_size"):
         value = config.get(key, 1)

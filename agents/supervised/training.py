@@ -36,6 +36,8 @@ def task_config(task: str, path: str | Path | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"supervised config not found: {path}")
     data = read_settings(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of task sections, got {type(data).__name__}")
     if task not in data:
         raise ValueError(f"{path}: no section for task {task!r}; sections: {', '.join(sorted(data))}")
     section = data[task]
