@@ -904,22 +904,22 @@ class KroneckerPreconditioner(Optimizer):
 
         # A non-finite direction (overflowing statistics, a degenerate basis) must never reach the parameters.
         check = [d.sum() for d in directions.values()] + [step[0].sum() for step in basis_steps.values()]
-        if self.step_norm is StepNorm.NATURAL:
-            scales = regions.scales(quadratics, lr, radii)
-            check += [scales.sum(), torch.stack(quadratics).sum()]
-        if not self._agreed_finite(torch.stack(check), synchronized):
-            self.skipped_steps += 1
-            self._failure("step", "non-finite preconditioned direction or trust-region scale; the step was skipped")
-            return loss
         if self.step_norm is StepNorm.ADAM:
+            # The grafted update checks the directions with its step sizes: one agreement across ranks per step.
             scales, quadratics = self._grafted_update(
-                directions, basis_steps, block_dampings, lr, momentum, weight_decay, radii
+                directions, basis_steps, block_dampings, lr, momentum, weight_decay, radii, check
             )
             if scales is None:
                 self.skipped_steps += 1
-                self._failure("step", "non-finite step size; the step was skipped")
+                self._failure("step", "non-finite preconditioned direction or step size; the step was skipped")
                 return loss
         else:
+            scales = regions.scales(quadratics, lr, radii)
+            check += [scales.sum(), torch.stack(quadratics).sum()]
+            if not self._agreed_finite(torch.stack(check), synchronized):
+                self.skipped_steps += 1
+                self._failure("step", "non-finite preconditioned direction or trust-region scale; the step was skipped")
+                return loss
             self._natural_update(directions, basis_steps, scales, lr, momentum, on_step)
         self._consecutive_failures["step"] = 0
 
@@ -1044,16 +1044,18 @@ class KroneckerPreconditioner(Optimizer):
         momentum: float,
         weight_decay: float,
         radii: list[float | None],
+        direction_checks: list[Tensor],
     ) -> tuple[Tensor | None, list[Tensor]]:
         """``step_norm="adam"``: each layer moves along its preconditioned momentum direction by the length of
         Adam's step for that layer (learning-rate grafting, Agarwal et al. 2020); parameters outside the
         preconditioned layers take Adam's step. A trust region, where set, then bounds ``0.5 lr^2 u^T F_damped u``
-        of the step ``u`` actually taken. Returns the scales (``None`` when a step size is not finite) and the
-        quadratic forms per region."""
+        of the step ``u`` actually taken. Returns the scales (``None`` when a direction, given by its
+        ``direction_checks``, or a step size is not finite: nothing is changed then) and the quadratic forms per
+        region."""
         regions = self.trust_regions
         quadratics = regions.zeros(self.param_groups[0]["params"][0])
         steps: dict[Tensor, Tensor] = {}
-        checks: list[Tensor] = []
+        checks: list[Tensor] = list(direction_checks)
         # New moments and momentum buffers, stored only once every check has passed: a skipped step leaves them.
         pending: dict[Tensor, dict[str, Tensor]] = {}
         pending_in_basis: dict[CurvatureBlock, tuple[Tensor, list[Tensor]]] = {}

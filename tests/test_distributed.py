@@ -351,7 +351,10 @@ def test_a_non_finite_gradient_on_one_rank_makes_every_rank_skip_the_step(
 
 @pytest.mark.parametrize(
     ("step_norm", "why"),
-    [("natural", "non-finite preconditioned direction"), ("adam", "non-finite step size")],
+    [
+        ("natural", "non-finite preconditioned direction or trust-region scale"),
+        ("adam", "non-finite preconditioned direction or step size"),
+    ],
 )
 def test_a_non_finite_direction_or_step_size_on_one_rank_makes_every_rank_skip_the_step(
     equivalence_results: list[dict[str, Any]], step_norm: str, why: str
