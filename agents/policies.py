@@ -383,7 +383,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
 
     def observe_rollout(self, rollout_buffer: RolloutBuffer) -> None:
         """Fold a collected rollout into the policy's running statistics before it is trained on: the value
-        targets (returns) into the value scale, the observations into the observation normalization; with
+        targets (returns) into the value scale, the advantages into their running scale, the observations into
+        the observation normalization; with
         ``state_kl_bound``, the previous rollout's states into the reservoir (the one about to be trained on joins
         it at the next rollout: its own states are bounded on average by ``max_kl``)."""
         self.observe_value_targets(rollout_buffer.returns)
@@ -480,19 +481,20 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         """Fold a rollout's advantages into their running root mean square (decay 0.9 per rollout, not centred),
         which ACKTR's ``normalize_advantage="running"`` divides them by. Returns the new scale."""
         advantages = th.as_tensor(np.asarray(advantages), dtype=th.float64)
-        if not bool(th.isfinite(advantages).all()):
+        # Checked after the mean over ranks (a non-finite value carries through it): every rank raises together.
+        square = distributed.mean_over_ranks(advantages.square().mean())
+        if not bool(th.isfinite(square)):
             raise ValueError("non-finite advantages: the rollout's rewards or value estimates are not finite")
         self.advantage_moments.mul_(VALUE_SCALE_DECAY).add_(
-            th.stack([distributed.mean_over_ranks(advantages.square().mean()), th.ones((), dtype=th.float64)])
-            * (1 - VALUE_SCALE_DECAY)
+            th.stack([square, th.ones((), dtype=th.float64)]) * (1 - VALUE_SCALE_DECAY)
         )
         return self.advantage_scale()
 
     def advantage_scale(self) -> float:
         """The running root mean square of the advantages over rollouts (decay 0.9 per rollout, bias-corrected, not
         centred): the scale ACKTR's ``normalize_advantage="running"`` divides advantages by, so the policy's step
-        has the same size at every reward scale and however well the critic fits (docs/ACKTR.md, "Advantages
-        divided by their running scale"). 1 before any rollout was observed."""
+        has the same size at every reward scale and however well the critic fits (docs/ACKTR.md, "Divided by
+        their own running scale"). 1 before any rollout was observed."""
         total, weight = self.advantage_moments.tolist()
         if weight <= 0:
             return 1.0

@@ -391,6 +391,21 @@ def test_advantage_scale_is_the_running_root_mean_square_of_the_advantages_over_
         policy.observe_advantages(np.array([1.0, np.nan]))
 
 
+def test_policy_saved_before_the_advantage_scale_existed_loads_with_it_unset() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage="running")
+    model.learn(32)
+    state = model.policy.state_dict()
+    assert float(state["advantage_moments"][1]) > 0
+    del state["advantage_moments"]
+    fresh = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=1, normalize_advantage="running").policy
+    fresh.observe_advantages(np.array([5.0, -5.0]))
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.advantage_moments.tolist() == [0.0, 0.0] and fresh.advantage_scale() == 1.0
+    fresh.observe_advantages(np.array([3.0, -4.0]))  # the first rollout after the load sets the scale
+    assert fresh.advantage_scale() == pytest.approx(np.sqrt(12.5))
+
+
 def test_running_advantage_normalization_divides_the_policy_gradient_by_the_advantage_scale() -> None:
     # Advantages multiplied by a constant change neither the running-normalized step nor the scale-free KLs.
     env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
