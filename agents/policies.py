@@ -72,6 +72,8 @@ GAUSSIAN_LOG_STD_FISHER = 2.0
 # sets the scale), and the smallest scale (all-zero targets).
 VALUE_SCALE_DECAY = 0.9
 MIN_VALUE_SCALE = 1e-6
+
+
 # ACKTR's advantage scale: at or above the run's mean return, the running spread of the value targets is held at
 # least at this fraction of their spread over the whole run. A learning run's running spread stays mostly within
 # 1-3 times below the whole run's (HalfCheetah-v5, Hopper-v5, Pendulum-v1); a good policy's constant returns take
@@ -108,6 +110,12 @@ PRECONDITIONER_NAME_DEFAULTS: dict[str, dict[str, Any]] = {
     "ekfac": {"scale_update_interval": 1},
     "kfac": {"damping_mode": "eigen"},
 }
+
+
+def fold_running_mean(moments: th.Tensor, value: th.Tensor) -> None:
+    """Fold one rollout's ``value`` into ``moments = [decayed sum, decayed weight]`` (decay
+    :data:`VALUE_SCALE_DECAY` per rollout); ``sum / weight`` is then the bias-corrected running mean."""
+    moments.mul_(VALUE_SCALE_DECAY).add_(th.stack([value, th.ones((), dtype=th.float64)]) * (1 - VALUE_SCALE_DECAY))
 
 
 def preconditioner_names() -> tuple[str, ...]:
@@ -448,10 +456,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         Returns ``sigma``."""
         targets = th.as_tensor(np.asarray(targets), dtype=th.float64)
         moments = self.value_target_moments
-        moments.mul_(VALUE_SCALE_DECAY).add_(
-            th.stack([distributed.mean_over_ranks(targets.square().mean()), th.ones((), dtype=th.float64)])
-            * (1 - VALUE_SCALE_DECAY)
-        )
+        fold_running_mean(moments, distributed.mean_over_ranks(targets.square().mean()))
         self.value_target_mean.mul_(VALUE_SCALE_DECAY).add_(
             distributed.mean_over_ranks(targets.mean()) * (1 - VALUE_SCALE_DECAY)
         )
@@ -485,9 +490,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         square = distributed.mean_over_ranks(advantages.square().mean())
         if not bool(th.isfinite(square)):
             raise ValueError("non-finite advantages: the rollout's rewards or value estimates are not finite")
-        self.advantage_moments.mul_(VALUE_SCALE_DECAY).add_(
-            th.stack([square, th.ones((), dtype=th.float64)]) * (1 - VALUE_SCALE_DECAY)
-        )
+        fold_running_mean(self.advantage_moments, square)
         return self.advantage_scale()
 
     def advantage_scale(self) -> float:
