@@ -48,8 +48,8 @@ AUTO = "auto"
 # env: from never reaching their thresholds in 200k steps to medians of 50k and 62k steps).
 DISCRETE_DEFAULTS: dict[str, Any] = {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001}
 # ACKTR's normalize_advantage modes besides True (per batch) and False (raw): by the running spread of the returns,
-# or by the advantages' own running root mean square.
-ADVANTAGE_SCALES = ("returns", "running")
+# by the advantages' own running root mean square, or by the spread capped by that root mean square.
+ADVANTAGE_SCALES = ("returns", "running", "capped")
 
 
 def is_advantage_normalization(value: Any) -> bool:
@@ -106,9 +106,10 @@ class ACKTR(OnPolicyAlgorithm):
        sampled action has mean zero).
     3. The gradient of A2C's loss ``policy_loss + ent_coef * entropy_loss + vf_coef * value_loss`` (the value
        loss's gradient reaches the critic divided by ``sigma**2``; advantages divided by the running spread of
-       the returns by default), preconditioned by EKFAC (default) or K-FAC, and a momentum step scaled by the KL
-       trust region: ``u = momentum buf + D``, ``nu = min(1, sqrt(2 radius / (lr^2 u^T F u)))`` (the region
-       bounds the step actually taken, momentum included). No gradient-norm clipping unless ``max_grad_norm`` is set.
+       the returns by default), preconditioned by EKFAC (default)
+       or K-FAC, and a momentum step scaled by the KL trust region: ``u = momentum buf + D``,
+       ``nu = min(1, sqrt(2 radius / (lr^2 u^T F u)))`` (the region bounds the step actually taken, momentum
+       included). No gradient-norm clipping unless ``max_grad_norm`` is set.
 
     Trust regions. With separate actor and critic networks (``MlpPolicy``; the paper's MuJoCo setting) each gets
     its own region, as the paper applies K-FAC to each separately: the policy's KL is bounded by ``max_kl``, and
@@ -137,7 +138,10 @@ class ACKTR(OnPolicyAlgorithm):
     was collected, in the units of the rewards the agent sees: normalized ones behind VecNormalize),
     ``train/value_target_spread`` (the running spread of the value targets, which ``normalize_advantage="returns"``
     divides the advantages by), ``train/advantage_scale`` (the advantages' running root mean square, which
-    ``normalize_advantage="running"`` divides them by), ``train/damping``, ``train/learning_rate``,
+    ``normalize_advantage="running"`` divides them by), ``train/capped_divisor`` (what
+    ``normalize_advantage="capped"`` divides them by: the running spread, capped at 3 times the advantage scale,
+    then held at the floor scaled by ``train/time_limit_fraction``), ``train/time_limit_fraction`` (the share of
+    recent episodes cut by their time limit), ``train/damping``, ``train/learning_rate``,
     ``time/eigh_ms``, and ``train/std`` for Gaussian policies; with ``kl_backtrack`` ``train/kl_backtrack_factor``
     (and ``train/vf_kl_backtrack_factor``), with ``state_kl_bound`` ``train/state_kl`` and
     ``train/state_kl_factor``; SB3 adds ``time/fps``.
@@ -212,8 +216,12 @@ class ACKTR(OnPolicyAlgorithm):
             and keeping their size relative to the returns, so steps shrink inside the trust region when the
             advantages carry little, a good policy's included (what VecNormalize's reward scaling with raw
             advantages does; measured in docs/ACKTR.md); ``True``: normalize them over the batch (SB3's A2C;
-            every step then reaches the region's edge); ``"running"``: divide them by their own running root mean
-            square over rollouts (decay 0.9 per rollout, not centred;
+            every step then reaches the region's edge); ``"capped"``: as ``"returns"``, but divided by at most 3
+            times the advantages' own running root mean square, with the floor scaled by the share of recent
+            episodes cut by their time limit
+            (:meth:`~agents.policies.KroneckerActorCriticPolicy.capped_divisor`), so a policy whose episodes all end
+            alike by failing keeps moving where the critic fits its returns well; ``"running"``: divide them by
+            their own running root mean square over rollouts (decay 0.9 per rollout, not centred;
             :meth:`~agents.policies.KroneckerActorCriticPolicy.advantage_scale`): free of the reward's units and of
             how well the critic fits, so the policy's step keeps the region's size as TRPO's does, without
             centring a short rollout's advantages; ``False``: raw advantages.
@@ -286,7 +294,7 @@ class ACKTR(OnPolicyAlgorithm):
             raise ValueError(f"Invalid learning rate: {initial_rate!r} ({what}; must be a finite float >= 0)")
         if not is_advantage_normalization(normalize_advantage):
             raise ValueError(
-                f"Invalid normalize_advantage: {normalize_advantage!r} (True, False, 'returns' or 'running')"
+                f"Invalid normalize_advantage: {normalize_advantage!r} (True, False, 'returns', 'running' or 'capped')"
             )
         if max_grad_norm is not None and not (is_real_number(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")
@@ -348,6 +356,8 @@ class ACKTR(OnPolicyAlgorithm):
                 setattr(self, name, defaults[name])
 
     def _setup_model(self) -> None:
+        # Episodes ended since the last update: [at their time limit, all] (policy.observe_episode_ends).
+        self._episode_ends = [0, 0]
         # ACKTR's own arguments reach the policy here, not through self.policy_kwargs, so that the saved
         # policy_kwargs are the user's and ``ACKTR.load(path, policy_kwargs=...)`` passes SB3's equality check.
         user_kwargs = self.policy_kwargs
@@ -389,6 +399,8 @@ class ACKTR(OnPolicyAlgorithm):
         optimizer = self.policy.optimizer
         self._update_learning_rate(optimizer)
         self.policy.observe_rollout(self.rollout_buffer)
+        self.policy.observe_episode_ends(*self._episode_ends)
+        self._episode_ends = [0, 0]
 
         for rollout_data in self.rollout_buffer.get(batch_size=None):
             actions = rollout_data.actions
@@ -400,6 +412,8 @@ class ACKTR(OnPolicyAlgorithm):
             advantages = rollout_data.advantages
             if self.normalize_advantage == "returns":
                 advantages = advantages / self.policy.value_target_spread()
+            elif self.normalize_advantage == "capped":
+                advantages = advantages / self.policy.capped_divisor()
             elif self.normalize_advantage == "running":
                 advantages = advantages / self.policy.advantage_scale()
             elif self.normalize_advantage and len(advantages) > 1:
@@ -447,10 +461,29 @@ class ACKTR(OnPolicyAlgorithm):
         self.logger.record("train/value_error", value_error)
         self.logger.record("train/value_target_spread", self.policy.value_target_spread())
         self.logger.record("train/advantage_scale", self.policy.advantage_scale())
+        self.logger.record("train/capped_divisor", self.policy.capped_divisor())
+        self.logger.record("train/time_limit_fraction", self.policy.time_limit_fraction())
         self.logger.record("train/damping", optimizer.param_groups[0]["damping"])
         self.logger.record("time/eigh_ms", optimizer.last_eigh_ms)
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+
+    def _excluded_save_params(self) -> list[str]:
+        # The episode ends counted since the last update: always [0, 0] between updates, where SB3 saves.
+        return [*super()._excluded_save_params(), "_episode_ends"]
+
+    def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
+        """SB3's episode bookkeeping, plus the count of ended episodes and of those cut by their time limit
+        (``policy.time_limit_fraction``)."""
+        super()._update_info_buffer(infos, dones)
+        if dones is None:
+            return
+        for info, done in zip(infos, dones):
+            # Whole episodes only (Monitor's record: not a life lost under Atari's EpisodicLifeEnv), and only where
+            # the VecEnv says how they ended (SB3's do); an env that does not say leaves the fraction at 1.
+            if done and "episode" in info and "TimeLimit.truncated" in info:
+                self._episode_ends[0] += int(bool(info["TimeLimit.truncated"]))
+                self._episode_ends[1] += 1
 
     def _optimizer_step(self, loss: th.Tensor) -> None:
         """One step of the policy's preconditioner on ``loss`` (SB3's gradient-norm clipping first, where set)."""

@@ -80,6 +80,13 @@ MIN_VALUE_SCALE = 1e-6
 # it 10-100 times below (InvertedPendulum-v5 at 1000), which is what the floor is for (docs/ACKTR.md, "A floor
 # from the whole run").
 WHOLE_RUN_SPREAD_FLOOR = 0.25
+# ACKTR's opt-in normalize_advantage="capped": the running spread of the returns, at most this many times the
+# advantages' own running root mean square, so that the divided advantages keep a running RMS of at least 1/3 where
+# the critic explains the returns well (explained variance above about 0.9) and the floor does not bind; there the
+# spread alone shrank Hopper-v5's steps to a KL of 1e-7 per update and stalled the run. Its floor is scaled by the
+# share of recent episodes cut by their time limit: the floor is for a policy whose episodes run to the limit, not
+# for one whose episodes all end alike by failing (Hopper-v5 stuck at a return of 280). docs/ACKTR.md, "Capped".
+CAPPED_SPREAD_FACTOR = 3.0
 # Observation normalization: normalized observations are clipped to this range (as SB3's VecNormalize), and a
 # variance below the floor is taken as the floor (a constant observation component).
 OBSERVATION_CLIP = 10.0
@@ -115,7 +122,8 @@ PRECONDITIONER_NAME_DEFAULTS: dict[str, dict[str, Any]] = {
 def fold_running_mean(moments: th.Tensor, value: th.Tensor) -> None:
     """Fold one rollout's ``value`` into ``moments = [decayed sum, decayed weight]`` (decay
     :data:`VALUE_SCALE_DECAY` per rollout); ``sum / weight`` is then the bias-corrected running mean."""
-    moments.mul_(VALUE_SCALE_DECAY).add_(th.stack([value, th.ones((), dtype=th.float64)]) * (1 - VALUE_SCALE_DECAY))
+    update = th.stack([value.to(th.float64).cpu(), th.ones((), dtype=th.float64)]) * (1 - VALUE_SCALE_DECAY)
+    moments.mul_(VALUE_SCALE_DECAY).add_(update.to(moments.device))
 
 
 def preconditioner_names() -> tuple[str, ...]:
@@ -211,9 +219,9 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
 
     State: the calibration (buffer ``kl_log_bias``), the value scale and spread (buffers ``value_scale``,
     ``value_target_moments``, ``value_target_mean``, ``value_target_stats``), the advantages' running scale
-    (``advantage_moments``) and the observation statistics
-    (``observation_mean``, ``observation_var``, ``observation_count``) are saved and loaded with the parameters; the
-    preconditioner's statistics with ``policy.optimizer`` (SB3 saves both).
+    (``advantage_moments``), the share of episodes cut by their time limit (``episode_end_moments``) and the
+    observation statistics (``observation_mean``, ``observation_var``, ``observation_count``) are saved and loaded
+    with the parameters; the preconditioner's statistics with ``policy.optimizer`` (SB3 saves both).
 
     Args:
         preconditioner: ``"ekfac"`` (default) or ``"kfac"``.
@@ -312,6 +320,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.register_buffer("value_target_stats", th.tensor([0.0, 0.0, 1.0], dtype=th.float64))
         # The running (bias-uncorrected) mean of the squared advantages, with its total weight.
         self.register_buffer("advantage_moments", th.zeros(2, dtype=th.float64))
+        # Decayed counts (per rollout) of the episodes that ended at their time limit and of all that ended.
+        self.register_buffer("episode_end_moments", th.zeros(2, dtype=th.float64))
         shape = self.observation_space.shape if self._normalizes_observations else ()
         self.register_buffer("observation_mean", th.zeros(shape, dtype=th.float64))
         self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
@@ -493,6 +503,31 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         fold_running_mean(self.advantage_moments, square)
         return self.advantage_scale()
 
+    @th.no_grad()
+    def observe_episode_ends(self, time_limit: int, ended: int) -> float:
+        """Fold one rollout's count of ended episodes, and of those that ended at their time limit (truncated, not
+        terminated), into their decayed counts (decay 0.9 per rollout, averaged over data-parallel ranks). Returns
+        :meth:`time_limit_fraction`."""
+        if not 0 <= time_limit <= ended:
+            raise ValueError(
+                f"Invalid episode ends: {time_limit} at the time limit of {ended} ended (0 <= time_limit <= ended)"
+            )
+        counts = th.tensor([float(time_limit), float(ended)], dtype=th.float64)
+        counts = distributed.mean_over_ranks(counts, what="episode end counts")
+        moments = self.episode_end_moments
+        moments.mul_(VALUE_SCALE_DECAY).add_(counts.to(moments.device) * (1 - VALUE_SCALE_DECAY))
+        return self.time_limit_fraction()
+
+    def time_limit_fraction(self) -> float:
+        """The fraction of recent episodes that ended at their time limit (decayed counts over rollouts, decay 0.9
+        per rollout), which scales the whole run's floor in :meth:`capped_divisor`: the floor then holds a
+        policy whose episodes run to the time limit (nothing left to survive for), not one whose episodes end
+        alike by failing. With episodes much longer than a rollout it moves in jumps: one failure among
+        1000-step episodes on 128-step rollouts takes it from 1 to about 0.4. 1 before any episode ended (and for
+        a policy that is not told: the plug-in)."""
+        time_limit, ended = self.episode_end_moments.tolist()
+        return time_limit / ended if ended > 0 else 1.0
+
     def advantage_scale(self) -> float:
         """The running root mean square of the advantages over rollouts (decay 0.9 per rollout, bias-corrected, not
         centred): the scale ACKTR's ``normalize_advantage="running"`` divides advantages by, so the policy's step
@@ -503,6 +538,23 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             return 1.0
         return max(math.sqrt(max(total, 0.0) / weight), MIN_VALUE_SCALE)
 
+    def capped_divisor(self) -> float:
+        """The scale ACKTR's opt-in ``normalize_advantage="capped"`` divides advantages by: the running spread of
+        the returns, but at most :data:`CAPPED_SPREAD_FACTOR` times the advantages' own running root mean square
+        (:meth:`advantage_scale`), then held at the whole run's floor of :meth:`value_target_spread` scaled by
+        :meth:`time_limit_fraction`. Where the critic fits loosely the spread binds, as with ``"returns"``; where it
+        fits well (explained variance above about 0.9) the cap binds and holds the divided advantages at a running
+        RMS of 1/3, so a policy whose episodes all end alike by failing keeps moving; once a good policy's returns
+        stop varying at its time limit the floor binds (the RMS may then fall below 1/3). All three are free of the
+        reward's units (docs/ACKTR.md, "Capped, with the floor where episodes run to their time limit"). 1 before
+        any rollout was observed."""
+        parts = self._target_spread_parts()
+        if parts is None:
+            return 1.0
+        running, floor = parts
+        capped = min(running, CAPPED_SPREAD_FACTOR * self.advantage_scale())
+        return max(capped, floor * self.time_limit_fraction(), MIN_VALUE_SCALE)
+
     def value_target_spread(self) -> float:
         """The scale ACKTR's ``normalize_advantage="returns"`` divides advantages by: the running standard
         deviation of the value targets (decay 0.9 per rollout, centred, unlike ``sigma``), held at least at
@@ -512,16 +564,23 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         advantages' noise up to full trust-region steps that walk the policy off what it learned. Below the run's
         mean the collapse is kept: that noise is then all that moves a policy stuck on returns that fail alike
         (docs/ACKTR.md, "A floor from the whole run"). 1 before any rollout was observed."""
+        parts = self._target_spread_parts()
+        if parts is None:
+            return 1.0
+        return max(*parts, MIN_VALUE_SCALE)
+
+    def _target_spread_parts(self) -> tuple[float, float] | None:
+        """The running spread of the value targets and the whole run's floor under it (0 below the run's mean
+        return), ``None`` before any rollout."""
         moments = self._running_target_moments()
         if moments is None:
-            return 1.0
+            return None
         mean, running_var = moments
-        running = math.sqrt(running_var)
         _, whole_run_mean, whole_run_var = self.value_target_stats.tolist()
         # Only at or above the run's mean return: a policy stuck below it (every episode failing alike) is moved
         # by nothing but the advantages' noise, which the collapsed running spread keeps large enough to explore.
         floor = WHOLE_RUN_SPREAD_FLOOR * math.sqrt(max(whole_run_var, 0.0)) if mean >= whole_run_mean else 0.0
-        return max(running, floor, MIN_VALUE_SCALE)
+        return math.sqrt(running_var), floor
 
     def _running_target_moments(self) -> tuple[float, float] | None:
         """The running mean and (centred) variance of the value targets, ``None`` before any rollout."""
@@ -761,6 +820,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             "value_target_moments": 0.0,
             "value_target_mean": 0.0,
             "advantage_moments": 0.0,
+            "episode_end_moments": 0.0,
             "observation_mean": 0.0,
             "observation_var": 1.0,
             "observation_count": 0.0,

@@ -337,7 +337,7 @@ def validate_config(config: dict[str, Any], source: str | Path, algorithm: type 
             elif kind == "bool" and not isinstance(value, bool):
                 raise ValueError("must be true or false")
             elif kind == "advantage_normalization" and not is_advantage_normalization(value):
-                raise ValueError("must be true, false, 'returns' or 'running'")
+                raise ValueError("must be true, false, 'returns', 'running' or 'capped'")
             elif kind == "str" and not isinstance(value, str):
                 raise ValueError("must be a string")
             elif kind == "dict" and not isinstance(value, dict):

@@ -124,8 +124,9 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
         agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).learn(steps, callback=recorder)
     elif algorithm == "acktr_batch_normalized":  # advantages normalized over the batch instead
         agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage=True).learn(steps, callback=recorder)
-    elif algorithm == "acktr_running":  # advantages divided by their own running root mean square
-        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage="running")
+    elif algorithm in ("acktr_running", "acktr_capped"):  # by their own running RMS, or the spread capped by it
+        mode = algorithm.removeprefix("acktr_")
+        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage=mode)
         model.learn(steps, callback=recorder)
     else:
         # A learning rate large enough that both regions bind (at A2C's own 7e-4 they rarely do this early).
@@ -137,7 +138,9 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
-@pytest.mark.parametrize("algorithm", ["acktr", "acktr_batch_normalized", "acktr_running", "a2c_plugin"])
+@pytest.mark.parametrize(
+    "algorithm", ["acktr", "acktr_batch_normalized", "acktr_running", "acktr_capped", "a2c_plugin"]
+)
 def test_trust_region_scales_do_not_depend_on_the_reward_scale(algorithm: str, env_id: str) -> None:
     runs = {scale: _scaled_reward_run(algorithm, env_id, scale, steps=384) for scale in (0.01, 1.0, 100.0)}
     reference = runs[1.0]
@@ -245,16 +248,19 @@ def _policy_state(model: OnPolicyAlgorithm) -> dict[str, object]:
         "value_target_moments": policy.value_target_moments.tolist(),
         "value_target_stats": policy.value_target_stats.tolist(),
         "advantage_moments": policy.advantage_moments.tolist(),
+        "episode_end_moments": policy.episode_end_moments.tolist(),
         "optimizer": policy.optimizer.state_dict(),
     }
 
 
 @pytest.mark.parametrize("algorithm", ["acktr", "a2c_plugin"])
 def test_save_and_load_round_trip_calibration_value_scale_and_statistics(algorithm: str, tmp_path: Path) -> None:
-    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    # A 50-step time limit, so that episodes end within the run.
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0, env_kwargs={"max_episode_steps": 50})
     if algorithm == "acktr":
         model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0)
         model.learn(160)
+        assert model.policy.episode_end_moments.tolist()[1] > 0
         cls: type[OnPolicyAlgorithm] = agents.ACKTR
     else:
         model = A2C(agents.KroneckerActorCriticPolicy, env, n_steps=8, seed=0)
@@ -265,7 +271,8 @@ def test_save_and_load_round_trip_calibration_value_scale_and_statistics(algorit
     saved, restored = _policy_state(model), _policy_state(loaded)
     assert saved["log_bias"] != [0.0, 0.0] and saved["value_scale"] != 1.0
     assert saved["advantage_moments"][1] > 0
-    for key in ("log_bias", "value_scale", "value_target_moments", "value_target_stats", "advantage_moments"):
+    keys = ("log_bias", "value_scale", "value_target_moments", "value_target_stats", "advantage_moments")
+    for key in (*keys, "episode_end_moments"):
         assert restored[key] == pytest.approx(saved[key]), key
     _assert_same_state(restored["optimizer"], saved["optimizer"])
     # The next update from the same batch is the same step.
@@ -373,6 +380,141 @@ def test_value_target_spread_is_the_running_one_held_above_a_whole_run_floor_at_
     assert policy.value_target_spread() < 0.5 * WHOLE_RUN_SPREAD_FLOOR * float(torch.cat(rollouts).std(unbiased=False))
 
 
+def test_capped_divisor_is_the_running_spread_capped_by_the_advantage_scale_then_held_at_the_scaled_floor() -> None:
+    from agents.policies import CAPPED_SPREAD_FACTOR, WHOLE_RUN_SPREAD_FLOOR
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    policy = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
+    assert policy.capped_divisor() == 1.0, "no rollout observed yet"
+    targets = torch.tensor([-10.0, 10.0], dtype=torch.float64)  # running spread 10, floor 2.5 (one rollout)
+    policy.observe_value_targets(targets)
+    assert policy.value_target_spread() == pytest.approx(10.0)
+    # Advantages large against the returns: the spread binds.
+    policy.observe_advantages(np.array([6.0, -6.0]))
+    assert policy.capped_divisor() == pytest.approx(10.0)
+    # A critic that fits well: the cap binds, holding the divided advantages at an RMS of 1 / CAPPED_SPREAD_FACTOR.
+    fitted = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
+    fitted.observe_value_targets(targets)
+    fitted.observe_advantages(np.array([1.0, -1.0]))
+    assert CAPPED_SPREAD_FACTOR * fitted.advantage_scale() == pytest.approx(3.0)
+    assert fitted.capped_divisor() == pytest.approx(3.0)
+    # Advantages that are noise against a task's returns: the whole run's floor binds, as in value_target_spread.
+    noise = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
+    noise.observe_value_targets(targets)
+    noise.observe_advantages(np.array([0.1, -0.1]))
+    assert noise.capped_divisor() == pytest.approx(WHOLE_RUN_SPREAD_FLOOR * 10.0)
+    # Below the run's mean return the floor is 0 (value_target_spread's rule), so the cap binds however small.
+    for _ in range(30):
+        noise.observe_value_targets(torch.tensor([-100.0, -98.0], dtype=torch.float64))
+    assert noise.capped_divisor() == pytest.approx(CAPPED_SPREAD_FACTOR * noise.advantage_scale())
+    assert noise.capped_divisor() < noise.value_target_spread()
+    # Episodes that all end alike by failing (none at the time limit): no floor, the cap binds (Hopper-v5's stall).
+    failing = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
+    failing.observe_value_targets(targets)
+    failing.observe_advantages(np.array([0.1, -0.1]))
+    failing.observe_episode_ends(0, 3)
+    assert failing.time_limit_fraction() == 0.0
+    assert failing.capped_divisor() == pytest.approx(CAPPED_SPREAD_FACTOR * 0.1)
+
+
+@pytest.mark.parametrize(("mode", "divisor"), [("returns", "value_target_spread"), ("capped", "capped_divisor")])
+def test_acktr_divides_the_advantages_by_its_modes_divisor(
+    mode: str, divisor: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same step as raw advantages divided by the policy's divisor for the mode beforehand.
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    steps = []
+    for setting in (mode, False):
+        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage=setting)
+        monkeypatch.setattr(type(model.policy), divisor, lambda self: 7.5)
+        _collect_rollout(model)
+        if setting is False:
+            model.rollout_buffer.advantages /= 7.5
+        before = [p.detach().clone() for p in model.policy.parameters()]
+        set_random_seed(1)
+        model.train()
+        steps.append([p.detach() - b for p, b in zip(model.policy.parameters(), before)])
+    for divided, raw in zip(*steps):
+        torch.testing.assert_close(divided, raw, rtol=1e-5, atol=1e-8)
+
+
+def test_time_limit_fraction_is_the_decayed_share_of_episodes_cut_by_their_time_limit_and_scales_the_floor() -> None:
+    from agents.policies import WHOLE_RUN_SPREAD_FLOOR
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    policy = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
+    assert policy.time_limit_fraction() == 1.0, "no episode ended yet"
+    policy.observe_episode_ends(0, 0)
+    assert policy.time_limit_fraction() == 1.0, "still none"
+    counts = [(2, 2), (0, 3), (1, 1)]
+    for n, (time_limit, ended) in enumerate(counts, start=1):
+        policy.observe_episode_ends(time_limit, ended)
+        weights = [0.9 ** (n - 1 - i) for i in range(n)]
+        expected = sum(w * c[0] for w, c in zip(weights, counts)) / sum(w * c[1] for w, c in zip(weights, counts))
+        assert policy.time_limit_fraction() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="Invalid episode ends: 3 at the time limit of 2 ended"):
+        policy.observe_episode_ends(3, 2)
+    # The whole run's floor under the capped divisor is scaled by the fraction (advantages large: no cap).
+    targets = [torch.tensor([-10.0, 10.0], dtype=torch.float64)] + [torch.tensor([0.0, 0.1], dtype=torch.float64)] * 100
+    for rollout in targets:
+        policy.observe_value_targets(rollout)
+    whole_run = float(torch.cat(targets).std(unbiased=False))
+    floor = WHOLE_RUN_SPREAD_FLOOR * whole_run
+    assert floor * policy.time_limit_fraction() > _running_spread(targets)
+    assert policy.value_target_spread() == pytest.approx(floor, rel=1e-9), "returns: the floor unscaled"
+    policy.observe_advantages(np.array([100.0, -100.0]))
+    assert policy.capped_divisor() == pytest.approx(floor * policy.time_limit_fraction(), rel=1e-9)
+
+
+@pytest.mark.parametrize(("max_episode_steps", "expected"), [(5, 1.0), (500, 0.0)])
+def test_acktr_counts_episodes_cut_by_their_time_limit(max_episode_steps: int, expected: float) -> None:
+    # CartPole-v1 never fails within 5 steps (every episode is cut); an untrained policy fails well before 500.
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0, env_kwargs={"max_episode_steps": max_episode_steps})
+    model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0)
+    model.learn(160)
+    assert float(model.policy.episode_end_moments[1]) > 0
+    assert model.policy.time_limit_fraction() == expected
+    assert model.logger.name_to_value["train/time_limit_fraction"] == expected
+
+
+def test_acktr_folds_the_rollouts_episode_ends_before_dividing_its_advantages(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = agents.ACKTR("MlpPolicy", env, n_steps=64, seed=0, normalize_advantage="capped")
+    policy_class = type(model.policy)
+    seen = []
+    divisor = policy_class.capped_divisor
+
+    def recording(self: agents.KroneckerActorCriticPolicy) -> float:
+        seen.append(self.time_limit_fraction())
+        return divisor(self)
+
+    monkeypatch.setattr(policy_class, "capped_divisor", recording)
+    _collect_rollout(model)  # an untrained policy fails within 64 steps: episodes ended, none at the time limit
+    assert model.policy.time_limit_fraction() == 1.0, "not folded before the update"
+    model.train()
+    assert seen and seen[0] == 0.0
+
+
+def test_acktr_leaves_the_floor_whole_where_the_env_does_not_say_how_episodes_ended() -> None:
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    class WithoutTruncationInfo(VecEnvWrapper):
+        def reset(self) -> np.ndarray:
+            return self.venv.reset()
+
+        def step_wait(self) -> tuple:
+            observations, rewards, dones, infos = self.venv.step_wait()
+            for info in infos:
+                info.pop("TimeLimit.truncated", None)
+            return observations, rewards, dones, infos
+
+    env = WithoutTruncationInfo(make_vec_env("CartPole-v1", n_envs=2, seed=0))
+    model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0)
+    model.learn(160)
+    assert model.ep_info_buffer, "episodes ended"
+    assert model.policy.episode_end_moments.tolist() == [0.0, 0.0] and model.policy.time_limit_fraction() == 1.0
+
+
 def test_advantage_scale_is_the_running_root_mean_square_of_the_advantages_over_rollouts() -> None:
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     policy = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).policy
@@ -404,6 +546,20 @@ def test_policy_saved_before_the_advantage_scale_existed_loads_with_it_unset() -
     assert fresh.advantage_moments.tolist() == [0.0, 0.0] and fresh.advantage_scale() == 1.0
     fresh.observe_advantages(np.array([3.0, -4.0]))  # the first rollout after the load sets the scale
     assert fresh.advantage_scale() == pytest.approx(np.sqrt(12.5))
+
+
+def test_policy_saved_before_the_episode_end_counts_existed_loads_with_the_whole_floor() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0)
+    model.learn(160)
+    state = model.policy.state_dict()
+    assert float(state["episode_end_moments"][1]) > 0
+    del state["episode_end_moments"]
+    fresh = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=1).policy
+    fresh.observe_episode_ends(0, 4)
+    fresh.load_state_dict(state, strict=True)
+    # As before the counts existed: the whole run's floor, unscaled, until an episode ends.
+    assert fresh.episode_end_moments.tolist() == [0.0, 0.0] and fresh.time_limit_fraction() == 1.0
 
 
 def test_running_advantage_normalization_divides_the_policy_gradient_by_the_advantage_scale() -> None:

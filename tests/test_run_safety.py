@@ -435,11 +435,12 @@ def test_normalize_advantage_returns_is_refused_for_sb3_algorithms_and_accepted_
     assert validate_config(config, "x.yml", ACKTR) == config
     with pytest.raises(ValueError, match=r"x\.yml: invalid normalize_advantage: 'returns' \(ACKTR's option; A2C"):
         validate_config(config, "x.yml", A2C)
-    running = {"normalize_advantage": "running"}
-    assert validate_config(running, "x.yml", ACKTR) == running
-    with pytest.raises(ValueError, match=r"x\.yml: invalid normalize_advantage: 'running' \(ACKTR's option; A2C"):
-        validate_config(running, "x.yml", A2C)
-    with pytest.raises(ValueError, match="must be true, false, 'returns' or 'running'"):
+    for mode in ("running", "capped"):
+        setting = {"normalize_advantage": mode}
+        assert validate_config(setting, "x.yml", ACKTR) == setting
+        with pytest.raises(ValueError, match=rf"x\.yml: invalid normalize_advantage: '{mode}' \(ACKTR's option; A2C"):
+            validate_config(setting, "x.yml", A2C)
+    with pytest.raises(ValueError, match="must be true, false, 'returns', 'running' or 'capped'"):
         validate_config({"normalize_advantage": "batch"}, "x.yml")
 
 
