@@ -106,10 +106,9 @@ class ACKTR(OnPolicyAlgorithm):
        sampled action has mean zero).
     3. The gradient of A2C's loss ``policy_loss + ent_coef * entropy_loss + vf_coef * value_loss`` (the value
        loss's gradient reaches the critic divided by ``sigma**2``; advantages divided by the running spread of
-       the returns by default), preconditioned by EKFAC (default)
-       or K-FAC, and a momentum step scaled by the KL trust region: ``u = momentum buf + D``,
-       ``nu = min(1, sqrt(2 radius / (lr^2 u^T F u)))`` (the region bounds the step actually taken, momentum
-       included). No gradient-norm clipping unless ``max_grad_norm`` is set.
+       the returns by default), preconditioned by EKFAC (default) or K-FAC, and a momentum step scaled by the KL
+       trust region: ``u = momentum buf + D``, ``nu = min(1, sqrt(2 radius / (lr^2 u^T F u)))`` (the region
+       bounds the step actually taken, momentum included). No gradient-norm clipping unless ``max_grad_norm`` is set.
 
     Trust regions. With separate actor and critic networks (``MlpPolicy``; the paper's MuJoCo setting) each gets
     its own region, as the paper applies K-FAC to each separately: the policy's KL is bounded by ``max_kl``, and
