@@ -72,8 +72,6 @@ GAUSSIAN_LOG_STD_FISHER = 2.0
 # sets the scale), and the smallest scale (all-zero targets).
 VALUE_SCALE_DECAY = 0.9
 MIN_VALUE_SCALE = 1e-6
-
-
 # ACKTR's advantage scale: at or above the run's mean return, the running spread of the value targets is held at
 # least at this fraction of their spread over the whole run. A learning run's running spread stays mostly within
 # 1-3 times below the whole run's (HalfCheetah-v5, Hopper-v5, Pendulum-v1); a good policy's constant returns take
@@ -119,11 +117,16 @@ PRECONDITIONER_NAME_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def fold_decayed(buffer: th.Tensor, value: th.Tensor) -> None:
+    """``buffer <- decay * buffer + (1 - decay) * value`` in place (decay :data:`VALUE_SCALE_DECAY` per rollout),
+    ``value`` moved to the buffer's device first."""
+    buffer.mul_(VALUE_SCALE_DECAY).add_(value.to(buffer.device) * (1 - VALUE_SCALE_DECAY))
+
+
 def fold_running_mean(moments: th.Tensor, value: th.Tensor) -> None:
     """Fold one rollout's ``value`` into ``moments = [decayed sum, decayed weight]`` (decay
     :data:`VALUE_SCALE_DECAY` per rollout); ``sum / weight`` is then the bias-corrected running mean."""
-    update = th.stack([value.to(th.float64).cpu(), th.ones((), dtype=th.float64)]) * (1 - VALUE_SCALE_DECAY)
-    moments.mul_(VALUE_SCALE_DECAY).add_(update.to(moments.device))
+    fold_decayed(moments, th.stack([value.to(th.float64).cpu(), th.ones((), dtype=th.float64)]))
 
 
 def preconditioner_names() -> tuple[str, ...]:
@@ -467,9 +470,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         targets = th.as_tensor(np.asarray(targets), dtype=th.float64)
         moments = self.value_target_moments
         fold_running_mean(moments, distributed.mean_over_ranks(targets.square().mean()))
-        self.value_target_mean.mul_(VALUE_SCALE_DECAY).add_(
-            distributed.mean_over_ranks(targets.mean()) * (1 - VALUE_SCALE_DECAY)
-        )
+        fold_decayed(self.value_target_mean, distributed.mean_over_ranks(targets.mean()))
         batch_mean, batch_var, batch_count = distributed.combine_moments(
             targets.mean(), targets.var(unbiased=False), float(targets.numel()), what="value target statistics"
         )
@@ -514,8 +515,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             )
         counts = th.tensor([float(time_limit), float(ended)], dtype=th.float64)
         counts = distributed.mean_over_ranks(counts, what="episode end counts")
-        moments = self.episode_end_moments
-        moments.mul_(VALUE_SCALE_DECAY).add_(counts.to(moments.device) * (1 - VALUE_SCALE_DECAY))
+        fold_decayed(self.episode_end_moments, counts)
         return self.time_limit_fraction()
 
     def time_limit_fraction(self) -> float:

@@ -300,8 +300,8 @@ def validate_config(config: dict[str, Any], source: str | Path, algorithm: type 
     Args:
         config: the resolved settings.
         source: the file they come from, named in the message.
-        algorithm: the algorithm class they are for, when known: ``normalize_advantage: returns`` or ``running``
-            is ACKTR's only (SB3's A2C and PPO would read the string as true).
+        algorithm: the algorithm class they are for, when known: ``normalize_advantage: returns``, ``running`` or
+            ``capped`` is ACKTR's only (SB3's A2C and PPO would read the string as true).
 
     Returns:
         the config with numeric strings converted.
