@@ -197,7 +197,10 @@ class ACKTR(OnPolicyAlgorithm):
             ``train/state_kl_factor``. ``None`` (default): no bound. Opt-in: with 10 every tuned-on MuJoCo seed
             reached its threshold, while untuned MuJoCo tasks were level or lower (docs/ACKTR.md, "A bound at the
             states of earlier rollouts").
-        damping: Tikhonov damping of the preconditioner.
+        damping: Tikhonov damping of the preconditioner, absolute: added to the curvature along each direction of
+            the Kronecker-factored eigenbasis (EKFAC's second moments, K-FAC's eigenvalue products). Directions with
+            less curvature than it are stepped along much as by a gradient step. 0.03 and 0.01 were faster on the
+            tuned-on envs and ended Walker2d-v5 lower (docs/ACKTR.md, "The damping").
         momentum: momentum of the preconditioned step; 0 by default. The region bounds the step taken,
             ``momentum buf + D``, and with 0.9 the previous step (already at the radius) kept nearly every step at
             the radius whether the new gradient carried signal or not (docs/ACKTR.md, "Momentum 0").
