@@ -212,18 +212,19 @@ class ACKTR(OnPolicyAlgorithm):
         factor_decay, factor_update_interval, eigen_update_interval, scale_update_interval: statistics of the
             preconditioner (see :class:`acktr_kfe.EKFAC`).
         max_grad_norm: optional clipping of the raw gradient norm before preconditioning (off by default).
-        normalize_advantage: ``"returns"`` (default): divide advantages by the running standard deviation of the
-            value targets, held at least at a quarter of their whole-run one at or above the run's mean return
-            (:meth:`~agents.policies.KroneckerActorCriticPolicy.value_target_spread`): free of the reward's units,
-            and keeping their size relative to the returns, so steps shrink inside the trust region when the
-            advantages carry little, a good policy's included (what VecNormalize's reward scaling with raw
-            advantages does; measured in docs/ACKTR.md); ``True``: normalize them over the batch (SB3's A2C;
-            every step then reaches the region's edge); ``"capped"``: as ``"returns"``, but divided by at most 3
-            times the advantages' own running root mean square, with the floor scaled by the share of recent
-            episodes cut by their time limit
-            (:meth:`~agents.policies.KroneckerActorCriticPolicy.capped_divisor`), so a policy whose episodes all end
-            alike by failing keeps moving where the critic fits its returns well; ``"running"``: divide them by
-            their own running root mean square over rollouts (decay 0.9 per rollout, not centred;
+        normalize_advantage: ``"capped"`` (default since session 24): divide advantages by the running standard
+            deviation of the value targets, capped at 3 times the advantages' own running root mean square and
+            held at least at a quarter of the targets' whole-run spread (at or above the run's mean return) scaled
+            by the share of recent episodes cut by their time limit
+            (:meth:`~agents.policies.KroneckerActorCriticPolicy.capped_divisor`): free of the reward's units; steps
+            shrink inside the trust region when the advantages carry little against the returns, a learned
+            balancing task's included, while a policy whose episodes all end alike by failing keeps moving where
+            the critic fits its returns well (measured in docs/ACKTR.md); ``"returns"`` (the default until session
+            24): the same without the cap, the floor unscaled
+            (:meth:`~agents.policies.KroneckerActorCriticPolicy.value_target_spread`; what VecNormalize's reward
+            scaling with raw advantages does); ``True``: normalize them over the batch (SB3's A2C; every step then
+            reaches the region's edge); ``"running"``: divide them by their own running root mean square over
+            rollouts (decay 0.9 per rollout, not centred;
             :meth:`~agents.policies.KroneckerActorCriticPolicy.advantage_scale`): free of the reward's units and of
             how well the critic fits, so the policy's step keeps the region's size as TRPO's does, without
             centring a short rollout's advantages; ``False``: raw advantages.
@@ -265,7 +266,7 @@ class ACKTR(OnPolicyAlgorithm):
         eigen_update_interval: int = 10,
         scale_update_interval: int = 1,
         max_grad_norm: float | None = None,
-        normalize_advantage: bool | str = "returns",
+        normalize_advantage: bool | str = "capped",
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,

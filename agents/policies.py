@@ -78,7 +78,7 @@ MIN_VALUE_SCALE = 1e-6
 # it 10-100 times below (InvertedPendulum-v5 at 1000), which is what the floor is for (docs/ACKTR.md, "A floor
 # from the whole run").
 WHOLE_RUN_SPREAD_FLOOR = 0.25
-# ACKTR's opt-in normalize_advantage="capped": the running spread of the returns, at most this many times the
+# ACKTR's default normalize_advantage="capped": the running spread of the returns, at most this many times the
 # advantages' own running root mean square, so that the divided advantages keep a running RMS of at least 1/3 where
 # the critic explains the returns well (explained variance above about 0.9) and the floor does not bind; there the
 # spread alone shrank Hopper-v5's steps to a KL of 1e-7 per update and stalled the run. Its floor is scaled by the
@@ -539,7 +539,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         return max(math.sqrt(max(total, 0.0) / weight), MIN_VALUE_SCALE)
 
     def capped_divisor(self) -> float:
-        """The scale ACKTR's opt-in ``normalize_advantage="capped"`` divides advantages by: the running spread of
+        """The scale ACKTR's default ``normalize_advantage="capped"`` divides advantages by: the running spread of
         the returns, but at most :data:`CAPPED_SPREAD_FACTOR` times the advantages' own running root mean square
         (:meth:`advantage_scale`), then held at the whole run's floor of :meth:`value_target_spread` scaled by
         :meth:`time_limit_fraction`. Where the critic fits loosely the spread binds, as with ``"returns"``; where it

@@ -120,11 +120,11 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
         wrapper_kwargs={"func": lambda reward: reward_scale * reward},
     )
     recorder = _TrustRegionRecorder()
-    if algorithm == "acktr":
+    if algorithm == "acktr":  # the default, normalize_advantage="capped"
         agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0).learn(steps, callback=recorder)
     elif algorithm == "acktr_batch_normalized":  # advantages normalized over the batch instead
         agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage=True).learn(steps, callback=recorder)
-    elif algorithm in ("acktr_running", "acktr_capped"):  # by their own running RMS, or the spread capped by it
+    elif algorithm in ("acktr_running", "acktr_returns"):  # by their own running RMS, or the spread uncapped
         mode = algorithm.removeprefix("acktr_")
         model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage=mode)
         model.learn(steps, callback=recorder)
@@ -139,7 +139,7 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 @pytest.mark.parametrize(
-    "algorithm", ["acktr", "acktr_batch_normalized", "acktr_running", "acktr_capped", "a2c_plugin"]
+    "algorithm", ["acktr", "acktr_batch_normalized", "acktr_running", "acktr_returns", "a2c_plugin"]
 )
 def test_trust_region_scales_do_not_depend_on_the_reward_scale(algorithm: str, env_id: str) -> None:
     runs = {scale: _scaled_reward_run(algorithm, env_id, scale, steps=384) for scale in (0.01, 1.0, 100.0)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def test_mujoco_run_trains_the_constructor_defaults_on_one_raw_env_and_resume_ke
     assert model.n_envs == 1 and model.n_steps == 128 and model.gae_lambda == 0.95 and model.max_kl == 0.01
     assert model.policy.optimizer.steps == 4 and not model.shared_layers
     assert int(model.policy.observation_count) == 512  # the policy's own observation statistics
+    # The advantages' divisor is the constructor's default, through configs/acktr.yml's default section.
+    default_mode = inspect.signature(ACKTR).parameters["normalize_advantage"].default
+    assert model.normalize_advantage == default_mode == "capped"
     # The family anneals the step over the run: the rate falls linearly from 0.25 to 0.
     assert yaml.safe_load((run / "config.yml").read_text())["learning_rate"] == "lin_0.25"
     assert model.lr_schedule(1.0) == pytest.approx(0.25) and model.lr_schedule(0.5) == pytest.approx(0.125)
