@@ -57,6 +57,13 @@ def is_advantage_normalization(value: Any) -> bool:
     return isinstance(value, bool) or (isinstance(value, str) and value in ADVANTAGE_SCALES)
 
 
+def advantage_normalization_choices(true: str = "True", false: str = "False") -> str:
+    """The ``normalize_advantage`` settings for an error message, the booleans spelled as the caller's users write
+    them (Python's ``True``, YAML's ``true``): ``"True, False, 'returns', 'running' or 'capped'"``."""
+    names = [true, false, *(repr(mode) for mode in ADVANTAGE_SCALES)]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 CONTINUOUS_DEFAULTS: dict[str, Any] = {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01, "log_std_init": -1.0}
 
 
@@ -297,7 +304,7 @@ class ACKTR(OnPolicyAlgorithm):
             raise ValueError(f"Invalid learning rate: {initial_rate!r} ({what}; must be a finite float >= 0)")
         if not is_advantage_normalization(normalize_advantage):
             raise ValueError(
-                f"Invalid normalize_advantage: {normalize_advantage!r} (True, False, 'returns', 'running' or 'capped')"
+                f"Invalid normalize_advantage: {normalize_advantage!r} ({advantage_normalization_choices()})"
             )
         if max_grad_norm is not None and not (is_real_number(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")

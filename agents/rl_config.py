@@ -16,7 +16,7 @@ from torch import nn
 import envs
 from envs import env_kind
 
-from .acktr import ACKTR, AUTO, is_advantage_normalization
+from .acktr import ACKTR, AUTO, advantage_normalization_choices, is_advantage_normalization
 from .policies import POLICY_CURVATURES, KroneckerActorCriticPolicy, preconditioner_names
 
 ALGORITHMS: dict[str, type] = {"acktr": ACKTR, "a2c": A2C, "ppo": PPO}
@@ -337,7 +337,7 @@ def validate_config(config: dict[str, Any], source: str | Path, algorithm: type 
             elif kind == "bool" and not isinstance(value, bool):
                 raise ValueError("must be true or false")
             elif kind == "advantage_normalization" and not is_advantage_normalization(value):
-                raise ValueError("must be true, false, 'returns', 'running' or 'capped'")
+                raise ValueError(f"must be {advantage_normalization_choices('true', 'false')}")
             elif kind == "str" and not isinstance(value, str):
                 raise ValueError("must be a string")
             elif kind == "dict" and not isinstance(value, dict):
