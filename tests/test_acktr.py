@@ -82,8 +82,8 @@ def test_acktr_rejects_invalid_hyperparameters_before_building() -> None:
 @pytest.mark.parametrize(
     ("env_id", "expected"),
     [
-        ("CartPole-v1", {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001}),
-        ("Pendulum-v1", {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01}),
+        ("CartPole-v1", {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001, "n_critic_updates": 1}),
+        ("Pendulum-v1", {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01, "n_critic_updates": 5}),
     ],
 )
 def test_auto_defaults_follow_the_action_space(env_id: str, expected: dict) -> None:
@@ -103,15 +103,17 @@ def test_explicit_values_override_the_action_space_defaults(tmp_path: Path) -> N
         n_steps=16,
         gae_lambda=1.0,
         max_kl=None,
+        n_critic_updates=2,
         policy_kwargs={"log_std_init": 0.5},
         seed=0,
     )
     assert (model.n_steps, model.gae_lambda, model.max_kl, model.policy.max_kl) == (16, 1.0, None, None)
+    assert model.n_critic_updates == 2
     torch.testing.assert_close(model.policy.log_std.detach(), torch.full((1,), 0.5))
     # A saved model keeps its resolved values; the policy's log std comes back with its parameters.
     model.save(tmp_path / "acktr")
     loaded = ACKTR.load(tmp_path / "acktr")
-    assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl) == (16, 1.0, None)
+    assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl, loaded.n_critic_updates) == (16, 1.0, None, 2)
     torch.testing.assert_close(loaded.policy.log_std, model.policy.log_std)
 
 
@@ -119,7 +121,7 @@ def test_auto_defaults_survive_save_and_load(tmp_path: Path) -> None:
     model = ACKTR("MlpPolicy", "Pendulum-v1", seed=0)
     model.save(tmp_path / "acktr")
     loaded = ACKTR.load(tmp_path / "acktr", env=make_vec_env("Pendulum-v1", n_envs=1, seed=0))
-    assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl) == (128, 0.95, 0.01)
+    assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl, loaded.n_critic_updates) == (128, 0.95, 0.01, 5)
     assert loaded.rollout_buffer.buffer_size == 128
     loaded.learn(128)  # it trains with the values it was saved with
 
@@ -270,6 +272,7 @@ def _one_enlarged_step(kl_backtrack: float | None, momentum: float = 0.0) -> tup
         n_steps=64,
         kl_backtrack=kl_backtrack,
         momentum=momentum,
+        n_critic_updates=1,  # the joint step alone: the critic's own steps are not backtracked
     )
     policy = model.policy
     policy.trust_regions.log_bias[:] = [np.log(0.1)] * 2
@@ -486,11 +489,22 @@ def test_extra_critic_updates_fit_the_critic_and_leave_the_joint_step_and_the_ac
 
 
 def test_extra_critic_updates_need_separate_networks_and_a_positive_count() -> None:
-    with pytest.raises(ValueError, match=r"Invalid n_critic_updates: 0 \(an integer >= 1\)"):
+    with pytest.raises(ValueError, match=r"Invalid n_critic_updates: 0 \(an integer >= 1, or 'auto'\)"):
         ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=0)
     shared_trunk = {"features_extractor_class": _LinearFeatures, "share_features_extractor": True}
     with pytest.raises(ValueError, match="n_critic_updates=2 needs separate actor and critic networks"):
         ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=2, policy_kwargs=shared_trunk)
+
+
+def test_shared_layers_take_one_critic_update_where_it_is_left_at_auto(tmp_path: Path) -> None:
+    """A Box policy's "auto" is 5 critic updates with separate networks, 1 where actor and critic share layers."""
+    shared_trunk = {"features_extractor_class": _LinearFeatures, "share_features_extractor": True}
+    model = ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16, policy_kwargs=shared_trunk, seed=0)
+    assert model.shared_layers and model.n_critic_updates == 1
+    model.learn(16)
+    assert model.policy.optimizer.steps == 1
+    model.save(tmp_path / "acktr")
+    assert ACKTR.load(tmp_path / "acktr").n_critic_updates == 1
 
 
 class _LinearFeatures(BaseFeaturesExtractor):

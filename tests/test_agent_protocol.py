@@ -95,20 +95,23 @@ def test_policy_with_batch_norm_builds_and_trains(algorithm: str) -> None:
 
 
 class _TrustRegionRecorder(BaseCallback):
-    """Per update: both regions' clip factors, the measured KLs and the value scale."""
+    """Per optimizer step (ACKTR's joint step and its critic's own steps alike): both regions' clip factors, the
+    measured KLs and the value scale."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[list[float]] = []
 
+    def _on_training_start(self) -> None:
+        policy = self.model.policy
+        policy.optimizer.register_step_post_hook(lambda *_: self._record(policy))
+
+    def _record(self, policy: agents.KroneckerActorCriticPolicy) -> None:
+        scales = policy.optimizer.last_kl_clip_scales.tolist()
+        self.rows.append([*scales, policy.last_measured_kl, policy.last_measured_vf_kl, float(policy.value_scale)])
+
     def _on_step(self) -> bool:
         return True
-
-    def _on_rollout_start(self) -> None:
-        policy = self.model.policy
-        if policy.optimizer.steps:
-            scales = policy.optimizer.last_kl_clip_scales.tolist()
-            self.rows.append([*scales, policy.last_measured_kl, policy.last_measured_vf_kl, float(policy.value_scale)])
 
 
 def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: int) -> np.ndarray:
@@ -142,13 +145,18 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
     "algorithm", ["acktr", "acktr_batch_normalized", "acktr_running", "acktr_returns", "a2c_plugin"]
 )
 def test_trust_region_scales_do_not_depend_on_the_reward_scale(algorithm: str, env_id: str) -> None:
-    runs = {scale: _scaled_reward_run(algorithm, env_id, scale, steps=384) for scale in (0.01, 1.0, 100.0)}
+    # 12 updates; 8 for ACKTR on Pendulum-v1, where it takes five optimizer steps per update (the joint step and
+    # four of the critic's own).
+    steps = 256 if env_id == "Pendulum-v1" and algorithm.startswith("acktr") else 384
+    runs = {scale: _scaled_reward_run(algorithm, env_id, scale, steps=steps) for scale in (0.01, 1.0, 100.0)}
     reference = runs[1.0]
     assert len(reference) >= 10
     assert (reference[:, 0] < 1).any() and (reference[:, 1] < 1).any(), "both regions were active"
     for scale, rows in runs.items():
-        # Clip factors and measured KLs (nats) agree; the value scale follows the rewards.
-        np.testing.assert_allclose(rows[:, :4], reference[:, :4], rtol=1e-3, atol=1e-9)
+        # Clip factors and measured KLs (nats) agree; the value scale follows the rewards. They agree to float32's
+        # 1e-7 at the first step, and the training amplifies that roundoff to about 1e-3 over ACKTR's 40 steps on
+        # Pendulum-v1 (and to a few percent by its 60th); a radius in reward units would be off by factors of 100.
+        np.testing.assert_allclose(rows[:, :4], reference[:, :4], rtol=1e-2, atol=1e-9)
         np.testing.assert_allclose(rows[:, 4], scale * reference[:, 4], rtol=1e-3)
 
 
@@ -178,6 +186,7 @@ def test_acktr_update_equals_a2c_step_with_the_kronecker_policy_on_the_same_batc
         vf_coef=0.5,
         normalize_advantage=True,
         momentum=0.9,
+        n_critic_updates=1,  # the joint step alone (the Box default follows it with four steps of the critic)
         kl_backtrack=kl_backtrack,
         state_kl_bound=state_kl_bound,
     )

@@ -64,9 +64,10 @@ def test_mujoco_run_trains_the_constructor_defaults_on_one_raw_env_and_resume_ke
     assert first["timesteps"] == 512
     assert not (run / "vecnormalize.pkl").exists(), "the mujoco family runs on the raw env"
     model = ACKTR.load(run / "model.zip")
-    # ACKTR("MlpPolicy", env)'s Box defaults: one env, 128-step rollouts, GAE 0.95, radius 0.01.
+    # ACKTR("MlpPolicy", env)'s Box defaults: one env, 128-step rollouts, GAE 0.95, radius 0.01, and four steps of
+    # the critic alone after each joint step (4 updates, 20 optimizer steps).
     assert model.n_envs == 1 and model.n_steps == 128 and model.gae_lambda == 0.95 and model.max_kl == 0.01
-    assert model.policy.optimizer.steps == 4 and not model.shared_layers
+    assert model.n_critic_updates == 5 and model.policy.optimizer.steps == 20 and not model.shared_layers
     assert int(model.policy.observation_count) == 512  # the policy's own observation statistics
     # The advantages' divisor is the constructor's default, through configs/acktr.yml's default section.
     default_mode = inspect.signature(ACKTR).parameters["normalize_advantage"].default
@@ -77,7 +78,7 @@ def test_mujoco_run_trains_the_constructor_defaults_on_one_raw_env_and_resume_ke
     resumed = train.main([*argv, "--total-timesteps", "1024", "--resume"])
     assert resumed["timesteps"] == 1024
     continued = ACKTR.load(run / "model.zip").policy
-    assert continued.optimizer.steps == 8 and int(continued.observation_count) == 1024
+    assert continued.optimizer.steps == 40 and int(continued.observation_count) == 1024
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -95,7 +96,7 @@ def test_mujoco_run_behind_vecnormalize_resumes_and_evaluates_with_its_normaliza
     assert first["timesteps"] == 512
     count = VecNormalize.load(str(run / "vecnormalize.pkl"), _dummy()).obs_rms.count
     assert count > 500  # statistics of every observation seen in training
-    assert ACKTR.load(run / "model.zip").policy.optimizer.steps == 2
+    assert ACKTR.load(run / "model.zip").policy.optimizer.steps == 2 * 5  # two updates of five steps
     resumed = train.main([*argv, "--total-timesteps", "1024", "--resume"])  # the run's own config.yml
     assert resumed["timesteps"] == 1024
     continued = VecNormalize.load(str(run / "vecnormalize.pkl"), _dummy())
