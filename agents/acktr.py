@@ -362,18 +362,16 @@ class ACKTR(OnPolicyAlgorithm):
             setattr(self, name, arguments[name])
         self.normalize_advantage = normalize_advantage
         self.n_critic_updates = n_critic_updates
-        # Whether n_critic_updates was left at "auto": then a policy whose actor and critic share layers takes 1
-        # (its critic cannot step alone) where the action space's default is more.
-        self._critic_updates_auto = n_critic_updates == AUTO
         if getattr(self, "action_space", None) is not None:  # unset inside ACKTR.load, which restores the values
             self._resolve_defaults()
         if _init_setup_model:
             self._setup_model()
 
     def _resolve_defaults(self) -> None:
-        """Replace the arguments left at ``"auto"`` by :func:`action_space_defaults` of the env."""
+        """Replace the arguments left at ``"auto"`` by :func:`action_space_defaults` of the env (``n_critic_updates``
+        in :meth:`_setup_model`, once the policy says whether its actor and critic share layers)."""
         defaults = action_space_defaults(self.action_space)
-        for name in ("n_steps", "gae_lambda", "max_kl", "n_critic_updates"):
+        for name in ("n_steps", "gae_lambda", "max_kl"):
             if getattr(self, name) == AUTO:
                 setattr(self, name, defaults[name])
 
@@ -397,8 +395,8 @@ class ACKTR(OnPolicyAlgorithm):
             super()._setup_model()
         finally:
             self.policy_kwargs = user_kwargs
-        if self.n_critic_updates > 1 and self.shared_layers and getattr(self, "_critic_updates_auto", False):
-            self.n_critic_updates = 1
+        if self.n_critic_updates == AUTO:  # shared layers take 1: their critic cannot step alone
+            self.n_critic_updates = 1 if self.shared_layers else defaults["n_critic_updates"]
         if self.n_critic_updates > 1 and self.shared_layers:
             raise ValueError(
                 f"n_critic_updates={self.n_critic_updates} needs separate actor and critic networks: with shared "

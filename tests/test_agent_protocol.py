@@ -145,18 +145,19 @@ def _scaled_reward_run(algorithm: str, env_id: str, reward_scale: float, steps: 
     "algorithm", ["acktr", "acktr_batch_normalized", "acktr_running", "acktr_returns", "a2c_plugin"]
 )
 def test_trust_region_scales_do_not_depend_on_the_reward_scale(algorithm: str, env_id: str) -> None:
-    # 12 updates; 8 for ACKTR on Pendulum-v1, where it takes five optimizer steps per update (the joint step and
-    # four of the critic's own).
-    steps = 256 if env_id == "Pendulum-v1" and algorithm.startswith("acktr") else 384
+    # 12 updates; 5 for ACKTR on Pendulum-v1, where it takes five optimizer steps per update (the joint step and
+    # four of the critic's own), 25 steps in all.
+    steps = 160 if env_id == "Pendulum-v1" and algorithm.startswith("acktr") else 384
     runs = {scale: _scaled_reward_run(algorithm, env_id, scale, steps=steps) for scale in (0.01, 1.0, 100.0)}
     reference = runs[1.0]
     assert len(reference) >= 10
     assert (reference[:, 0] < 1).any() and (reference[:, 1] < 1).any(), "both regions were active"
     for scale, rows in runs.items():
         # Clip factors and measured KLs (nats) agree; the value scale follows the rewards. They agree to float32's
-        # 1e-7 at the first step, and the training amplifies that roundoff to about 1e-3 over ACKTR's 40 steps on
-        # Pendulum-v1 (and to a few percent by its 60th); a radius in reward units would be off by factors of 100.
-        np.testing.assert_allclose(rows[:, :4], reference[:, :4], rtol=1e-2, atol=1e-9)
+        # 1e-7 at the first step, and training amplifies that roundoff (to at most 4e-4 by ACKTR's 25th step on
+        # Pendulum-v1, 1e-3 by its 26th, a few percent by its 60th); a radius in reward units would be off by factors
+        # of 100.
+        np.testing.assert_allclose(rows[:, :4], reference[:, :4], rtol=1e-3, atol=1e-9)
         np.testing.assert_allclose(rows[:, 4], scale * reference[:, 4], rtol=1e-3)
 
 
