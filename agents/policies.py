@@ -250,7 +250,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             exceeds the bound the step is shrunk along its own direction by ``sqrt(bound / largest)``, once
             (momentum buffer included). ``max_kl`` bounds the KL averaged over the batch, where rare states weigh
             little. The last step's largest KL and factor are in ``last_state_kl`` and ``last_state_kl_factor``.
-            The reservoir is saved with the parameters (buffers ``state_reservoir*``). ``None``: no bound.
+            The reservoir is saved with the parameters (buffers ``state_reservoir*``; none without the bound).
+            ``None``: no bound.
         state_reservoir_size: how many earlier states the bound is checked at.
         vf_fisher_coef: weight of the critic's Gauss-Newton loss in the curvature pass (the critic's Gaussian has
             standard deviation ``sigma / vf_fisher_coef``).
@@ -331,13 +332,15 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.register_buffer("observation_count", th.zeros((), dtype=th.float64))
         self._observations_seen = False  # observation_count > 0, kept on the host (no device sync per forward)
         # States of earlier rollouts (raw observations) for state_kl_bound, and how many states were offered to it.
-        size = self.state_reservoir_size if self._keeps_state_reservoir else 0
-        shape = self.observation_space.shape if self._keeps_state_reservoir else ()
-        self.register_buffer("state_reservoir", th.zeros((size, *shape), dtype=th.float32))
-        self.register_buffer("state_reservoir_seen", th.zeros((), dtype=th.int64))
-        # The last rollout's states, which join the reservoir when the next rollout is observed (none: 0 rows).
-        self.register_buffer("state_reservoir_pending", th.zeros((0, *shape), dtype=th.float32))
-        self.register_buffer("state_reservoir_seed", th.tensor(th.initial_seed() % 2**62, dtype=th.int64))
+        # Only with the bound: without it the policy's state holds floating-point tensors with elements only, as
+        # SB3's own save/load tests (which perturb every entry with rand_like) expect of a policy.
+        if self._keeps_state_reservoir:
+            shape = self.observation_space.shape
+            self.register_buffer("state_reservoir", th.zeros((self.state_reservoir_size, *shape), dtype=th.float32))
+            self.register_buffer("state_reservoir_seen", th.zeros((), dtype=th.int64))
+            # The last rollout's states, which join the reservoir when the next rollout is observed (none: 0 rows).
+            self.register_buffer("state_reservoir_pending", th.zeros((0, *shape), dtype=th.float32))
+            self.register_buffer("state_reservoir_seed", th.tensor(th.initial_seed() % 2**62, dtype=th.int64))
         # Discrete policies can saturate for good, so their calibration never enlarges a radius (docs/ACKTR.md,
         # "Calibration that only shrinks the radius"); Gaussian policies keep the enlargement.
         self.trust_regions = ActorCriticTrustRegions(
@@ -808,12 +811,19 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         # buffers) loads with the calibration starting afresh, a value scale of 1 (the critic's outputs were in
         # reward units) and observations unnormalized.
         pending = state_dict.get(prefix + "state_reservoir_pending")
-        if isinstance(pending, th.Tensor) and pending.shape[1:] == self.state_reservoir_pending.shape[1:]:
+        if (
+            self._keeps_state_reservoir
+            and isinstance(pending, th.Tensor)
+            and pending.shape[1:] == self.state_reservoir_pending.shape[1:]
+        ):
             # The last rollout's states: as many rows as that rollout had.
             self.state_reservoir_pending = th.zeros_like(pending, device=self.state_reservoir_pending.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if not self._keeps_state_reservoir:
+            # Saved by a version that kept empty reservoir buffers without the bound: nothing to restore.
+            unexpected_keys[:] = [key for key in unexpected_keys if not key.startswith(prefix + "state_reservoir")]
         fresh = {
             "kl_log_bias": 0.0,
             "value_scale": 1.0,
@@ -830,7 +840,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             "state_reservoir_seed": 0,
         }
         for name, value in fresh.items():
-            if prefix + name in missing_keys:
+            if prefix + name in missing_keys:  # (a reservoir buffer is only missing where the policy keeps one)
                 missing_keys.remove(prefix + name)
                 getattr(self, name).fill_(value)
         if prefix + "value_target_stats" in missing_keys:

@@ -70,7 +70,8 @@ def _bounded_updates(bound: float | None, algorithm: str = "acktr", steps: int =
 
     def recording(optimizer: Any, args: Any, kwargs: Any) -> None:
         record: dict[str, Any] = {"proposed": [p.detach().clone() for p in params], "kls": None}
-        record["count"] = min(int(policy.state_reservoir_seen), len(policy.state_reservoir))
+        if policy._keeps_state_reservoir:
+            record["count"] = min(int(policy.state_reservoir_seen), len(policy.state_reservoir))
         start, old = policy._step_start, policy._reservoir_before
         if start is not None and old is not None:
             region_params = [p for region, _ in policy.trust_regions.regions for p in region]
@@ -113,7 +114,7 @@ def test_a_step_that_moves_a_kept_state_too_far_is_shrunk_along_its_direction_to
 def test_without_the_bound_no_reservoir_is_kept_and_no_step_is_shrunk() -> None:
     records = _bounded_updates(bound=None, steps=256)
     policy = records[0]["policy"]
-    assert policy.state_reservoir.numel() == 0 and int(policy.state_reservoir_seen) == 0
+    assert not [name for name in policy.state_dict() if name.startswith("state_reservoir")]
     assert all(r["factor"] == 1.0 for r in records)
 
 
@@ -148,7 +149,36 @@ def test_dict_observations_keep_no_reservoir() -> None:
     env = make_vec_env(lambda: SimpleMultiObsEnv(random_start=False), n_envs=1, seed=0)
     model = agents.ACKTR("MultiInputPolicy", env, n_steps=4, seed=0, state_kl_bound=10.0)
     model.learn(16)
-    assert model.policy.state_reservoir.numel() == 0 and model.policy.last_state_kl_factor == 1.0
+    assert not [name for name in model.policy.state_dict() if name.startswith("state_reservoir")]
+    assert model.policy.last_state_kl_factor == 1.0
+
+
+def test_policy_state_without_the_bound_holds_only_floating_point_tensors_that_sb3_can_perturb() -> None:
+    # SB3's own save/load tests replace every entry of a policy's state by th.rand_like of it, load that, and check
+    # that every entry changed: no integer tensors, no empty ones.
+    for policy in (
+        agents.ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16).policy,
+        A2C(agents.KroneckerActorCriticPolicy, "CartPole-v1").policy,
+    ):
+        state = {name: value.clone() for name, value in policy.state_dict().items()}
+        odd = [name for name, value in state.items() if not value.is_floating_point() or value.numel() == 0]
+        assert odd == []
+        perturbed = {name: torch.rand_like(value) for name, value in state.items()}
+        policy.load_state_dict(perturbed)
+        for name, value in policy.state_dict().items():
+            assert not torch.allclose(value, state[name]), name
+
+
+def test_state_saved_with_the_empty_reservoir_buffers_of_earlier_versions_loads_without_the_bound() -> None:
+    policy = agents.ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16).policy
+    state = dict(policy.state_dict())
+    # Sessions 15-25 kept these four buffers, empty or zero, in every policy's state.
+    state["state_reservoir"] = torch.zeros(0)
+    state["state_reservoir_seen"] = torch.zeros((), dtype=torch.int64)
+    state["state_reservoir_pending"] = torch.zeros(0)
+    state["state_reservoir_seed"] = torch.tensor(7, dtype=torch.int64)
+    policy.load_state_dict(state)  # strict
+    assert not [name for name in policy.state_dict() if name.startswith("state_reservoir")]
 
 
 @pytest.mark.parametrize("value", [0.5, True, float("inf"), "10"])
