@@ -137,8 +137,9 @@ class ACKTR(OnPolicyAlgorithm):
     ``log(measured / predicted)`` per region; the next update's radius is the target divided by that bias, for
     discrete actions the target itself while the bias is below 1 (the calibration never enlarges their radii).
 
-    Observations (flat ``Box`` spaces) are normalized inside the policy by their running mean and variance
-    (``policy_kwargs={"normalize_observations": False}`` turns it off, e.g. behind VecNormalize).
+    Observations (flat ``Box`` spaces, and the flat ``Box`` entries of ``Dict`` ones) are normalized inside the policy
+    by their running mean and variance (``policy_kwargs={"normalize_observations": False}`` turns it off, e.g. behind
+    VecNormalize).
 
     A diagonal Gaussian policy's state-independent ``log_std`` (no layer owns it) takes its exact natural-gradient
     step: its per-example Fisher is 2 per action dimension.

@@ -328,6 +328,72 @@ def test_observation_normalization_keeps_running_moments_and_normalizes_the_inpu
     assert loaded.policy.normalize_observations
 
 
+class _VectorDictEnv(gym.Env):
+    """Dict observations with one vector entry far from zero mean and unit scale; 20-step episodes."""
+
+    observation_space = gym.spaces.Dict({"vec": gym.spaces.Box(-100.0, 100.0, (3,), dtype=np.float32)})
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {"vec": self.np_random.normal(5.0, 3.0, size=3).astype(np.float32)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        self.t += 1
+        return self._obs(), -float(np.square(action).sum()), False, self.t >= 20, {}
+
+
+def test_dict_observations_are_normalized_as_the_same_flat_observations_are() -> None:
+    # SB3's test_consistency: a MultiInputPolicy on Dict observations with one vector entry and an MlpPolicy on the
+    # flattened env train alike. The Dict's flat Box entries are normalized as a flat observation would be.
+    kwargs = {"n_steps": 16, "seed": 1, "policy_kwargs": {"net_arch": [8]}}
+    dict_model = agents.ACKTR("MultiInputPolicy", _VectorDictEnv(), **kwargs)
+    flat_model = agents.ACKTR("MlpPolicy", gym.wrappers.FlattenObservation(_VectorDictEnv()), **kwargs)
+    dict_model.learn(64)
+    flat_model.learn(64)  # the same observations (the envs draw them alike), other sampled actions
+    assert float(dict_model.policy.observation_count) == 64
+    assert abs(float(dict_model.policy.observation_mean[0]) - 5) < 1
+    for name in ("observation_mean", "observation_var", "observation_count"):
+        torch.testing.assert_close(getattr(dict_model.policy, name), getattr(flat_model.policy, name))
+    # With the dict policy's parameters, the flat one acts alike on the same vector.
+    flat_model.policy.load_state_dict(dict_model.policy.state_dict())
+    obs = {"vec": np.array([[4.0, 9.0, -1.0], [25.0, 0.0, 3.0]], dtype=np.float32)}
+    normalized = dict_model.policy.normalize_observation({"vec": torch.as_tensor(obs["vec"])})["vec"]
+    torch.testing.assert_close(normalized, flat_model.policy.normalize_observation(torch.as_tensor(obs["vec"])))
+    assert normalized[1, 0] > 3  # 25 is several standard deviations above the mean of about 5
+    np.testing.assert_allclose(
+        dict_model.predict(obs, deterministic=True)[0], flat_model.predict(obs["vec"], deterministic=True)[0], rtol=1e-6
+    )
+
+
+def test_dict_observations_normalize_only_their_flat_box_entries() -> None:
+    model = agents.ACKTR("MultiInputPolicy", make_vec_env(_dict_env, n_envs=1, seed=0), n_steps=4, seed=0)
+    policy = model.policy
+    assert policy._normalized_keys == ("vec",) and policy.observation_mean.shape == (5,)
+    model.learn(8)
+    obs = {key: torch.as_tensor(value) for key, value in model.env.reset().items()}
+    normalized = policy.normalize_observation(obs)
+    assert torch.equal(normalized["img"], obs["img"]) and not torch.equal(normalized["vec"], obs["vec"])
+
+
+def test_dict_policy_saved_before_its_vector_entries_were_normalized_keeps_taking_them_raw() -> None:
+    model = agents.ACKTR("MultiInputPolicy", _VectorDictEnv(), n_steps=16, seed=1)
+    model.learn(32)
+    state = dict(model.policy.state_dict())
+    state.update(observation_mean=torch.zeros(()), observation_var=torch.ones(()), observation_count=torch.zeros(()))
+    policy = agents.ACKTR("MultiInputPolicy", _VectorDictEnv(), n_steps=16, seed=1).policy
+    policy.load_state_dict(
+        {name: value.double() if name.startswith("observation") else value for name, value in state.items()}
+    )
+    assert not policy.normalize_observations and not policy._normalizes_observations
+    obs = {"vec": torch.tensor([[40.0, -3.0, 2.0]])}
+    assert torch.equal(policy.normalize_observation(obs)["vec"], obs["vec"])
+
+
 def test_acktr_loads_with_the_policy_kwargs_it_was_built_with(tmp_path: Path) -> None:
     # SB3's load refuses policy_kwargs that differ from the saved ones (its test_save_load_env_cnn loads so): ACKTR
     # keeps its own arguments out of the saved policy_kwargs and still builds the policy with them.

@@ -1,0 +1,199 @@
+"""Run Stable-Baselines3's own on-policy tests over ACKTR and over SB3's A2C / PPO with the Kronecker policies.
+
+SB3's test files are not installed with the package; this script downloads the source distribution of the
+installed SB3 version from the package index (``pip download``, the only network access), copies the on-policy test
+files into a work folder with SB3's ``A2C`` replaced, and runs pytest on them under SB3's own pytest settings:
+
+- ``--target acktr``: ``A2C`` is :class:`agents.ACKTR`; the cases parametrized over A2C run (``-k "ACKTR or (a2c and
+  not PPO)"``).
+- ``--target plugin``: ``A2C`` and ``PPO`` are SB3's own classes whose ``MlpPolicy`` / ``CnnPolicy`` /
+  ``MultiInputPolicy`` are the Kronecker policies (the plug-in); their cases run.
+
+Failures listed in :data:`EXCLUSIONS` are expected (docs/ACKTR.md, "SB3's own on-policy tests over ACKTR and the
+plug-in", says why for each); the script exits non-zero when any other test fails, and names it.
+
+    python scripts/sb3_tests.py --target acktr plugin
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import stable_baselines3
+
+# SB3's test files that exercise on-policy algorithms.
+TEST_FILES = (
+    "test_run",
+    "test_save_load",
+    "test_predict",
+    "test_spaces",
+    "test_dict_env",
+    "test_cnn",
+    "test_custom_policy",
+    "test_train_eval_mode",
+    "test_deterministic",
+    "test_gae",
+    "test_identity",
+    "test_callbacks",
+    "test_sde",
+    "test_utils",
+    "test_tensorboard",
+    "test_distributions",
+    "test_buffers",
+)
+SELECTIONS = {"acktr": "ACKTR or (a2c and not PPO)", "plugin": "a2c or ppo"}  # pytest -k ignores case
+_GSDE = "ACKTR takes no use_sde (no gSDE)"
+_PLAIN_POLICY = "a plain ActorCriticPolicy: ACKTR needs the Kronecker policy, which owns its preconditioner"
+_RATE = "a learning test at SB3's learning rate for A2C / PPO, far below the natural step's 0.25"
+BOOLS = ("True", "False")
+# Expected failures by target, test id -> reason (docs/ACKTR.md lists them with the measurements behind them).
+EXCLUSIONS: dict[str, dict[str, str]] = {
+    "acktr": {
+        **{f"test_sde.py::test_state_dependent_noise[{a}-{b}-ACKTR]": _GSDE for a in BOOLS for b in BOOLS},
+        "test_save_load.py::test_save_load_policy[True-MlpPolicy-ACKTR]": _GSDE,
+        "test_save_load.py::test_save_load_policy[True-CnnPolicy-ACKTR]": _GSDE,
+        "test_distributions.py::test_squashed_gaussian[ACKTR]": _GSDE,
+        **{
+            f"test_gae.py::test_gae_computation[{n}-{gamma}-{lam}-ACKTR]": _PLAIN_POLICY
+            for n in (1, 3)
+            for gamma in ("1.0", "0.99")
+            for lam in ("1.0", "0.9")
+        },
+        "test_gae.py::test_infinite_horizon[True-ACKTR]": _RATE,
+        "test_identity.py::test_continuous[ACKTR]": _RATE,
+        "test_tensorboard.py::test_tensorboard[a2c]": "the TensorBoard folder is named ACKTR_1, not A2C_1",
+    },
+    "plugin": {
+        "test_gae.py::test_infinite_horizon[True-KA2C]": _RATE,
+        "test_run.py::test_ppo_warnings": "the test checks the policy class's name for SB3's own MlpPolicy",
+    },
+}
+_PLUGIN_MODULE = '''"""SB3's A2C and PPO whose policy aliases are the Kronecker policies (scripts/sb3_tests.py)."""
+from stable_baselines3 import A2C, PPO
+
+from agents import KroneckerActorCriticCnnPolicy, KroneckerActorCriticPolicy, KroneckerMultiInputActorCriticPolicy
+
+ALIASES = {
+    "MlpPolicy": KroneckerActorCriticPolicy,
+    "CnnPolicy": KroneckerActorCriticCnnPolicy,
+    "MultiInputPolicy": KroneckerMultiInputActorCriticPolicy,
+}
+
+
+class KA2C(A2C):
+    policy_aliases = dict(ALIASES)
+
+
+class KPPO(PPO):
+    policy_aliases = dict(ALIASES)
+'''
+_IMPORT = re.compile(r"^from stable_baselines3 import (.*)$", re.M)
+
+
+def download_sources(version: str, folder: Path) -> Path:
+    """Download and unpack SB3's source distribution; returns its root (holding ``tests/`` and ``pyproject.toml``)."""
+    spec = f"stable-baselines3=={version}"
+    command = [sys.executable, "-m", "pip", "download", spec, "--no-deps", "--no-binary", ":all:", "-d", str(folder)]
+    subprocess.run(command, check=True)
+    archives = sorted(folder.glob("stable_baselines3-*.tar.gz"))
+    if not archives:
+        raise FileNotFoundError(f"pip download {spec} left no source archive in {folder}")
+    with tarfile.open(archives[0]) as archive:
+        archive.extractall(folder, filter="data")
+    root = folder / archives[0].name.removesuffix(".tar.gz")
+    if not (root / "tests").is_dir():
+        raise FileNotFoundError(f"{archives[0].name} holds no tests/ folder")
+    return root
+
+
+def rewrite_imports(text: str, target: str) -> str:
+    """A test file's ``from stable_baselines3 import ...`` line with A2C (and for the plug-in PPO) replaced."""
+    match = _IMPORT.search(text)
+    if match is None:
+        return text
+    replaced = ("A2C",) if target == "acktr" else ("A2C", "PPO")
+    names = [name.strip() for name in match.group(1).split(",")]
+    rest = [name for name in names if name not in replaced]
+    lines = [f"from stable_baselines3 import {', '.join(rest)}"] if rest else []
+    lines.append(
+        "from agents import ACKTR as A2C"
+        if target == "acktr"
+        else "from _kron_algorithms import KA2C as A2C, KPPO as PPO"
+    )
+    return text[: match.start()] + "\n".join(lines) + text[match.end() :]
+
+
+def prepare(sources: Path, target: str, folder: Path) -> Path:
+    """Copy the test files, rewritten for ``target``, into ``folder/target/tests``; returns that folder."""
+    tests = folder / target / "tests"
+    tests.mkdir(parents=True, exist_ok=True)
+    for name in TEST_FILES:
+        text = (sources / "tests" / f"{name}.py").read_text()
+        (tests / f"{name}.py").write_text(rewrite_imports(text, target))
+    if target == "plugin":
+        (tests / "_kron_algorithms.py").write_text(_PLUGIN_MODULE)
+    return tests
+
+
+def failed_tests(report: Path) -> list[str]:
+    """The ids (``file::name[params]``) of the failed and errored test cases in a JUnit XML report."""
+    failed = []
+    for case in ElementTree.parse(report).iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            # classname: "tests.<module>[.<class>]"
+            module, *classes = case.get("classname", "").split(".")[1:]
+            failed.append("::".join([f"{module}.py", *classes, case.get("name", "")]))
+    return failed
+
+
+def run_target(sources: Path, target: str, folder: Path, extra: list[str]) -> list[str]:
+    """Run one target's tests; returns the failures not listed in :data:`EXCLUSIONS`."""
+    tests = prepare(sources, target, folder)
+    report = folder / f"{target}.xml"
+    command = [
+        sys.executable, "-m", "pytest", str(tests), "-k", SELECTIONS[target], "-c", str(sources / "pyproject.toml"),
+        "--rootdir", str(tests.parent), "-p", "no:cacheprovider", "-q", "-rf", f"--junitxml={report}", *extra,
+    ]  # fmt: skip
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=False)
+    if not report.exists():
+        raise RuntimeError(f"pytest wrote no report for {target}: see its output above")
+    failed = failed_tests(report)
+    expected = EXCLUSIONS[target]
+    print(f"\n{target}: {len(failed)} failed, {sum(f in expected for f in failed)} of them expected:")
+    for test in failed:
+        print(
+            f"  {'expected' if test in expected else 'UNEXPECTED'}  {test}"
+            + (f"  ({expected[test]})" if test in expected else "")
+        )
+    return [test for test in failed if test not in expected]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", nargs="+", choices=sorted(SELECTIONS), default=sorted(SELECTIONS))
+    parser.add_argument("--sb3-version", default=stable_baselines3.__version__, help="default: the installed one")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
+    parser.add_argument("pytest_args", nargs="*", help="further pytest arguments (after --)")
+    args = parser.parse_args(argv)
+    folder = args.workdir or Path(tempfile.mkdtemp(prefix="sb3_tests_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = download_sources(args.sb3_version, folder / "sdist")
+    unexpected = {target: run_target(sources, target, folder, args.pytest_args) for target in args.target}
+    bad = {target: tests for target, tests in unexpected.items() if tests}
+    if bad:
+        print(f"\nUnexpected failures: {bad}")
+        return 1
+    print(f"\nNo unexpected failures ({', '.join(args.target)}); work folder: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
