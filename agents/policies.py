@@ -118,6 +118,10 @@ PRECONDITIONER_NAME_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _is_empty_or_scalar(value: Any) -> bool:
+    return isinstance(value, th.Tensor) and (value.numel() == 0 or value.dim() == 0)
+
+
 def fold_decayed(buffer: th.Tensor, value: th.Tensor) -> None:
     """``buffer <- decay * buffer + (1 - decay) * value`` in place (decay :data:`VALUE_SCALE_DECAY` per rollout),
     ``value`` moved to the buffer's device first."""
@@ -401,7 +405,13 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         space = self.observation_space
         if isinstance(space, spaces.Dict):
             return bool(self._normalized_keys)
-        return self.normalize_observations and isinstance(space, spaces.Box) and not is_image_space(space)
+        return self.normalize_observations and isinstance(space, spaces.Box) and not self._is_image(space)
+
+    def _is_image(self, space: spaces.Space) -> bool:
+        """Whether SB3's extractors take ``space`` as an image (uint8 in [0, 255], or float with
+        ``features_extractor_kwargs={"normalized_image": True}``); images are left to them, not normalized."""
+        normalized = bool((self.features_extractor_kwargs or {}).get("normalized_image", False))
+        return is_image_space(space, check_channels=False, normalized_image=normalized)
 
     @property
     def _normalized_keys(self) -> tuple[str, ...]:
@@ -410,7 +420,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         if not (self.normalize_observations and isinstance(space, spaces.Dict)):
             return ()
         return tuple(
-            key for key, sub in space.spaces.items() if isinstance(sub, spaces.Box) and not is_image_space(sub)
+            key for key, sub in space.spaces.items() if isinstance(sub, spaces.Box) and not self._is_image(sub)
         )
 
     @property
@@ -436,7 +446,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     @property
     def _keeps_state_reservoir(self) -> bool:
         space = self.observation_space
-        return self.state_kl_bound is not None and isinstance(space, spaces.Box) and not is_image_space(space)
+        return self.state_kl_bound is not None and isinstance(space, spaces.Box) and not self._is_image(space)
 
     # -- what a rollout teaches the policy -----------------------------------------------------------------------
 
@@ -462,6 +472,10 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     def observe_states(self, observations: th.Tensor | np.ndarray) -> None:
         """Offer a batch of raw observations to the reservoir of ``state_kl_bound``: after ``n`` states were offered,
         each of them is in it with probability ``min(1, size / n)`` (reservoir sampling, Vitter's algorithm R)."""
+        if not self._keeps_state_reservoir:
+            raise ValueError(
+                "this policy keeps no state reservoir: it is built with state_kl_bound (flat Box observations only)"
+            )
         size = self.state_reservoir.shape[0]
         batch = th.as_tensor(observations, dtype=th.float32).reshape(-1, *self.state_reservoir.shape[1:])
         seen = int(self.state_reservoir_seen)
@@ -481,11 +495,15 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.state_reservoir_seen.fill_(seen + batch.shape[0])
 
     @th.no_grad()
-    def observe_observations(self, observations: th.Tensor | np.ndarray) -> None:
-        """Merge a batch of observations (leading dimensions are batch) into the running mean and variance."""
+    def observe_observations(self, observations: th.Tensor | np.ndarray | Mapping[str, Any]) -> None:
+        """Merge a batch of observations (leading dimensions are batch; for ``Dict`` observations a mapping of such
+        batches, of which the normalized keys count) into the running mean and variance."""
         if isinstance(observations, Mapping):  # Dict observations: their normalized keys, flattened
-            observations = self._flat_dict_observations(observations)
-        batch = th.as_tensor(np.asarray(observations), dtype=th.float64).reshape(-1, *self.observation_mean.shape)
+            batch = self._flat_dict_observations(observations)
+        else:
+            batch = observations if isinstance(observations, th.Tensor) else th.as_tensor(np.asarray(observations))
+        # On the statistics' device (the policy's): the moments are merged, and reduced over ranks, there.
+        batch = batch.to(self.observation_mean.device, th.float64).reshape(-1, *self.observation_mean.shape)
         count = float(batch.shape[0])
         if count == 0:
             return
@@ -875,13 +893,18 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             # Dict observations saved before their flat entries were normalized: the policy keeps taking them raw.
             self.normalize_observations = False
             for name in ("observation_mean", "observation_var", "observation_count"):
-                setattr(self, name, th.zeros((), dtype=th.float64, device=saved_mean.device))
+                setattr(self, name, th.zeros((), dtype=th.float64, device=self.observation_mean.device))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if not self._keeps_state_reservoir:
-            # Saved by a version that kept empty reservoir buffers without the bound: nothing to restore.
-            unexpected_keys[:] = [key for key in unexpected_keys if not key.startswith(prefix + "state_reservoir")]
+            # Saved by a version that kept empty reservoir buffers without the bound (no rows, and the count and
+            # seed as scalars): nothing to restore. A reservoir with states stays unexpected.
+            unexpected_keys[:] = [
+                key
+                for key in unexpected_keys
+                if not (key.startswith(prefix + "state_reservoir") and _is_empty_or_scalar(state_dict[key]))
+            ]
         fresh = {
             "kl_log_bias": 0.0,
             "value_scale": 1.0,

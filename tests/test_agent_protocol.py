@@ -380,18 +380,42 @@ def test_dict_observations_normalize_only_their_flat_box_entries() -> None:
     assert torch.equal(normalized["img"], obs["img"]) and not torch.equal(normalized["vec"], obs["vec"])
 
 
-def test_dict_policy_saved_before_its_vector_entries_were_normalized_keeps_taking_them_raw() -> None:
+def test_dict_policy_saved_before_its_vector_entries_were_normalized_keeps_taking_them_raw(tmp_path: Path) -> None:
     model = agents.ACKTR("MultiInputPolicy", _VectorDictEnv(), n_steps=16, seed=1)
     model.learn(32)
     state = dict(model.policy.state_dict())
-    state.update(observation_mean=torch.zeros(()), observation_var=torch.ones(()), observation_count=torch.zeros(()))
-    policy = agents.ACKTR("MultiInputPolicy", _VectorDictEnv(), n_steps=16, seed=1).policy
-    policy.load_state_dict(
-        {name: value.double() if name.startswith("observation") else value for name, value in state.items()}
+    # The older state: scalar observation statistics (nothing normalized).
+    state.update({name: torch.zeros((), dtype=torch.float64) for name in ("observation_mean", "observation_count")})
+    state["observation_var"] = torch.ones((), dtype=torch.float64)
+    loaded = agents.ACKTR("MultiInputPolicy", _VectorDictEnv(), n_steps=16, seed=1)
+    loaded.policy.load_state_dict(state)
+    assert not loaded.policy.normalize_observations and not loaded.policy._normalizes_observations
+    # It trains on, saves and loads as a policy whose observations pass raw.
+    loaded.learn(32)
+    loaded.save(tmp_path / "agent")
+    again = agents.ACKTR.load(tmp_path / "agent")
+    for policy in (loaded.policy, again.policy):
+        assert float(policy.observation_count) == 0 and policy.observation_mean.shape == ()
+        obs = {"vec": torch.tensor([[40.0, -3.0, 2.0]])}
+        assert torch.equal(policy.normalize_observation(obs)["vec"], obs["vec"])
+    assert not again.policy.normalize_observations
+
+
+def test_dict_images_marked_normalized_are_left_to_the_extractor() -> None:
+    space = gym.spaces.Dict(
+        {
+            "img": gym.spaces.Box(0.0, 1.0, (1, 36, 36), dtype=np.float32),
+            "vec": gym.spaces.Box(-1.0, 1.0, (5,), dtype=np.float32),
+        }
     )
-    assert not policy.normalize_observations and not policy._normalizes_observations
-    obs = {"vec": torch.tensor([[40.0, -3.0, 2.0]])}
-    assert torch.equal(policy.normalize_observation(obs)["vec"], obs["vec"])
+    action_space = gym.spaces.Discrete(3)
+    as_images = agents.KroneckerMultiInputActorCriticPolicy(
+        space, action_space, lambda _: 0.1, features_extractor_kwargs={"normalized_image": True}
+    )
+    assert as_images._normalized_keys == ("vec",) and as_images.observation_mean.shape == (5,)
+    # Without the flag SB3 flattens a float entry as a vector, so it is normalized as one.
+    as_vectors = agents.KroneckerMultiInputActorCriticPolicy(space, action_space, lambda _: 0.1)
+    assert as_vectors._normalized_keys == ("img", "vec") and as_vectors.observation_mean.shape == (36 * 36 + 5,)
 
 
 def test_acktr_loads_with_the_policy_kwargs_it_was_built_with(tmp_path: Path) -> None:

@@ -75,3 +75,19 @@ def test_the_plugin_target_runs_sb3_algorithms_with_the_kronecker_policies(tmp_p
     assert namespace["KA2C"].policy_aliases["MlpPolicy"] is agents.KroneckerActorCriticPolicy
     assert namespace["KPPO"].policy_aliases["MultiInputPolicy"] is agents.KroneckerMultiInputActorCriticPolicy
     assert namespace["KPPO"].__mro__[1].__name__ == "PPO"
+
+
+def test_a_test_file_that_fails_to_import_is_an_unexpected_failure(tmp_path: Path) -> None:
+    script = load_script()
+    sources = _fake_sources(tmp_path / "sdist", script)
+    (sources / "tests" / "test_run.py").write_text("import a_module_that_is_not_there\n")
+    unexpected = script.run_target(sources, "acktr", tmp_path / "work", [])
+    assert unexpected == ["test_run.py::(collection error)", "pytest exit status 2"]
+
+
+def test_a_pytest_run_that_does_not_finish_fails_even_where_an_earlier_report_is_left(tmp_path: Path) -> None:
+    script = load_script()
+    sources = _fake_sources(tmp_path / "sdist", script)
+    (sources / "tests" / "test_run.py").write_text("from stable_baselines3 import A2C\n")
+    assert script.run_target(sources, "acktr", tmp_path / "work", []) == []  # a report with no failure
+    assert script.run_target(sources, "acktr", tmp_path / "work", ["--no-such-option"]) == ["pytest exit status 4"]

@@ -169,6 +169,16 @@ def test_policy_state_without_the_bound_holds_only_floating_point_tensors_that_s
             assert not torch.allclose(value, state[name]), name
 
 
+def test_a_policy_without_the_bound_refuses_states_for_a_reservoir_and_a_saved_reservoir_with_states() -> None:
+    policy = agents.ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16).policy
+    with pytest.raises(ValueError, match="keeps no state reservoir"):
+        policy.observe_states(np.ones((4, 3), dtype=np.float32))
+    bounded = agents.ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16, state_kl_bound=2.0).policy
+    bounded.observe_states(np.ones((4, 3), dtype=np.float32))
+    with pytest.raises(RuntimeError, match="state_reservoir"):
+        policy.load_state_dict(bounded.state_dict())  # strict: the reservoir's states have nowhere to go
+
+
 def test_state_saved_with_the_empty_reservoir_buffers_of_earlier_versions_loads_without_the_bound() -> None:
     policy = agents.ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16).policy
     state = dict(policy.state_dict())
