@@ -450,8 +450,8 @@ def test_robust_eigh_handles_low_rank_and_rejects_non_finite() -> None:
 
 
 def test_robust_eigh_decomposes_a_factor_of_one_hot_inputs_with_most_categories_unseen() -> None:
-    # Taxi-v4's 500 one-hot observations with 34 categories seen (and a bias): LAPACK's eigh fails to converge on
-    # this factor in float32 and in float64, for its 467 repeated zero eigenvalues.
+    # Taxi-v4's 500 one-hot observations with 34 categories seen (and a bias): 467 all-zero rows and columns, split
+    # off as eigenvalue-0 unit vectors before the rest is decomposed.
     generator = torch.Generator().manual_seed(0)
     factor = torch.zeros(501, 501)
     for _ in range(8):
@@ -459,8 +459,8 @@ def test_robust_eigh_decomposes_a_factor_of_one_hot_inputs_with_most_categories_
         inputs[torch.arange(512), torch.randint(0, 34, (512,), generator=generator) * 13 % 500] = 1
         inputs[:, 500] = 1
         factor = 0.95 * factor + 0.05 * (inputs.T @ inputs / 512)
-    with pytest.raises(RuntimeError):
-        torch.linalg.eigh(factor.double())  # why the reduction is needed (the premise of this test)
+    # (torch.linalg.eigh of this factor raised "failed to converge" here with one torch thread, in both precisions;
+    # whether it does depends on the LAPACK build and the thread count, so that is not asserted.)
     values, basis = acktr_kfe.robust_eigh(factor)
     assert values.dtype == basis.dtype == torch.float32 and (values[:-1] <= values[1:]).all() and (values >= 0).all()
     assert int((values == 0).sum()) >= 467
