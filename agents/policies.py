@@ -320,6 +320,18 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
 
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)
+        # A Dict observation space's flat (non-image) Box entries and their flattened sizes, found once (the forward
+        # passes read them); none for other spaces.
+        space = self.observation_space
+        self._dict_vector_entries: tuple[tuple[str, int], ...] = (
+            tuple(
+                (key, math.prod(sub.shape))
+                for key, sub in space.spaces.items()
+                if isinstance(sub, spaces.Box) and not self._is_image(sub)
+            )
+            if isinstance(space, spaces.Dict)
+            else ()
+        )
         # The running log(measured / predicted KL) per region, saved with the parameters (padded to two regions).
         self.register_buffer("kl_log_bias", th.zeros(2, dtype=th.float64))
         # sigma, and the running (bias-uncorrected) mean of the squared value targets with its total weight.
@@ -416,12 +428,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
     @property
     def _normalized_keys(self) -> tuple[str, ...]:
         """The keys of a ``Dict`` observation space that are normalized: its flat (non-image) ``Box`` entries."""
-        space = self.observation_space
-        if not (self.normalize_observations and isinstance(space, spaces.Dict)):
-            return ()
-        return tuple(
-            key for key, sub in space.spaces.items() if isinstance(sub, spaces.Box) and not self._is_image(sub)
-        )
+        return tuple(key for key, _ in self._dict_vector_entries) if self.normalize_observations else ()
 
     @property
     def _observation_statistics_shape(self) -> tuple[int, ...]:
@@ -430,7 +437,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         if not self._normalizes_observations:
             return ()
         if isinstance(self.observation_space, spaces.Dict):
-            return (sum(math.prod(self.observation_space[key].shape) for key in self._normalized_keys),)
+            return (sum(size for _, size in self._dict_vector_entries),)
         return self.observation_space.shape
 
     def _flat_dict_observations(self, obs: Mapping[str, Any]) -> th.Tensor:
@@ -438,7 +445,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         along the last one (leading batch dimensions kept), in float64."""
         parts = []
         for key in self._normalized_keys:
-            value = th.as_tensor(np.asarray(obs[key]) if not isinstance(obs[key], th.Tensor) else obs[key])
+            value = th.as_tensor(obs[key])
             key_dims = len(self.observation_space[key].shape)
             parts.append(value.double().reshape(*value.shape[: value.dim() - key_dims], -1))
         return th.cat(parts, dim=-1)
@@ -656,18 +663,19 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         if not (self._normalizes_observations and self._observations_seen):
             return obs
         std = self.observation_var.clamp_min(MIN_OBSERVATION_VARIANCE).sqrt()
-        if isinstance(obs, Mapping):  # Dict observations: the normalized keys, each back in its own shape
-            flat = ((self._flat_dict_observations(obs) - self.observation_mean) / std).clamp(
-                -OBSERVATION_CLIP, OBSERVATION_CLIP
-            )
-            sizes = [math.prod(self.observation_space[key].shape) for key in self._normalized_keys]
-            normalized = dict(obs)
-            for key, part in zip(self._normalized_keys, flat.split(sizes, dim=-1)):
-                value = obs[key]
-                normalized[key] = part.reshape(value.shape).to(value.dtype if value.is_floating_point() else th.float32)
-            return normalized
-        normalized = ((obs.double() - self.observation_mean) / std).clamp(-OBSERVATION_CLIP, OBSERVATION_CLIP)
-        return normalized.to(obs.dtype if obs.is_floating_point() else th.float32)
+
+        def standardized(flat: th.Tensor, like: th.Tensor) -> th.Tensor:
+            values = ((flat.double() - self.observation_mean) / std).clamp(-OBSERVATION_CLIP, OBSERVATION_CLIP)
+            return values.reshape(like.shape).to(like.dtype if like.is_floating_point() else th.float32)
+
+        if not isinstance(obs, Mapping):
+            return standardized(obs, obs)
+        # Dict observations: the normalized keys, flattened together, each back in its own shape.
+        normalized = dict(obs)
+        parts = self._flat_dict_observations(obs).split([size for _, size in self._dict_vector_entries], dim=-1)
+        for (key, _), part in zip(self._dict_vector_entries, parts):
+            normalized[key] = standardized(part, obs[key])
+        return normalized
 
     # SB3 reaches the features three ways: ``self.extract_features`` (forward, and evaluate_actions through
     # actor_critic_forward) and ``BasePolicy.extract_features`` directly (predict_values, get_distribution); each

@@ -7,7 +7,8 @@ files into a work folder with SB3's ``A2C`` replaced, and runs pytest on them un
 - ``--target acktr``: ``A2C`` is :class:`agents.ACKTR`; the cases parametrized over A2C run (``-k "ACKTR or (a2c and
   not PPO)"``), and every case of test_utils and test_buffers.
 - ``--target plugin``: ``A2C`` and ``PPO`` are SB3's own classes whose ``MlpPolicy`` / ``CnnPolicy`` /
-  ``MultiInputPolicy`` are the Kronecker policies (the plug-in); their cases run.
+  ``MultiInputPolicy`` are the Kronecker policies (the plug-in); their cases run (``-k "a2c or ppo"``), and again
+  every case of test_utils and test_buffers.
 
 Failures listed in :data:`EXCLUSIONS` are expected (docs/ACKTR.md, "SB3's own on-policy tests over ACKTR and the
 plug-in", says why for each); the script exits non-zero when any other test fails, and names it.
@@ -105,14 +106,14 @@ def download_sources(version: str, folder: Path) -> Path:
     spec = f"stable-baselines3=={version}"
     command = [sys.executable, "-m", "pip", "download", spec, "--no-deps", "--no-binary", ":all:", "-d", str(folder)]
     subprocess.run(command, check=True)
-    archives = [folder / f"stable_baselines3-{version}.tar.gz"]
-    if not archives[0].exists():
-        raise FileNotFoundError(f"pip download {spec} left no {archives[0].name} in {folder}")
-    with tarfile.open(archives[0]) as archive:
-        archive.extractall(folder, filter="data")
-    root = folder / archives[0].name.removesuffix(".tar.gz")
+    root = folder / f"stable_baselines3-{version}"
+    archive = root.with_name(f"{root.name}.tar.gz")
+    if not archive.exists():
+        raise FileNotFoundError(f"pip download {spec} left no {archive.name} in {folder}")
+    with tarfile.open(archive) as sources:
+        sources.extractall(folder, filter="data")
     if not (root / "tests").is_dir():
-        raise FileNotFoundError(f"{archives[0].name} holds no tests/ folder")
+        raise FileNotFoundError(f"{archive.name} holds no tests/ folder")
     return root
 
 
