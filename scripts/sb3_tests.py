@@ -98,7 +98,12 @@ class KA2C(A2C):
 class KPPO(PPO):
     policy_aliases = dict(ALIASES)
 '''
-_IMPORT = re.compile(r"^from stable_baselines3 import (.*)$", re.M)
+# ``from stable_baselines3 import X, Y`` on one line or in parentheses over several.
+_IMPORT = re.compile(r"^from stable_baselines3 import (\([^)]*\)|[^\n(]*)$", re.M)
+# Any other way of reaching SB3's A2C or PPO: a submodule's import, or the package's attribute.
+_OTHER_ACCESS = re.compile(
+    r"^from stable_baselines3\.[\w.]+ import [^\n]*$|\bstable_baselines3\.(A2C|PPO)\b|\bsb3\.(A2C|PPO)\b", re.M
+)
 
 
 def download_sources(version: str, folder: Path) -> Path:
@@ -118,20 +123,35 @@ def download_sources(version: str, folder: Path) -> Path:
 
 
 def rewrite_imports(text: str, target: str) -> str:
-    """A test file's ``from stable_baselines3 import ...`` line with A2C (and for the plug-in PPO) replaced."""
-    match = _IMPORT.search(text)
-    if match is None:
-        return text
+    """A test file with A2C (and for the plug-in PPO) imported from the project instead of SB3.
+
+    Every ``from stable_baselines3 import ...`` statement is rewritten. Any other way the file reaches SB3's A2C or
+    PPO (a submodule's import naming them, ``stable_baselines3.A2C``) raises ``ValueError``: left alone, SB3's own
+    class would be tested in the project's place without a word."""
     replaced = ("A2C",) if target == "acktr" else ("A2C", "PPO")
-    names = [name.strip() for name in match.group(1).split(",")]
-    rest = [name for name in names if name not in replaced]
-    lines = [f"from stable_baselines3 import {', '.join(rest)}"] if rest else []
-    lines.append(
+    substitute = (
         "from agents import ACKTR as A2C"
         if target == "acktr"
         else "from _kron_algorithms import KA2C as A2C, KPPO as PPO"
     )
-    return text[: match.start()] + "\n".join(lines) + text[match.end() :]
+
+    def rewrite(match: re.Match[str]) -> str:
+        names = [name.strip() for name in match.group(1).strip("()").replace("\n", " ").split(",")]
+        names = [name for name in names if name]
+        if not set(names) & set(replaced):
+            return match.group(0)
+        rest = [name for name in names if name not in replaced]
+        lines = [f"from stable_baselines3 import {', '.join(rest)}"] if rest else []
+        return "\n".join([*lines, substitute])
+
+    text = _IMPORT.sub(rewrite, text)
+    for match in _OTHER_ACCESS.finditer(text):
+        if any(re.search(rf"\b{name}\b", match.group(0)) for name in replaced):
+            raise ValueError(
+                f"cannot rewrite {match.group(0)!r}: this script replaces SB3's {' and '.join(replaced)} only where "
+                "they are imported with 'from stable_baselines3 import ...'"
+            )
+    return text
 
 
 def prepare(sources: Path, target: str, folder: Path) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +29,34 @@ def test_imports_are_rewritten_to_acktr_or_to_the_kronecker_algorithms() -> None
     )
     assert script.rewrite_imports("from stable_baselines3 import A2C\n", "acktr") == "from agents import ACKTR as A2C\n"
     assert script.rewrite_imports("import numpy\n", "acktr") == "import numpy\n"
+
+
+def test_imports_in_parentheses_and_every_import_statement_are_rewritten() -> None:
+    script = load_script()
+    text = "from stable_baselines3 import (\n    A2C,\n    SAC,\n)\nfrom stable_baselines3 import A2C\n"
+    assert script.rewrite_imports(text, "acktr") == (
+        "from stable_baselines3 import SAC\nfrom agents import ACKTR as A2C\nfrom agents import ACKTR as A2C\n"
+    )
+    # A file that imports neither class is left as it is.
+    assert (
+        script.rewrite_imports("from stable_baselines3 import SAC\n", "plugin") == "from stable_baselines3 import SAC\n"
+    )
+
+
+def test_a2c_reached_any_other_way_is_refused_rather_than_tested_in_the_projects_place() -> None:
+    script = load_script()
+    for text in ("from stable_baselines3.a2c import A2C\n", "import stable_baselines3\nm = stable_baselines3.A2C\n"):
+        with pytest.raises(ValueError, match="cannot rewrite"):
+            script.rewrite_imports(text, "acktr")
+    # PPO stays SB3's under the acktr target, so its other imports are fine there, not under the plug-in.
+    assert script.rewrite_imports("from stable_baselines3.ppo import PPO\n", "acktr") == (
+        "from stable_baselines3.ppo import PPO\n"
+    )
+    with pytest.raises(ValueError, match="PPO"):
+        script.rewrite_imports("from stable_baselines3.ppo import PPO\n", "plugin")
+    # Submodule imports of anything else are not the script's concern.
+    text = "from stable_baselines3.common.env_util import make_vec_env\n"
+    assert script.rewrite_imports(text, "plugin") == text
 
 
 def _fake_sources(folder: Path, script) -> Path:
