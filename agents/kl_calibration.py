@@ -175,10 +175,16 @@ class ActorCriticTrustRegions:
         """The running measured / predicted KL ratio of the first (policy or joint) region."""
         return math.exp(self.log_bias[0])
 
-    def set_radii(self, optimizer: acktr_kfe.KroneckerPreconditioner) -> None:
+    def set_radii(self, optimizer: acktr_kfe.KroneckerPreconditioner, value_scale_known: bool = True) -> None:
         """Give each region of ``optimizer`` its radius for the next step: the target divided by the bias (by 1
-        while the bias is below 1, unless ``enlarge``)."""
+        while the bias is below 1, unless ``enlarge``). Without ``value_scale_known`` the region that holds the
+        critic (its own, or the joint one) has none: its KL is in units of the value targets' scale, unknown before
+        a rollout's targets were observed, and a radius meant for those units would bind at whatever scale the
+        rewards have."""
         for index, target in enumerate(self.targets):
+            if not value_scale_known and (self.shared_layers or index == 1):
+                optimizer.set_trust_region_radius(index, None)
+                continue
             bias = math.exp(self.log_bias[index]) if self.calibrate else 1.0
             if not self.enlarge:
                 bias = max(bias, 1.0)

@@ -28,8 +28,9 @@ is a thin SB3 algorithm over it, as SB3's A2C is over ``ActorCriticPolicy``:
   observation's units either.
 
 ACKTR feeds each rollout to the policy itself (:meth:`KroneckerActorCriticPolicy.observe_rollout`). Under SB3's A2C
-and PPO, pass ``callback=ValueTargetScale()`` to ``learn`` to do the same (without it ``sigma`` stays 1 and the
-observations pass unnormalized: the critic's region is then in reward units, as SB3's own loss is). SB3's gradient-norm
+and PPO, pass ``callback=ValueTargetScale()`` to ``learn`` to do the same. Without it the policy warns once, ``sigma``
+stays 1, the observations pass unnormalized, and the trust region that holds the critic is off (a radius in units of
+``sigma`` would act in reward units). SB3's gradient-norm
 clipping acts on the raw gradient before ``optimizer.step()`` preconditions it, so it scales the natural-gradient
 step uniformly instead of undoing it.
 """
@@ -350,6 +351,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         self.register_buffer("observation_var", th.ones(shape, dtype=th.float64))
         self.register_buffer("observation_count", th.zeros((), dtype=th.float64))
         self._observations_seen = False  # observation_count > 0, kept on the host (no device sync per forward)
+        self._value_targets_seen = False  # value_target_moments[1] > 0, on the host likewise
+        self._warned_unobserved = False
         # States of earlier rollouts (raw observations) for state_kl_bound, and how many states were offered to it.
         # Only with the bound: without it the policy's state holds floating-point tensors with elements only, as
         # SB3's own save/load tests (which perturb every entry with rand_like) expect of a policy.
@@ -555,6 +558,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
                 if (buffer := state.get(key)) is not None:
                     buffer.mul_(ratio**power)
         self.value_scale.fill_(new_scale)
+        self._value_targets_seen = True
         return new_scale
 
     @th.no_grad()
@@ -712,9 +716,25 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
                     curvature_loss(distribution, normalized, self.vf_fisher_coef), retain_graph=True
                 )
             self._pending = (obs, detached(distribution.distribution), normalized.detach())
-            self.trust_regions.set_radii(self.optimizer)
+            if not self._value_targets_seen:
+                self._warn_unobserved()
+            self.trust_regions.set_radii(self.optimizer, value_scale_known=self._value_targets_seen)
         values = _scaled_values(normalized, self.value_scale)
         return values, distribution.log_prob(actions), distribution.entropy()
+
+    def _warn_unobserved(self) -> None:
+        """Once per policy: it trains before any rollout was shown to it (SB3's A2C or PPO without the callback)."""
+        if self._warned_unobserved:
+            return
+        self._warned_unobserved = True
+        warnings.warn(
+            "KroneckerActorCriticPolicy is training on a rollout it was not shown: pass callback=ValueTargetScale() "
+            "to learn (ACKTR shows each rollout itself). Until a rollout's returns are observed the trust region "
+            "that holds the critic is off (its radius is in units of the returns' scale, unknown yet) and "
+            "observations are not normalized.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def critic_values(self, obs: th.Tensor) -> th.Tensor:
         """The critic's values ``(N, 1)`` in reward units, through the critic's layers only, with the gradient that
@@ -941,6 +961,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         bias = self.trust_regions.log_bias
         bias[:] = self.kl_log_bias[: len(bias)].tolist()
         self._observations_seen = bool(self.observation_count > 0)
+        self._value_targets_seen = bool(self.value_target_moments[1] > 0)
 
 
 class KroneckerActorCriticCnnPolicy(KroneckerActorCriticPolicy):

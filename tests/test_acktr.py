@@ -6,16 +6,15 @@ import re
 import zipfile
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 from agents.acktr import ACKTR
 from agents.rl_checkpoint import CorruptedFileError
+from tests.shared_trunk import SHARED_TRUNK
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -491,28 +490,17 @@ def test_extra_critic_updates_fit_the_critic_and_leave_the_joint_step_and_the_ac
 def test_extra_critic_updates_need_separate_networks_and_a_positive_count() -> None:
     with pytest.raises(ValueError, match=r"Invalid n_critic_updates: 0 \(an integer >= 1, or 'auto'\)"):
         ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=0)
-    shared_trunk = {"features_extractor_class": _LinearFeatures, "share_features_extractor": True}
+    shared_trunk = SHARED_TRUNK
     with pytest.raises(ValueError, match="n_critic_updates=2 needs separate actor and critic networks"):
         ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=2, policy_kwargs=shared_trunk)
 
 
 def test_shared_layers_take_one_critic_update_where_it_is_left_at_auto(tmp_path: Path) -> None:
     """A Box policy's "auto" is 5 critic updates with separate networks, 1 where actor and critic share layers."""
-    shared_trunk = {"features_extractor_class": _LinearFeatures, "share_features_extractor": True}
+    shared_trunk = SHARED_TRUNK
     model = ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16, policy_kwargs=shared_trunk, seed=0)
     assert model.shared_layers and model.n_critic_updates == 1
     model.learn(16)
     assert model.policy.optimizer.steps == 1
     model.save(tmp_path / "acktr")
     assert ACKTR.load(tmp_path / "acktr").n_critic_updates == 1
-
-
-class _LinearFeatures(BaseFeaturesExtractor):
-    """A features extractor with parameters: shared by actor and critic, it makes one joint trust region."""
-
-    def __init__(self, observation_space: gym.spaces.Box) -> None:
-        super().__init__(observation_space, features_dim=8)
-        self.linear = torch.nn.Linear(observation_space.shape[0], 8)
-
-    def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.linear(observations))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 import acktr_kfe
-from agents.policies import KroneckerActorCriticPolicy
+from agents.policies import KroneckerActorCriticPolicy, ValueTargetScale
+from tests.shared_trunk import SHARED_TRUNK
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,6 +108,51 @@ def test_plugin_trust_region_keeps_measured_kl_near_max_kl_in_a2c() -> None:
     assert np.median(ratios) <= 1.5, ratios
     assert np.percentile(ratios, 90) <= 3.0, ratios
     assert policy.trust_regions.kl_bias != 1.0, "the calibration learned the model's bias"
+
+
+def _radii(policy: KroneckerActorCriticPolicy) -> list[float | None]:
+    optimizer = policy.optimizer
+    return optimizer.trust_regions.radii(optimizer.param_groups[0])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_plugin_without_the_callback_warns_once_and_leaves_the_critics_region_off_until_returns_are_seen(
+    shared: bool,
+) -> None:
+    """A radius in units of the returns' scale would bind at whatever scale the rewards have while that scale is
+    unknown (SB3's A2C without ValueTargetScale): the region holding the critic is off, the policy's is kept."""
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    kwargs = SHARED_TRUNK if shared else {}
+    model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0, policy_kwargs=kwargs)
+    policy = model.policy
+    assert policy.trust_regions.shared_layers is shared
+    obs = torch.as_tensor(env.reset(), dtype=torch.float32)
+    policy.set_training_mode(True)
+    with pytest.warns(UserWarning, match=r"callback=ValueTargetScale\(\)"):
+        policy.evaluate_actions(obs, torch.zeros(2))
+    assert _radii(policy) == ([None] if shared else [pytest.approx(policy.max_kl), None])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy.evaluate_actions(obs, torch.zeros(2))  # warned once per policy
+    model.learn(16)  # without the callback: trains, critic unbounded
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    model.learn(16, callback=ValueTargetScale())
+    policy.evaluate_actions(obs, torch.zeros(2))
+    expected = [policy.max_kl] if shared else [policy.max_kl, policy.vf_max_kl]
+    # Both regions back, at their (calibrated) radii.
+    assert all(r is not None and 0 < r <= 10 * target for r, target in zip(_radii(policy), expected))
+
+
+def test_a_loaded_trained_plugin_knows_its_value_scale_and_does_not_warn(tmp_path) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0)
+    model.learn(16, callback=ValueTargetScale())
+    model.save(tmp_path / "plugin")
+    loaded = A2C.load(tmp_path / "plugin", env=env)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.learn(16)
+    assert None not in _radii(loaded.policy)
 
 
 def test_plugin_measures_every_ppo_minibatch_step_and_rejects_reserved_kwargs() -> None:
