@@ -75,7 +75,10 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "test_tensorboard.py::test_tensorboard[a2c]": "the TensorBoard folder is named ACKTR_1, not A2C_1",
     },
     "plugin": {
-        "test_gae.py::test_infinite_horizon[True-KA2C]": _RATE,
+        "test_gae.py::test_infinite_horizon[True-KA2C]": (
+            "a 500-step learning test of the critic, run without ValueTargetScale: the value reaches 17.8 of 50 "
+            "(plain A2C 50.0; 51.9 with the callback, where 50 +/- 1 passes)"
+        ),
         "test_run.py::test_ppo_warnings": "the test checks the policy class's name for SB3's own MlpPolicy",
     },
 }
