@@ -6,7 +6,7 @@ no-op otherwise. The Kronecker optimizer averages the gradients and the curvatur
 
 - :data:`RANK_SEED_STRIDE` and :func:`rank_seed`: rank ``r`` seeds its environments and action sampling with
   ``seed + 1000 r`` (rank 0's are those of a single-process run);
-- :func:`start_alike`: every rank starts from rank 0's policy (parameters and buffers);
+- :func:`start_alike`: every rank starts from rank 0's policy (parameters, buffers and the calibration);
 - :class:`SynchronizedNormalization`: a callback that combines the VecNormalize statistics after each rollout.
 """
 
@@ -30,11 +30,15 @@ def rank_seed(seed: int, rank: int | None = None) -> int:
 
 
 def start_alike(model: Any) -> None:
-    """Give every rank rank 0's policy parameters and buffers (one broadcast)."""
+    """Give every rank rank 0's policy parameters and buffers (one broadcast), and the calibration read from them."""
     if not distributed.is_active():
         return
     state = [tensor for tensor in model.policy.state_dict().values() if isinstance(tensor, torch.Tensor)]
     distributed.broadcast_from_owners([state], [0], what="the initial policy")
+    # The calibration and the observed-statistics flags live on the host too: read them from the new buffers, or a
+    # resumed run's followers would step with fresh radii while rank 0 steps with its calibrated ones.
+    if hasattr(model.policy, "restore_host_state"):
+        model.policy.restore_host_state()
 
 
 def combine_running_statistics(statistics: list[RunningMeanStd]) -> None:

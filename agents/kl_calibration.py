@@ -164,11 +164,21 @@ class ActorCriticTrustRegions:
             self.regions = [(actor, max_kl), (critic, vf_max_kl)]
         self.log_bias = [] if log_bias is None else log_bias
         self.log_bias.extend([0.0] * (len(self.regions) - len(self.log_bias)))
+        self.value_scale_known = True  # as last given to set_radii
 
     @property
     def targets(self) -> list[float | None]:
         """The uncalibrated radius of each region."""
         return [radius for _, radius in self.regions]
+
+    @property
+    def active_targets(self) -> list[float | None]:
+        """:attr:`targets` with ``None`` for a region that :meth:`set_radii` left off (the one holding the critic
+        while the value scale is unknown): what backtracking and the state bound act on."""
+        return [
+            None if not self.value_scale_known and (self.shared_layers or index == 1) else target
+            for index, target in enumerate(self.targets)
+        ]
 
     @property
     def kl_bias(self) -> float:
@@ -178,17 +188,18 @@ class ActorCriticTrustRegions:
     def set_radii(self, optimizer: acktr_kfe.KroneckerPreconditioner, value_scale_known: bool = True) -> None:
         """Give each region of ``optimizer`` its radius for the next step: the target divided by the bias (by 1
         while the bias is below 1, unless ``enlarge``). Without ``value_scale_known`` the region that holds the
-        critic (its own, or the joint one) has none: its KL is in units of the value targets' scale, unknown before
-        a rollout's targets were observed, and a radius meant for those units would bind at whatever scale the
-        rewards have."""
-        for index, target in enumerate(self.targets):
-            if not value_scale_known and (self.shared_layers or index == 1):
+        critic has none (its own, or the joint one, which then bounds the policy neither): its KL is in units of
+        the value targets' scale, unknown before a rollout's targets were observed, and a radius meant for those
+        units would bind at whatever scale the rewards have."""
+        self.value_scale_known = value_scale_known
+        for index, target in enumerate(self.active_targets):
+            if target is None:
                 optimizer.set_trust_region_radius(index, None)
                 continue
             bias = math.exp(self.log_bias[index]) if self.calibrate else 1.0
             if not self.enlarge:
                 bias = max(bias, 1.0)
-            optimizer.set_trust_region_radius(index, None if target is None else target / bias)
+            optimizer.set_trust_region_radius(index, target / bias)
 
     def measure(
         self, old: Any, old_values: th.Tensor, new: Distribution, new_values: th.Tensor
@@ -208,11 +219,12 @@ class ActorCriticTrustRegions:
     def backtrack_factors(self, policy_kl: float, vf_kl: float) -> list[float]:
         """Per region, the factor to shrink the last step by: ``sqrt(radius / measured)`` where the measured KL
         exceeds ``backtrack`` times the region's target radius (the KL grows as the square of the step's length
-        near the old parameters), else 1. A non-finite measurement gives 1: it is the NaN checks' to report."""
+        near the old parameters), else 1; 1 for a region that is off (:attr:`active_targets`). A non-finite
+        measurement gives 1: it is the NaN checks' to report."""
         factors = [1.0] * len(self.regions)
         if self.backtrack is None:
             return factors
-        for index, (value, target) in enumerate(zip(self.per_region(policy_kl, vf_kl), self.targets)):
+        for index, (value, target) in enumerate(zip(self.per_region(policy_kl, vf_kl), self.active_targets)):
             if target is not None and math.isfinite(value) and value > self.backtrack * target:
                 factors[index] = math.sqrt(target / value)
         return factors

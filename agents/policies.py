@@ -30,9 +30,9 @@ is a thin SB3 algorithm over it, as SB3's A2C is over ``ActorCriticPolicy``:
 ACKTR feeds each rollout to the policy itself (:meth:`KroneckerActorCriticPolicy.observe_rollout`). Under SB3's A2C
 and PPO, pass ``callback=ValueTargetScale()`` to ``learn`` to do the same. Without it the policy warns once, ``sigma``
 stays 1, the observations pass unnormalized, and the trust region that holds the critic is off (a radius in units of
-``sigma`` would act in reward units). SB3's gradient-norm
-clipping acts on the raw gradient before ``optimizer.step()`` preconditions it, so it scales the natural-gradient
-step uniformly instead of undoing it.
+``sigma`` would act in reward units; with shared layers that is the joint region, which then bounds neither).
+SB3's gradient-norm clipping acts on the raw gradient before ``optimizer.step()`` preconditions it, so it scales the
+natural-gradient step uniformly instead of undoing it.
 """
 
 from __future__ import annotations
@@ -774,7 +774,8 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         if self._pending is not None and (regions.backtrack is not None or bounds_states):
             # Only the regions with a radius can be backtracked (the others are None here).
             self._step_start = [
-                None if target is None else [p.detach().clone() for p in region] for region, target in regions.regions
+                None if target is None else [p.detach().clone() for p in region]
+                for (region, _), target in zip(regions.regions, regions.active_targets)
             ]
         self._reservoir_before = self._reservoir_distribution() if bounds_states else None
         if optimizer.steps == 0:
@@ -852,7 +853,7 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         """Whether the coming step is bounded at the reservoir's states (``state_kl_bound`` with a policy radius)."""
         return (
             self._keeps_state_reservoir
-            and self.trust_regions.targets[0] is not None
+            and self.trust_regions.active_targets[0] is not None
             and int(self.state_reservoir_seen) > 0
         )
 
@@ -958,10 +959,17 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             moments = self._running_target_moments()
             stats = [0.0, 0.0, 1.0] if moments is None else [1.0, *moments]
             self.value_target_stats.copy_(th.tensor(stats, dtype=th.float64))
+        self.restore_host_state()
+
+    def restore_host_state(self) -> None:
+        """Read what the policy keeps on the host from its buffers: the calibration (``kl_log_bias``) and whether
+        observations and value targets were observed. Loading a state does it; so must whoever writes the buffers
+        in place otherwise (:func:`agents.data_parallel.start_alike`'s broadcast from rank 0). A state saved before
+        ``value_target_moments`` was kept shows a learned value scale by ``value_scale`` alone."""
         bias = self.trust_regions.log_bias
         bias[:] = self.kl_log_bias[: len(bias)].tolist()
         self._observations_seen = bool(self.observation_count > 0)
-        self._value_targets_seen = bool(self.value_target_moments[1] > 0)
+        self._value_targets_seen = bool(self.value_target_moments[1] > 0) or float(self.value_scale) != 1.0
 
 
 class KroneckerActorCriticCnnPolicy(KroneckerActorCriticPolicy):

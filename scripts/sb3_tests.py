@@ -19,7 +19,7 @@ plug-in", says why for each); the script exits non-zero when any other test fail
 from __future__ import annotations
 
 import argparse
-import re
+import ast
 import subprocess
 import sys
 import tarfile
@@ -101,12 +101,12 @@ class KA2C(A2C):
 class KPPO(PPO):
     policy_aliases = dict(ALIASES)
 '''
-# ``from stable_baselines3 import X, Y`` on one line or in parentheses over several.
-_IMPORT = re.compile(r"^from stable_baselines3 import (\([^)]*\)|[^\n(]*)$", re.M)
-# Any other way of reaching SB3's A2C or PPO: a submodule's import, or the package's attribute.
-_OTHER_ACCESS = re.compile(
-    r"^from stable_baselines3\.[\w.]+ import [^\n]*$|\bstable_baselines3\.(A2C|PPO)\b|\bsb3\.(A2C|PPO)\b", re.M
-)
+_ONLY_FROM_PACKAGE = "this script replaces SB3's classes only where 'from stable_baselines3 import ...' names them"
+# Where each replaced class comes from, by target: (module, class) per name SB3's tests import.
+_SUBSTITUTES = {
+    "acktr": {"A2C": ("agents", "ACKTR")},
+    "plugin": {"A2C": ("_kron_algorithms", "KA2C"), "PPO": ("_kron_algorithms", "KPPO")},
+}
 
 
 def download_sources(version: str, folder: Path) -> Path:
@@ -128,33 +128,56 @@ def download_sources(version: str, folder: Path) -> Path:
 def rewrite_imports(text: str, target: str) -> str:
     """A test file with A2C (and for the plug-in PPO) imported from the project instead of SB3.
 
-    Every ``from stable_baselines3 import ...`` statement is rewritten. Any other way the file reaches SB3's A2C or
-    PPO (a submodule's import naming them, ``stable_baselines3.A2C``) raises ``ValueError``: left alone, SB3's own
-    class would be tested in the project's place without a word."""
-    replaced = ("A2C",) if target == "acktr" else ("A2C", "PPO")
-    substitute = (
-        "from agents import ACKTR as A2C"
-        if target == "acktr"
-        else "from _kron_algorithms import KA2C as A2C, KPPO as PPO"
-    )
-
-    def rewrite(match: re.Match[str]) -> str:
-        names = [name.strip() for name in match.group(1).strip("()").replace("\n", " ").split(",")]
-        names = [name for name in names if name]
-        if not set(names) & set(replaced):
-            return match.group(0)
-        rest = [name for name in names if name not in replaced]
-        lines = [f"from stable_baselines3 import {', '.join(rest)}"] if rest else []
-        return "\n".join([*lines, substitute])
-
-    text = _IMPORT.sub(rewrite, text)
-    for match in _OTHER_ACCESS.finditer(text):
-        if any(re.search(rf"\b{name}\b", match.group(0)) for name in replaced):
-            raise ValueError(
-                f"cannot rewrite {match.group(0)!r}: this script replaces SB3's {' and '.join(replaced)} only where "
-                "they are imported with 'from stable_baselines3 import ...'"
-            )
-    return text
+    Every ``from stable_baselines3 import ...`` statement (at any depth, aliases kept) that names them is rewritten
+    in place. Any other way the file reaches SB3's A2C or PPO (a submodule's import naming them, an attribute of an
+    imported ``stable_baselines3``, ``import *``) raises ``ValueError``: left alone, SB3's own class would be tested
+    in the project's place without a word."""
+    substitutes = _SUBSTITUTES[target]
+    tree = ast.parse(text)
+    modules = {  # the names an ``import stable_baselines3[.x] [as y]`` binds
+        alias.asname or alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+        if alias.name.split(".")[0] == "stable_baselines3"
+    }
+    edits: list[tuple[ast.ImportFrom, list[str]]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "stable_baselines3":
+            names = [alias.name for alias in node.names]
+            if "*" in names or (node.module != "stable_baselines3" and set(names) & set(substitutes)):
+                raise ValueError(f"cannot rewrite line {node.lineno} ({ast.unparse(node)!r}): {_ONLY_FROM_PACKAGE}")
+            if node.module == "stable_baselines3" and set(names) & set(substitutes):
+                kept = [alias for alias in node.names if alias.name not in substitutes]
+                statements = [ast.unparse(ast.ImportFrom("stable_baselines3", kept, 0))] if kept else []
+                by_module: dict[str, list[str]] = {}
+                for alias in node.names:
+                    if alias.name in substitutes:
+                        module, name = substitutes[alias.name]
+                        by_module.setdefault(module, []).append(f"{name} as {alias.asname or alias.name}")
+                statements += [f"from {module} import {', '.join(names)}" for module, names in by_module.items()]
+                edits.append((node, statements))
+        elif isinstance(node, ast.Attribute) and node.attr in substitutes:
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in modules:
+                raise ValueError(f"cannot rewrite line {node.lineno} ({ast.unparse(node)!r}): {_ONLY_FROM_PACKAGE}")
+    lines = text.splitlines(keepends=True)
+    for node, statements in sorted(edits, key=lambda edit: -edit[0].lineno):
+        first, last = lines[node.lineno - 1], lines[node.end_lineno - 1]
+        before, after = first[: node.col_offset], last[node.end_col_offset :]
+        if before.strip() or after.strip().split("#")[0].strip():
+            raise ValueError(f"cannot rewrite line {node.lineno}: the import shares its line with other code")
+        indent = before
+        comment = after.rstrip("\n").rstrip()
+        block = "".join(f"{indent}{statement}\n" for statement in statements)
+        if comment:
+            block = block[:-1] + comment + "\n"
+        if not last.endswith("\n"):
+            block = block[:-1]
+        lines[node.lineno - 1 : node.end_lineno] = [block]
+    return "".join(lines)
 
 
 def prepare(sources: Path, target: str, folder: Path) -> Path:

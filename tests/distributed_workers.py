@@ -218,7 +218,8 @@ def optimizer_equivalence(rank: int, size: int) -> dict[str, Any]:
 
 @program
 def acktr_lockstep(rank: int, size: int) -> dict[str, Any]:
-    """ACKTR on CartPole-v1 behind VecNormalize, each rank with its own environments, as scripts/train.py runs it."""
+    """ACKTR on CartPole-v1 behind VecNormalize, each rank with its own environments, as scripts/train.py runs it;
+    rank 0 starts with a calibration of its own, as after a resume."""
     from agents import ACKTR
     from agents.data_parallel import SynchronizedNormalization, rank_seed, start_alike
     from envs import make_env
@@ -226,12 +227,16 @@ def acktr_lockstep(rank: int, size: int) -> dict[str, Any]:
     env = make_env("CartPole-v1", n_envs=4, seed=rank_seed(0), normalize=True)
     model = ACKTR("MlpPolicy", env, n_steps=8, seed=0, device="cpu", eigen_update_interval=2)
     model.set_random_seed(rank_seed(0))
+    if rank == 0:  # as a resumed run's rank 0 has it: a calibration learned before (the followers start fresh)
+        model.policy.trust_regions.log_bias[:] = [0.7, -0.3]
     start_alike(model)
+    calibration = list(model.policy.trust_regions.log_bias)
     model.learn(4 * 4 * 8, callback=SynchronizedNormalization())
     normalize = model.get_vec_normalize_env()
     env.close()
     return {
         "state": {k: v.clone() for k, v in model.policy.state_dict().items()},
+        "calibration_after_start": calibration,
         "observations": torch.as_tensor(model.rollout_buffer.observations).clone(),
         "computed_refreshes": dict(model.policy.optimizer.computed_refreshes),
         "vecnormalize": [

@@ -370,6 +370,8 @@ def test_a_non_finite_direction_or_step_size_on_one_rank_makes_every_rank_skip_t
 
 def test_acktr_ranks_step_their_own_environments_and_keep_identical_policies_and_normalization(tmp_path: Path) -> None:
     first, second = results_of(launch("acktr_lockstep", tmp_path, timeout=90.0))
+    # start_alike gave the follower rank 0's calibration (kept on the host), not only its buffers.
+    assert first["calibration_after_start"] == second["calibration_after_start"] == [0.7, -0.3]
     assert not torch.equal(first["observations"], second["observations"])
     assert first["state"].keys() == second["state"].keys()
     for key, value in first["state"].items():

@@ -120,7 +120,8 @@ def test_plugin_without_the_callback_warns_once_and_leaves_the_critics_region_of
     shared: bool,
 ) -> None:
     """A radius in units of the returns' scale would bind at whatever scale the rewards have while that scale is
-    unknown (SB3's A2C without ValueTargetScale): the region holding the critic is off, the policy's is kept."""
+    unknown (SB3's A2C without ValueTargetScale): the region holding the critic is off (with shared layers the joint
+    one, so nothing bounds the policy either until then); a separate policy's region is kept."""
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     kwargs = SHARED_TRUNK if shared else {}
     model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0, policy_kwargs=kwargs)
@@ -131,9 +132,10 @@ def test_plugin_without_the_callback_warns_once_and_leaves_the_critics_region_of
     with pytest.warns(UserWarning, match=r"callback=ValueTargetScale\(\)"):
         policy.evaluate_actions(obs, torch.zeros(2))
     assert _radii(policy) == ([None] if shared else [pytest.approx(policy.max_kl), None])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         policy.evaluate_actions(obs, torch.zeros(2))  # warned once per policy
+    assert not any("ValueTargetScale" in str(w.message) for w in caught)
     model.learn(16)  # without the callback: trains, critic unbounded
     assert all(torch.isfinite(p).all() for p in policy.parameters())
     model.learn(16, callback=ValueTargetScale())
@@ -143,15 +145,34 @@ def test_plugin_without_the_callback_warns_once_and_leaves_the_critics_region_of
     assert all(r is not None and 0 < r <= 10 * target for r, target in zip(_radii(policy), expected))
 
 
+def test_backtracking_leaves_the_critic_alone_while_its_region_is_off() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = A2C(
+        KroneckerActorCriticPolicy, env, n_steps=8, seed=0, learning_rate=0.05, policy_kwargs={"kl_backtrack": 1.0}
+    )
+    policy = model.policy
+    seen: list[tuple[float, list[float]]] = []
+    policy.optimizer.register_step_post_hook(
+        lambda *_: seen.append((policy.last_measured_vf_kl, list(policy.last_backtrack_factors)))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.learn(64)
+    # The critic's steps went past its radius in units of sigma = 1, and were kept as taken.
+    assert max(kl for kl, _ in seen) > policy.vf_max_kl
+    assert all(factors[1] == 1.0 for _, factors in seen)
+
+
 def test_a_loaded_trained_plugin_knows_its_value_scale_and_does_not_warn(tmp_path) -> None:
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     model = A2C(KroneckerActorCriticPolicy, env, n_steps=8, seed=0)
     model.learn(16, callback=ValueTargetScale())
     model.save(tmp_path / "plugin")
     loaded = A2C.load(tmp_path / "plugin", env=env)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         loaded.learn(16)
+    assert not any("ValueTargetScale" in str(w.message) for w in caught)
     assert None not in _radii(loaded.policy)
 
 

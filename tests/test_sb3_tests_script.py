@@ -43,9 +43,42 @@ def test_imports_in_parentheses_and_every_import_statement_are_rewritten() -> No
     )
 
 
+def test_aliases_comments_and_indented_imports_are_rewritten_in_place() -> None:
+    script = load_script()
+    text = (
+        "from stable_baselines3 import SAC, A2C as Algo  # noqa: F401\n"
+        "def f():\n"
+        "    from stable_baselines3 import A2C, DQN, PPO  # noqa: F401\n"
+        "    return A2C\n"
+        "from stable_baselines3 import (  # the algorithms (A2C)\n"
+        "    A2C,  # on-policy\n"
+        "    SAC,\n"
+        ")\n"
+        "from stable_baselines3.common.env_util import make_vec_env  # used with A2C\n"
+    )
+    assert script.rewrite_imports(text, "plugin") == (
+        "from stable_baselines3 import SAC\n"
+        "from _kron_algorithms import KA2C as Algo  # noqa: F401\n"
+        "def f():\n"
+        "    from stable_baselines3 import DQN\n"
+        "    from _kron_algorithms import KA2C as A2C, KPPO as PPO  # noqa: F401\n"
+        "    return A2C\n"
+        "from stable_baselines3 import SAC\n"
+        "from _kron_algorithms import KA2C as A2C\n"
+        "from stable_baselines3.common.env_util import make_vec_env  # used with A2C\n"
+    )
+
+
 def test_a2c_reached_any_other_way_is_refused_rather_than_tested_in_the_projects_place() -> None:
     script = load_script()
-    for text in ("from stable_baselines3.a2c import A2C\n", "import stable_baselines3\nm = stable_baselines3.A2C\n"):
+    for text in (
+        "from stable_baselines3.a2c import A2C\n",
+        "from stable_baselines3.a2c import (\n    A2C,\n)\n",
+        "import stable_baselines3\nm = stable_baselines3.A2C\n",
+        "import stable_baselines3.a2c\nm = stable_baselines3.a2c.A2C\n",
+        "import stable_baselines3 as sb\nm = sb.A2C\n",
+        "from stable_baselines3 import *\n",
+    ):
         with pytest.raises(ValueError, match="cannot rewrite"):
             script.rewrite_imports(text, "acktr")
     # PPO stays SB3's under the acktr target, so its other imports are fine there, not under the plug-in.
