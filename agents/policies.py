@@ -668,17 +668,22 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
             return obs
         std = self.observation_var.clamp_min(MIN_OBSERVATION_VARIANCE).sqrt()
 
-        def standardized(flat: th.Tensor, like: th.Tensor) -> th.Tensor:
-            values = ((flat.double() - self.observation_mean) / std).clamp(-OBSERVATION_CLIP, OBSERVATION_CLIP)
+        def as_input(values: th.Tensor, like: th.Tensor) -> th.Tensor:
             return values.reshape(like.shape).to(like.dtype if like.is_floating_point() else th.float32)
 
+        def standardized(flat: th.Tensor) -> th.Tensor:
+            return ((flat.double() - self.observation_mean) / std).clamp(-OBSERVATION_CLIP, OBSERVATION_CLIP)
+
         if not isinstance(obs, Mapping):
-            return standardized(obs, obs)
-        # Dict observations: the normalized keys, flattened together, each back in its own shape.
+            return as_input(standardized(obs), obs)
+        # Dict observations: the normalized keys standardized together (one statistics vector over their flattened
+        # concatenation), then each cut back out in its own shape.
         normalized = dict(obs)
-        parts = self._flat_dict_observations(obs).split([size for _, size in self._dict_vector_entries], dim=-1)
+        parts = standardized(self._flat_dict_observations(obs)).split(
+            [size for _, size in self._dict_vector_entries], dim=-1
+        )
         for (key, _), part in zip(self._dict_vector_entries, parts):
-            normalized[key] = standardized(part, obs[key])
+            normalized[key] = as_input(part, obs[key])
         return normalized
 
     # SB3 reaches the features three ways: ``self.extract_features`` (forward, and evaluate_actions through

@@ -370,6 +370,36 @@ def test_dict_observations_are_normalized_as_the_same_flat_observations_are() ->
     )
 
 
+class _TwoVectorDictEnv(_VectorDictEnv):
+    """Dict observations with two vector entries of other sizes and scales (the flattened order: "a", then "b")."""
+
+    observation_space = gym.spaces.Dict(
+        {"a": gym.spaces.Box(-100.0, 100.0, (2,), dtype=np.float32), "b": gym.spaces.Box(-1e3, 1e3, (3,))}
+    )
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {"a": self.np_random.normal(5.0, 3.0, size=2).astype(np.float32), "b": self.np_random.normal(-50, 20, 3)}
+
+
+def test_dict_observations_with_several_vector_entries_are_normalized_as_their_flattened_vector() -> None:
+    # SB3's test_spaces trains on Dict({"a": Box(2), "b": Box(2)}): each entry is standardized by its own slice of
+    # the one statistics vector, as FlattenObservation's flat vector would be.
+    kwargs = {"n_steps": 16, "seed": 1, "policy_kwargs": {"net_arch": [8]}}
+    dict_model = agents.ACKTR("MultiInputPolicy", _TwoVectorDictEnv(), **kwargs)
+    flat_model = agents.ACKTR("MlpPolicy", gym.wrappers.FlattenObservation(_TwoVectorDictEnv()), **kwargs)
+    dict_model.learn(32)
+    flat_model.learn(32)
+    assert dict_model.policy.observation_mean.shape == (5,)
+    for name in ("observation_mean", "observation_var", "observation_count"):
+        torch.testing.assert_close(getattr(dict_model.policy, name), getattr(flat_model.policy, name))
+    obs = {"a": torch.tensor([[4.0, 30.0]]), "b": torch.tensor([[-50.0, 0.0, -120.0]], dtype=torch.float64)}
+    normalized = dict_model.policy.normalize_observation(obs)
+    flat = flat_model.policy.normalize_observation(torch.cat([obs["a"], obs["b"].float()], dim=1))
+    torch.testing.assert_close(normalized["a"], flat[:, :2])
+    torch.testing.assert_close(normalized["b"].float(), flat[:, 2:])
+    assert normalized["a"].dtype == torch.float32 and normalized["b"].dtype == torch.float64
+
+
 def test_dict_observations_normalize_only_their_flat_box_entries() -> None:
     model = agents.ACKTR("MultiInputPolicy", make_vec_env(_dict_env, n_envs=1, seed=0), n_steps=4, seed=0)
     policy = model.policy
