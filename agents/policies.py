@@ -38,6 +38,7 @@ natural-gradient step uniformly instead of undoing it.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -732,13 +733,19 @@ class KroneckerActorCriticPolicy(ActorCriticPolicy):
         if self._warned_unobserved:
             return
         self._warned_unobserved = True
-        warnings.warn(
+        # Attributed to the caller of evaluate_actions (SB3's train), without the per-location registry that would
+        # silence a second policy trained from the same line: each policy warns once.
+        caller = sys._getframe(2)
+        warnings.warn_explicit(
             "KroneckerActorCriticPolicy is training on a rollout it was not shown: pass callback=ValueTargetScale() "
             "to learn (ACKTR shows each rollout itself). Until a rollout's returns are observed the trust region "
             "that holds the critic is off (its radius is in units of the returns' scale, unknown yet) and "
             "observations are not normalized.",
             UserWarning,
-            stacklevel=3,
+            caller.f_code.co_filename,
+            caller.f_lineno,
+            module=caller.f_globals.get("__name__"),
+            module_globals=caller.f_globals,
         )
 
     def critic_values(self, obs: th.Tensor) -> th.Tensor:

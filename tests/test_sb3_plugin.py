@@ -145,6 +145,17 @@ def test_plugin_without_the_callback_warns_once_and_leaves_the_critics_region_of
     assert all(r is not None and 0 < r <= 10 * target for r, target in zip(_radii(policy), expected))
 
 
+def test_every_plugin_policy_without_the_callback_warns_once_even_when_trained_from_the_same_line() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per location
+        for _ in range(2):
+            A2C(KroneckerActorCriticPolicy, env, n_steps=4, seed=0).learn(8)
+    messages = [w for w in caught if "ValueTargetScale" in str(w.message)]
+    assert len(messages) == 2
+    assert messages[0].filename.endswith("a2c.py"), "attributed to SB3's train, which called evaluate_actions"
+
+
 def test_backtracking_leaves_the_critic_alone_while_its_region_is_off() -> None:
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     model = A2C(
