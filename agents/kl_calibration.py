@@ -91,6 +91,9 @@ def actor_and_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[th.Tens
             critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
     finally:
         policy.train(was_training)
+        # SB3's distribution object keeps the last distribution it made: the probe's, with its graph, would make
+        # a freshly built policy impossible to copy.deepcopy (SB3's own fresh policies can be).
+        policy.action_dist.distribution = None
     actor = [p for p, g in zip(params, actor_grads) if g is not None]
     critic = [p for p, g in zip(params, critic_grads) if g is not None]
     return actor, critic

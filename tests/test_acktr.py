@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import zipfile
 from pathlib import Path
@@ -114,6 +115,17 @@ def test_explicit_values_override_the_action_space_defaults(tmp_path: Path) -> N
     loaded = ACKTR.load(tmp_path / "acktr")
     assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl, loaded.n_critic_updates) == (16, 1.0, None, 2)
     torch.testing.assert_close(loaded.policy.log_std, model.policy.log_std)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_a_freshly_built_policy_can_be_deep_copied_like_sb3s_own(env_id: str) -> None:
+    # The construction's probe of which parameters the actor and the critic use must not leave its graph behind.
+    model = ACKTR("MlpPolicy", env_id, seed=0)
+    copied = copy.deepcopy(model.policy)
+    obs = model.observation_space.sample()
+    np.testing.assert_array_equal(
+        copied.predict(obs, deterministic=True)[0], model.policy.predict(obs, deterministic=True)[0]
+    )
 
 
 def test_auto_defaults_survive_save_and_load(tmp_path: Path) -> None:
