@@ -502,15 +502,13 @@ def test_extra_critic_updates_fit_the_critic_and_leave_the_joint_step_and_the_ac
 def test_extra_critic_updates_need_separate_networks_and_a_positive_count() -> None:
     with pytest.raises(ValueError, match=r"Invalid n_critic_updates: 0 \(an integer >= 1, or 'auto'\)"):
         ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=0)
-    shared_trunk = SHARED_TRUNK
     with pytest.raises(ValueError, match="n_critic_updates=2 needs separate actor and critic networks"):
-        ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=2, policy_kwargs=shared_trunk)
+        ACKTR("MlpPolicy", "Pendulum-v1", n_critic_updates=2, policy_kwargs=SHARED_TRUNK)
 
 
 def test_shared_layers_take_one_critic_update_where_it_is_left_at_auto(tmp_path: Path) -> None:
     """A Box policy's "auto" is 5 critic updates with separate networks, 1 where actor and critic share layers."""
-    shared_trunk = SHARED_TRUNK
-    model = ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16, policy_kwargs=shared_trunk, seed=0)
+    model = ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16, policy_kwargs=SHARED_TRUNK, seed=0)
     assert model.shared_layers and model.n_critic_updates == 1
     model.learn(16)
     assert model.policy.optimizer.steps == 1
