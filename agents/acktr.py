@@ -24,7 +24,6 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 import acktr_kfe
-from acktr_kfe import distributed
 from acktr_kfe.trust_region import check_radius, is_positive_int, is_real_number
 
 from .kl_calibration import check_coefficient, check_state_kl_bound
@@ -36,13 +35,7 @@ from .policies import (
     check_curvature,
     check_preconditioner,
 )
-from .rl_checkpoint import (
-    CorruptedFileError,
-    check_saved_algorithm,
-    diagnosed_load,
-    saved_agent_file,
-    saved_settings,
-)
+from .rl_checkpoint import CorruptedFileError, check_saved_algorithm, diagnosed_load, saved_agent_file
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -54,13 +47,7 @@ AUTO = "auto"
 # radius 0.01 and a diagonal Gaussian starting at standard deviation exp(-1) = 0.37 (tuned on HalfCheetah-v5 and
 # Hopper-v5 with one env: from never reaching their thresholds in 200k steps to medians of 50k and 62k steps), and
 # four steps of the critic alone after each joint step (session 25, docs/ACKTR.md "A fitted critic").
-DISCRETE_DEFAULTS: dict[str, Any] = {
-    "n_steps": 20,
-    "gae_lambda": 1.0,
-    "max_kl": 0.001,
-    "n_critic_updates": 1,
-    "center_advantages": False,
-}
+DISCRETE_DEFAULTS: dict[str, Any] = {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001, "n_critic_updates": 1}
 # ACKTR's normalize_advantage modes besides True (per batch) and False (raw): by the running spread of the returns,
 # by the advantages' own running root mean square, or by the spread capped by that root mean square.
 ADVANTAGE_SCALES = ("returns", "running", "capped")
@@ -83,14 +70,13 @@ CONTINUOUS_DEFAULTS: dict[str, Any] = {
     "gae_lambda": 0.95,
     "max_kl": 0.01,
     "n_critic_updates": 5,
-    "center_advantages": True,
     "log_std_init": -1.0,
 }
 
 
 def action_space_defaults(action_space: spaces.Space) -> dict[str, Any]:
-    """ACKTR's defaults for ``n_steps``, ``gae_lambda``, ``max_kl``, ``n_critic_updates`` and ``center_advantages``
-    on an action space, and for ``Box`` actions the policy's ``log_std_init``."""
+    """ACKTR's defaults for ``n_steps``, ``gae_lambda``, ``max_kl`` and ``n_critic_updates`` on an action space, and
+    for ``Box`` actions the policy's ``log_std_init``."""
     if isinstance(action_space, spaces.Box):
         return dict(CONTINUOUS_DEFAULTS)
     return dict(DISCRETE_DEFAULTS)
@@ -259,14 +245,6 @@ class ACKTR(OnPolicyAlgorithm):
             :meth:`~agents.policies.KroneckerActorCriticPolicy.advantage_scale`): free of the reward's units and of
             how well the critic fits, so the policy's step keeps the region's size as TRPO's does, without
             centring a short rollout's advantages; ``False``: raw advantages.
-        center_advantages: subtract each rollout's mean advantage from its advantages before they are scaled
-            (``normalize_advantage``) and used, as per-batch normalization does, without its division. A
-            constant added to every advantage of a batch adds ``c * sum(grad log pi)`` to the policy's gradient,
-            whose expectation is 0: noise, which the trust region then scales up to its radius like any direction.
-            Centring removes it at a bias of order ``1 / ((1 - gamma lambda) n)`` along the gradient for
-            ``n`` transitions. ``"auto"`` (default): ``True`` for ``Box`` actions (session 30, docs/ACKTR.md
-            "Centred advantages"), ``False`` for discrete ones. An agent saved before the option existed loads
-            with ``False``, as it trained.
         policy_kwargs: further arguments of the policy (``preconditioner_kwargs`` among them); they may not
             repeat an argument ACKTR takes itself.
         Other arguments: as SB3's ``A2C``.
@@ -306,7 +284,6 @@ class ACKTR(OnPolicyAlgorithm):
         scale_update_interval: int = 1,
         max_grad_norm: float | None = None,
         normalize_advantage: bool | str = "capped",
-        center_advantages: bool | str = AUTO,
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
@@ -339,8 +316,6 @@ class ACKTR(OnPolicyAlgorithm):
             raise ValueError(
                 f"Invalid normalize_advantage: {normalize_advantage!r} ({advantage_normalization_choices()})"
             )
-        if center_advantages != AUTO and not isinstance(center_advantages, bool | np.bool_):
-            raise ValueError(f"Invalid center_advantages: {center_advantages!r} (True, False or 'auto')")
         if max_grad_norm is not None and not (is_real_number(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None to disable)")
         if n_critic_updates != AUTO and not is_positive_int(n_critic_updates):
@@ -387,7 +362,6 @@ class ACKTR(OnPolicyAlgorithm):
         for name in (*_POLICY_ARGUMENTS, *_PRECONDITIONER_ARGUMENTS):
             setattr(self, name, arguments[name])
         self.normalize_advantage = normalize_advantage
-        self.center_advantages = center_advantages
         self.n_critic_updates = n_critic_updates
         if getattr(self, "action_space", None) is not None:  # unset inside ACKTR.load, which restores the values
             self._resolve_defaults()
@@ -398,7 +372,7 @@ class ACKTR(OnPolicyAlgorithm):
         """Replace the arguments left at ``"auto"`` by :func:`action_space_defaults` of the env (``n_critic_updates``
         in :meth:`_setup_model`, once the policy says whether its actor and critic share layers)."""
         defaults = action_space_defaults(self.action_space)
-        for name in ("n_steps", "gae_lambda", "max_kl", "center_advantages"):
+        for name in ("n_steps", "gae_lambda", "max_kl"):
             if getattr(self, name) == AUTO:
                 setattr(self, name, defaults[name])
 
@@ -422,8 +396,6 @@ class ACKTR(OnPolicyAlgorithm):
             super()._setup_model()
         finally:
             self.policy_kwargs = user_kwargs
-        if self.center_advantages == AUTO:  # a saved agent loaded without an env resolves it here
-            self.center_advantages = defaults["center_advantages"]
         if self.n_critic_updates == AUTO:  # shared layers take 1: their critic cannot step alone
             self.n_critic_updates = 1 if self.shared_layers else defaults["n_critic_updates"]
         if self.n_critic_updates > 1 and self.shared_layers:
@@ -449,8 +421,6 @@ class ACKTR(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         optimizer = self.policy.optimizer
         self._update_learning_rate(optimizer)
-        if self.center_advantages:
-            self._center_advantages()
         self.policy.observe_rollout(self.rollout_buffer)
         self.policy.observe_episode_ends(*self._episode_ends)
         self._episode_ends = [0, 0]
@@ -538,15 +508,6 @@ class ACKTR(OnPolicyAlgorithm):
                 self._episode_ends[0] += int(bool(info["TimeLimit.truncated"]))
                 self._episode_ends[1] += 1
 
-    def _center_advantages(self) -> None:
-        """Subtract the rollout's mean advantage (over every rank's rollout under data parallelism) from its
-        advantages, before anything reads them; the returns, already computed, are left as they are."""
-        advantages = self.rollout_buffer.advantages
-        mean = advantages.mean()
-        if distributed.is_active():
-            mean = distributed.mean_over_ranks(th.tensor(float(mean), dtype=th.float64), "advantage means").item()
-        advantages -= advantages.dtype.type(mean)
-
     def _optimizer_step(self, loss: th.Tensor) -> None:
         """One step of the policy's preconditioner on ``loss`` (SB3's gradient-norm clipping first, where set)."""
         optimizer = self.policy.optimizer
@@ -603,10 +564,6 @@ class ACKTR(OnPolicyAlgorithm):
         if isinstance(path, str | pathlib.Path):
             file = saved_agent_file(path)
             check_saved_algorithm(file, cls)
-            settings = saved_settings(file)
-            if settings is not None and "center_advantages" not in settings and "center_advantages" not in kwargs:
-                # Saved before the option existed: the agent resumes as it trained, with uncentred advantages.
-                kwargs["center_advantages"] = False
         model = diagnosed_load(load, file, cls.__name__, reraise_intact=True) if file is not None else load()
         bad = [name for name, param in model.policy.named_parameters() if not bool(th.isfinite(param).all())]
         if bad:

@@ -136,17 +136,6 @@ _SAVED_BY = (
 )
 
 
-def saved_settings(path: Path) -> dict[str, Any] | None:
-    """The settings (the ``data`` member, as JSON) of the agent saved at ``path``; ``None`` where they do not read
-    (the loader then reports why)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            data = json.loads(archive.read("data"))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def check_saved_algorithm(path: Path, algorithm: type) -> None:
     """Refuse, before SB3 reads it, an intact zip at ``path`` whose settings (its ``data`` member) show it was saved
     by another of ACKTR, PPO, TRPO and A2C than the one ``algorithm`` is (or derives from), or that has no ``data``

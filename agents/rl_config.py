@@ -243,7 +243,6 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "max_grad_norm": ("optional_float", 0, _UNBOUNDED, True, True),
     "target_kl": ("optional_float", 0, _UNBOUNDED, True, True),
     "calibrate_kl": ("bool", 0, 0, False, False),
-    "center_advantages": ("bool", 0, 0, False, False),
     "normalize_advantage": ("advantage_normalization", 0, 0, False, False),
     "use_sde": ("bool", 0, 0, False, False),
     "use_rms_prop": ("bool", 0, 0, False, False),
@@ -254,7 +253,7 @@ VALUE_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
     "rollout_buffer_kwargs": ("dict", 0, 0, False, False),
 }
 # ACKTR's arguments whose default depends on the action space: a config may write "auto" for them.
-AUTO_KEYS = ("n_steps", "gae_lambda", "max_kl", "n_critic_updates", "center_advantages")
+AUTO_KEYS = ("n_steps", "gae_lambda", "max_kl", "n_critic_updates")
 # Keys whose values come from a list, read when a config is checked (a preconditioner registered later counts).
 CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
     "policy": lambda: ("MlpPolicy", "CnnPolicy", "MultiInputPolicy", *POLICIES),  # SB3's aliases, the plug-in
@@ -310,8 +309,8 @@ def validate_config(config: dict[str, Any], source: str | Path, algorithm: type 
     Raises:
         ValueError: ``"<source>: invalid <key>: <value> (<what it must be>)"`` for the first bad value.
 
-    ``n_steps``, ``gae_lambda``, ``max_kl``, ``n_critic_updates`` and ``center_advantages`` may be ``"auto"`` for
-    ACKTR (its defaults by action space).
+    ``n_steps``, ``gae_lambda``, ``max_kl`` and ``n_critic_updates`` may be ``"auto"`` for ACKTR (its defaults by
+    action space).
     """
     checked = dict(config)
     for key, value in config.items():

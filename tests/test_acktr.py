@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 import zipfile
 from pathlib import Path
@@ -83,14 +82,8 @@ def test_acktr_rejects_invalid_hyperparameters_before_building() -> None:
 @pytest.mark.parametrize(
     ("env_id", "expected"),
     [
-        (
-            "CartPole-v1",
-            {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001, "n_critic_updates": 1, "center_advantages": False},
-        ),
-        (
-            "Pendulum-v1",
-            {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01, "n_critic_updates": 5, "center_advantages": True},
-        ),
+        ("CartPole-v1", {"n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.001, "n_critic_updates": 1}),
+        ("Pendulum-v1", {"n_steps": 128, "gae_lambda": 0.95, "max_kl": 0.01, "n_critic_updates": 5}),
     ],
 )
 def test_auto_defaults_follow_the_action_space(env_id: str, expected: dict) -> None:
@@ -111,18 +104,16 @@ def test_explicit_values_override_the_action_space_defaults(tmp_path: Path) -> N
         gae_lambda=1.0,
         max_kl=None,
         n_critic_updates=2,
-        center_advantages=False,
         policy_kwargs={"log_std_init": 0.5},
         seed=0,
     )
     assert (model.n_steps, model.gae_lambda, model.max_kl, model.policy.max_kl) == (16, 1.0, None, None)
-    assert (model.n_critic_updates, model.center_advantages) == (2, False)
+    assert model.n_critic_updates == 2
     torch.testing.assert_close(model.policy.log_std.detach(), torch.full((1,), 0.5))
     # A saved model keeps its resolved values; the policy's log std comes back with its parameters.
     model.save(tmp_path / "acktr")
     loaded = ACKTR.load(tmp_path / "acktr")
     assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl, loaded.n_critic_updates) == (16, 1.0, None, 2)
-    assert loaded.center_advantages is False
     torch.testing.assert_close(loaded.policy.log_std, model.policy.log_std)
 
 
@@ -142,7 +133,6 @@ def test_auto_defaults_survive_save_and_load(tmp_path: Path) -> None:
     model.save(tmp_path / "acktr")
     loaded = ACKTR.load(tmp_path / "acktr", env=make_vec_env("Pendulum-v1", n_envs=1, seed=0))
     assert (loaded.n_steps, loaded.gae_lambda, loaded.max_kl, loaded.n_critic_updates) == (128, 0.95, 0.01, 5)
-    assert loaded.center_advantages is True
     assert loaded.rollout_buffer.buffer_size == 128
     loaded.learn(128)  # it trains with the values it was saved with
 
@@ -156,59 +146,11 @@ def test_auto_defaults_survive_save_and_load(tmp_path: Path) -> None:
         ("gae_lambda", "high", r"Invalid gae_lambda: 'high'"),
         ("gae_lambda", True, r"Invalid gae_lambda: True"),
         ("max_kl", "wide", r"max_kl"),
-        ("center_advantages", "yes", r"Invalid center_advantages: 'yes' \(True, False or 'auto'\)"),
-        ("center_advantages", 1, r"Invalid center_advantages: 1"),
     ],
 )
 def test_invalid_values_of_auto_arguments_are_refused(argument: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ACKTR("MlpPolicy", "Pendulum-v1", **{argument: value})
-
-
-class _CentreByHand(BaseCallback):
-    """Subtracts the rollout's mean advantage after SB3 computed the advantages, before ACKTR's update."""
-
-    def _on_step(self) -> bool:
-        return True
-
-    def _on_rollout_end(self) -> None:
-        advantages = self.model.rollout_buffer.advantages
-        advantages -= advantages.mean()
-
-
-def test_centred_advantages_are_what_the_policy_and_its_statistics_see() -> None:
-    # center_advantages gives the updates of an uncentred agent whose advantages are centred by hand before each
-    # update: the policy loss and the advantages' running scale both see the centred values.
-    def trained(center: bool, callback: BaseCallback | None = None) -> ACKTR:
-        # Built and trained one at a time: the seed sets torch's global generator, which training draws from.
-        env = make_vec_env("Pendulum-v1", n_envs=2, seed=3)
-        return ACKTR("MlpPolicy", env, n_steps=16, seed=3, center_advantages=center).learn(64, callback=callback)
-
-    centred, by_hand, uncentred = trained(True), trained(False, _CentreByHand()), trained(False)
-    assert abs(float(uncentred.rollout_buffer.advantages.mean())) > 1e-2  # there was a mean to remove
-    assert abs(float(centred.rollout_buffer.advantages.mean())) < 1e-5
-    assert centred.policy.advantage_scale() == by_hand.policy.advantage_scale()
-    assert centred.policy.advantage_scale() != uncentred.policy.advantage_scale()
-    for (name, param), other in zip(centred.policy.named_parameters(), by_hand.policy.parameters()):
-        torch.testing.assert_close(param, other, rtol=0, atol=0, msg=name)
-    assert not torch.equal(centred.policy.log_std, uncentred.policy.log_std)
-
-
-def test_an_agent_saved_before_centred_advantages_existed_loads_uncentred(tmp_path: Path) -> None:
-    model = ACKTR("MlpPolicy", "Pendulum-v1", seed=0)
-    model.save(tmp_path / "new")
-    # The same file as an agent saved before the option: its settings without the key.
-    with zipfile.ZipFile(tmp_path / "new.zip") as source, zipfile.ZipFile(tmp_path / "old.zip", "w") as target:
-        for item in source.infolist():
-            content = source.read(item.filename)
-            if item.filename == "data":
-                data = json.loads(content)
-                del data["center_advantages"]
-                content = json.dumps(data).encode()
-            target.writestr(item, content)
-    assert ACKTR.load(tmp_path / "old").center_advantages is False
-    assert ACKTR.load(tmp_path / "new").center_advantages is True
-    assert ACKTR.load(tmp_path / "old", center_advantages=True).center_advantages is True
 
 
 class _EpisodeReturns(BaseCallback):
@@ -342,8 +284,6 @@ def _one_enlarged_step(kl_backtrack: float | None, momentum: float = 0.0) -> tup
         kl_backtrack=kl_backtrack,
         momentum=momentum,
         n_critic_updates=1,  # the joint step alone: the critic's own steps are not backtracked
-        # The first rollout's advantages are mostly their (negative) mean: centred, the step is too short to overshoot.
-        center_advantages=False,
     )
     policy = model.policy
     policy.trust_regions.log_bias[:] = [np.log(0.1)] * 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import gymnasium as gym
@@ -289,8 +288,7 @@ def test_save_and_load_round_trip_calibration_value_scale_and_statistics(algorit
     # The next update from the same batch is the same step.
     _collect_rollout(model)
     loaded._setup_learn(1)
-    # A copy: ACKTR centres the advantages of its own buffer in place (Box actions).
-    loaded.rollout_buffer = copy.deepcopy(model.rollout_buffer)
+    loaded.rollout_buffer = model.rollout_buffer
     for algo in (model, loaded):
         if algorithm != "acktr":
             algo.policy.observe_rollout(algo.rollout_buffer)
@@ -557,8 +555,7 @@ def test_acktr_divides_the_advantages_by_its_modes_divisor(
     env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
     steps = []
     for setting in (mode, False):
-        # Uncentred: the division alone (centring has its own test, in test_acktr.py).
-        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage=setting, center_advantages=False)
+        model = agents.ACKTR("MlpPolicy", env, n_steps=8, seed=0, normalize_advantage=setting)
         monkeypatch.setattr(type(model.policy), divisor, lambda self: 7.5)
         _collect_rollout(model)
         if setting is False:
